@@ -1,0 +1,122 @@
+"""``recsys``: the command line of the feedback loop.
+
+    recsys demo       run the whole loop on the embedded simulator (README's main command)
+    recsys simulate   drop the simulator's next feedback batch into the landing zone
+    recsys ui         start the Dagster UI + daemon and the MLflow UI on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rec_pipelines.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepare_environment(settings: Settings | None = None) -> Settings:
+    """Export the settings so every Dagster process agrees, and give DAGSTER_HOME its
+    dagster.yaml (copied from the repository root, the one source of truth)."""
+    settings = settings or Settings.from_env()
+    os.environ.update(settings.export())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    settings.dagster_home.mkdir(parents=True, exist_ok=True)
+    source = next((p for p in (settings.home / "dagster.yaml", REPO_ROOT / "dagster.yaml") if p.exists()), None)
+    target = settings.dagster_home / "dagster.yaml"
+    if source is not None and (not target.exists() or target.read_bytes() != source.read_bytes()):
+        shutil.copyfile(source, target)
+    for folder in (settings.landing_zone, settings.lake, settings.mlflow_artifact_root):
+        folder.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rec_models.simulator import FeedbackSimulator, next_batch_index
+
+    settings = prepare_environment()
+    batch = args.batch if args.batch is not None else next_batch_index(settings.landing_zone)
+    for path in FeedbackSimulator().write_batch(settings.landing_zone, batch):
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rec_pipelines.demo import run_demo
+
+    return run_demo(prepare_environment(), full=args.full, n_users=args.users)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    settings = prepare_environment()
+    bin_dir = Path(sys.executable).parent
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    mlflow_db = settings.mlflow_tracking_uri
+    commands = {
+        "dagster-webserver": [str(bin_dir / "dagster-webserver"), "-m", "rec_pipelines.definitions",
+                              "-h", args.host, "-p", str(args.port)],
+        "dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-m", "rec_pipelines.definitions"],
+        "mlflow": [str(bin_dir / "mlflow"), "server", "--backend-store-uri", mlflow_db,
+                   "--default-artifact-root", settings.mlflow_artifact_root.as_uri(),
+                   "--host", args.host, "--port", str(args.mlflow_port)],
+    }
+    processes = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}
+    print(f"Dagster UI: http://{args.host}:{args.port}   MLflow UI: http://{args.host}:{args.mlflow_port}")
+    print("Ctrl-C stops all three.")
+
+    def stop(*_):
+        for process in processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    try:
+        while all(p.poll() is None for p in processes.values()):
+            time.sleep(1)
+        failed = [name for name, p in processes.items() if p.poll() is not None]
+        print(f"stopped: {failed} exited", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run the whole feedback loop on the embedded simulator")
+    demo.add_argument("--full", action="store_true", help="full retrain first even if a champion exists")
+    demo.add_argument("--users", type=int, default=3, help="users to print recommendations for")
+    demo.set_defaults(func=cmd_demo)
+
+    simulate = commands.add_parser("simulate", help="drop the next simulated feedback batch into the landing zone")
+    simulate.add_argument("--batch", type=int, default=None, help="batch number (default: the next one)")
+    simulate.set_defaults(func=cmd_simulate)
+
+    ui = commands.add_parser("ui", help="start Dagster (webserver + daemon) and MLflow UIs")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Entry point for Dagster tools: ``dagster-webserver -m rec_pipelines.definitions``."""
+
+from pathlib import Path
+
+import dagster as dg
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)

@@ -1,0 +1,118 @@
+"""Evaluation on held-out data and the MLflow registration + promotion gate."""
+
+
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from rec_models.data import UserSequences
+from rec_models.evaluation import PopularityRecommender, evaluate_ranking
+from rec_models.sasrec import SASRecBackbone, load_backbone
+from rec_pipelines.defs.training.assets import TrainedModel, TrainingData, text_matrix
+from rec_pipelines.registry import decide_promotion, metric_key
+from rec_pipelines.resources import MlflowResource
+
+GROUP = "registry"
+
+
+def evaluate_backbone(backbone: SASRecBackbone, histories: UserSequences, targets) -> dict:
+    return evaluate_ranking(backbone.score_histories, histories.items, targets, backbone.config.n_items,
+                            event_types=histories.event_types)
+
+
+class PromotionConfig(dg.Config):
+    ndcg_tolerance: float = 0.002  # absolute NDCG@10 a candidate may lose and still be promoted
+    coverage_tolerance: float = 0.2  # relative coverage@10 loss allowed
+
+
+@dg.asset(group_name=GROUP, kinds={"mlflow"})
+def model_evaluation(
+    context: dg.AssetExecutionContext,
+    candidate_model: TrainedModel,
+    training_data: TrainingData,
+    item_text_embeddings: pd.DataFrame,
+    mlflow: MlflowResource,
+) -> dg.Output[dict]:
+    """Protocol metrics (full ranking, history masked, leave-last-out test target) for the
+    candidate, the current champion and a popularity baseline, all on the same users."""
+    registry = mlflow.registry()
+    split = training_data.split
+    histories, targets = split.test_histories(), split.test_targets
+    candidate = load_backbone(Path(candidate_model.bundle_dir) / "backbone.pt")
+    results = {"candidate": evaluate_backbone(candidate, histories, targets)}
+
+    champion_version = registry.version_by_alias("champion")
+    if champion_version is not None:
+        bundle = registry.download_bundle("champion", dst=Path(tempfile.mkdtemp(prefix="champion-")))
+        champion = load_backbone(bundle / "backbone.pt")
+        champion.grow(text_matrix(training_data.vocab, item_text_embeddings))  # new items scored from text
+        results["champion"] = evaluate_backbone(champion, histories, targets)
+    popularity = PopularityRecommender().fit(split.train, len(training_data.vocab))
+    results["popularity"] = evaluate_ranking(popularity.score, histories.items, targets, len(training_data.vocab))
+
+    client = registry.client
+    for name, value in results["candidate"].items():
+        client.log_metric(candidate_model.run_id, f"test_{metric_key(name)}", float(value))
+    if "champion" in results:
+        client.log_metric(candidate_model.run_id, f"champion_test_{metric_key('ndcg@10')}",
+                          float(results["champion"]["ndcg@10"]))
+    table = pd.DataFrame(results).T[["hr@10", "ndcg@10", "coverage@10"]]
+    context.log.info(f"held-out evaluation:\n{table}")
+    return dg.Output(
+        {**results, "champion_version": champion_version.version if champion_version else None},
+        metadata={
+            "candidate_ndcg@10": float(results["candidate"]["ndcg@10"]),
+            "champion_ndcg@10": float(results["champion"]["ndcg@10"]) if "champion" in results else float("nan"),
+            "popularity_ndcg@10": float(results["popularity"]["ndcg@10"]),
+            "users": int(results["candidate"]["n_users"]),
+            "comparison": dg.MetadataValue.md(table.to_markdown(floatfmt=".4f")),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"mlflow"})
+def champion_model(
+    context: dg.AssetExecutionContext,
+    config: PromotionConfig,
+    candidate_model: TrainedModel,
+    model_evaluation: dict,
+    mlflow: MlflowResource,
+) -> dg.Output[dict]:
+    """Registers the candidate (alias ``challenger``) and moves ``champion`` to it only if it
+    is not worse than the champion on the same held-out data. The reason is tagged on the
+    version; serving loads ``models:/<name>@champion``."""
+    import json
+
+    registry = mlflow.registry()
+    metrics = ("hr@10", "ndcg@10", "coverage@10")
+    candidate = {m: float(model_evaluation["candidate"][m]) for m in metrics}
+    champion = {m: float(model_evaluation["champion"][m]) for m in metrics} if "champion" in model_evaluation else None
+    decision = decide_promotion(candidate, champion, config.ndcg_tolerance, config.coverage_tolerance)
+    version = registry.register(
+        candidate_model.model_uri,
+        candidate_model.run_id,
+        tags={
+            "dagster.run_id": context.run_id,
+            "mode": candidate_model.mode,
+            "batches": json.dumps(candidate_model.batches),
+            "new_batches": json.dumps(candidate_model.new_batches),
+            "parent_version": candidate_model.parent_version or "",
+        },
+    )
+    registry.apply_decision(version.version, decision)
+    champion_now = registry.version_by_alias("champion")
+    context.log.info(f"version {version.version}: {'PROMOTED' if decision.promoted else 'not promoted'} ({decision.reason})")
+    return dg.Output(
+        {"version": version.version, "promoted": decision.promoted, "reason": decision.reason,
+         "champion_version": champion_now.version if champion_now else None},
+        metadata={
+            "version": version.version,
+            "promoted": decision.promoted,
+            "reason": decision.reason,
+            "champion_version": champion_now.version if champion_now else "none",
+            "model_uri": dg.MetadataValue.text(f"models:/{registry.model_name}@champion"),
+            "mlflow_run_id": candidate_model.run_id,
+        },
+    )

@@ -1,0 +1,199 @@
+"""Training data and the Lightning-trained sequential recommender (full or micro-batch)."""
+
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import torch
+
+from rec_models.data import ItemVocab, LeaveLastOutSplit, UserSequences, build_sequences, interactions, leave_last_out
+from rec_models.sasrec import SASRecConfig, load_backbone, train_sasrec
+from rec_models.serving import example_request, write_bundle
+from rec_pipelines.registry import MlflowEpochMetrics, ModelRegistry
+from rec_pipelines.resources import LakeResource, MlflowResource
+
+GROUP = "training"
+RETRAIN_TAG = "recsys/model"  # dagster.yaml limits runs per value of this tag to one
+
+
+@dataclass
+class TrainingData:
+    """Everything training and evaluation share, in vocab indices."""
+
+    vocab: ItemVocab
+    sequences: UserSequences  # every user's full history (serving uses it)
+    split: LeaveLastOutSplit  # protocol split of users with >= 5 interactions
+    user_batches: dict[str, list[str]]  # batch ids each user has events in
+    batches: list[str]  # every batch id present, in ingestion order
+
+
+def text_matrix(vocab: ItemVocab, embeddings: pd.DataFrame) -> torch.Tensor:
+    """[n_items + 1, dim] text vectors in vocab order; row 0 (padding) and items without
+    catalog text are zeros."""
+    vectors = np.stack(embeddings["embedding"].to_numpy()) if len(embeddings) else np.zeros((0, 1), np.float32)
+    matrix = np.zeros((len(vocab) + 1, vectors.shape[1]), dtype=np.float32)
+    rows = vocab.index(embeddings["item_id"].astype(str), unknown=0)
+    matrix[rows[rows > 0]] = vectors[rows > 0]
+    return torch.from_numpy(matrix)
+
+
+@dg.asset(group_name=GROUP, kinds={"pandas"})
+def training_data(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    validated_feedback: pd.DataFrame,
+    item_catalog: pd.DataFrame,
+) -> dg.Output[TrainingData]:
+    """User sequences and the leave-last-out split. The item vocabulary is append-only and kept
+    in the lake, so any earlier model's tables are a prefix of today's and can grow."""
+    vocab_path = lake.store().lake / "item_vocab.json"
+    vocab = ItemVocab.from_dict(json.loads(vocab_path.read_text())) if vocab_path.exists() else ItemVocab()
+    added = vocab.extend(item_catalog["item_id"].astype(str))
+    positives = interactions(validated_feedback)
+    sequences = build_sequences(positives, vocab)  # extends vocab with items seen only in feedback
+    vocab_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = vocab_path.with_name(".item_vocab.json.tmp")
+    tmp.write_text(json.dumps(vocab.to_dict()))
+    tmp.replace(vocab_path)
+
+    split = leave_last_out(sequences)
+    user_batches = positives.groupby("user_id", sort=False)["batch_id"].unique().map(list).to_dict()
+    batches = list(dict.fromkeys(validated_feedback["batch_id"].astype(str)))
+    lengths = np.array([len(s) for s in sequences.items]) if len(sequences) else np.zeros(1)
+    return dg.Output(
+        TrainingData(vocab, sequences, split, {str(k): v for k, v in user_batches.items()}, batches),
+        metadata={
+            "items": len(vocab),
+            "new_items_in_vocab": added,
+            "users": len(sequences),
+            "users_in_split": len(split.train),
+            "interactions": len(positives),
+            "median_sequence_length": float(np.median(lengths)),
+            "batches": len(batches),
+        },
+    )
+
+
+class TrainConfig(dg.Config):
+    mode: str = "auto"  # "full", "incremental", or "auto" (incremental when a champion exists)
+    max_epochs: int = 30
+    max_time_s: float = 150.0
+    incremental_max_epochs: int = 4
+    incremental_max_time_s: float = 40.0
+    replay_users: int = 300
+    d_model: int = 64
+    max_len: int = 50
+    seed: int = 0
+
+
+@dataclass
+class TrainedModel:
+    run_id: str
+    model_uri: str
+    bundle_dir: str
+    mode: str
+    parent_version: str | None
+    batches: list[str]
+    new_batches: list[str]
+    history: dict
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, tags={"recsys/stage": "train"})
+def candidate_model(
+    context: dg.AssetExecutionContext,
+    config: TrainConfig,
+    training_data: TrainingData,
+    item_text_embeddings: pd.DataFrame,
+    item_catalog: pd.DataFrame,
+    lake: LakeResource,
+    mlflow: MlflowResource,
+) -> dg.Output[TrainedModel]:
+    """A Lightning-trained SASRec whose items are ID embeddings plus projected text
+    embeddings. ``incremental`` fine-tunes the champion on users with new feedback plus a
+    replay sample; ``full`` trains from scratch. Logged to MLflow as a pyfunc model."""
+    import mlflow as mlf
+
+    registry: ModelRegistry = mlflow.registry()
+    data = training_data
+    text = text_matrix(data.vocab, item_text_embeddings)
+    champion = registry.version_by_alias("champion")
+    mode = config.mode
+    if mode not in ("auto", "full", "incremental"):
+        raise dg.Failure(f"mode must be auto, full or incremental, got {mode!r}")
+    if mode == "auto":
+        mode = "incremental" if champion is not None else "full"
+    if mode == "incremental" and champion is None:
+        context.log.warning("no champion to fine-tune from: running a full retrain instead")
+        mode = "full"
+
+    init_backbone, users_subset, consumed = None, None, []
+    if mode == "incremental":
+        consumed = json.loads(champion.tags.get("batches", "[]"))
+        bundle = registry.download_bundle("champion", dst=Path(tempfile.mkdtemp(prefix="champion-")))
+        init_backbone = load_backbone(bundle / "backbone.pt")
+        init_backbone.grow(text)
+        users_subset = _microbatch_users(data, set(consumed), config.replay_users, config.seed)
+        context.log.info(f"micro-batch: fine-tuning champion v{champion.version} on {len(users_subset)} users")
+    new_batches = [b for b in data.batches if b not in set(consumed)]
+
+    model_config = SASRecConfig(
+        n_items=len(data.vocab), text_dim=text.shape[1], d_model=config.d_model, max_len=config.max_len,
+        max_epochs=config.incremental_max_epochs if mode == "incremental" else config.max_epochs,
+        seed=config.seed,
+    )
+    max_time = config.incremental_max_time_s if mode == "incremental" else config.max_time_s
+    with registry.start_run(
+        run_name=f"{mode}-{context.run_id[:8]}",
+        tags={"dagster.run_id": context.run_id, "mode": mode, "parent_version": champion.version if champion else ""},
+    ) as run:
+        mlf.log_params({**model_config.to_dict(), "mode": mode, "users": len(data.split.train),
+                        "train_users": len(users_subset) if users_subset is not None else len(data.split.train),
+                        "new_batches": len(new_batches), "max_time_s": max_time})
+        backbone, history = train_sasrec(
+            data.split, model_config, text, init_backbone=init_backbone, max_time_s=max_time,
+            callbacks=[MlflowEpochMetrics()], users_subset=users_subset,
+        )
+        mlf.log_metrics({"train_s": history["train_s"], "sequences_per_s": history["sequences_per_s"]})
+        mlf.log_dict({"batches": data.batches, "new_batches": new_batches}, "batches.json")
+
+        bundle_dir = lake.store().lake / "models" / run.info.run_id
+        titles = item_catalog.set_index("item_id")["title"]
+        histories = dict(zip(data.sequences.user_ids, zip(data.sequences.items, data.sequences.event_types)))
+        popularity = np.bincount(np.concatenate(data.split.train.items) if len(data.split.train) else [],
+                                 minlength=len(data.vocab) + 1).astype(np.float32)
+        write_bundle(bundle_dir, backbone, data.vocab, titles, histories, popularity)
+        example_users = data.sequences.user_ids[:2]
+        info = registry.log_recommender(bundle_dir, example_request(example_users, data.vocab.ids[:2]))
+
+    context.log.info(f"trained {mode} model in {history['train_s']:.1f}s; MLflow run {run.info.run_id}")
+    return dg.Output(
+        TrainedModel(run.info.run_id, info.model_uri, str(bundle_dir), mode,
+                     champion.version if champion else None, data.batches, new_batches, history),
+        metadata={
+            "mode": mode,
+            "mlflow_run_id": run.info.run_id,
+            "model_uri": info.model_uri,
+            "parent_version": champion.version if champion else "none",
+            "epochs": len(history["epochs"]),
+            "best_val_ndcg@10": float(history["best_val_ndcg@10"]),
+            "train_s": float(history["train_s"]),
+            "sequences_per_s": float(history["sequences_per_s"]),
+            "new_batches": dg.MetadataValue.json(new_batches),
+        },
+    )
+
+
+def _microbatch_users(data: TrainingData, consumed: set[str], replay: int, seed: int) -> np.ndarray:
+    """Positions (in the split) of users with feedback the champion has not seen, plus a
+    random replay sample of the others so the model does not forget them."""
+    fresh = np.array([i for i, uid in enumerate(data.split.train.user_ids)
+                      if any(b not in consumed for b in data.user_batches.get(uid, []))], dtype=np.int64)
+    others = np.setdiff1d(np.arange(len(data.split.train)), fresh)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(others, size=min(replay, len(others)), replace=False) if len(others) else others
+    return np.sort(np.concatenate([fresh, sample]))

@@ -1,0 +1,170 @@
+"""MLflow tracking and the model registry: experiments, model logging, the promotion gate.
+
+The registry uses aliases, never the deprecated stages: every registered version gets
+``challenger``; it becomes ``champion`` only when it is not worse than the current champion on
+the same held-out data. The decision, the numbers and the reason are written as tags on the
+model version, and serving always loads ``models:/<name>@champion``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
+
+from rec_models.serving import RecommenderPyfunc
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PRIMARY_METRIC = "ndcg@10"
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([
+        ColSpec(DataType.string, "user_id"),
+        ColSpec(Array(DataType.string), "recent_item_ids", required=False),
+        ColSpec(DataType.long, "k", required=False),
+    ]),
+    outputs=Schema([
+        ColSpec(DataType.string, "user_id"),
+        ColSpec(DataType.long, "rank"),
+        ColSpec(DataType.string, "item_id"),
+        ColSpec(DataType.double, "score"),
+        ColSpec(DataType.string, "title"),
+    ]),
+)
+# What the pyfunc needs at load time; given explicitly so MLflow does not spend seconds
+# inferring requirements by re-importing the model in a subprocess.
+PIP_REQUIREMENTS = ["torch==2.13.0", "lightning>=2.5", "pandas>=2.2", "pyarrow>=15", "numpy>=1.26", "mlflow>=3.5"]
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    candidate: dict
+    champion: dict | None
+
+    def tags(self) -> dict[str, str]:
+        tags = {"promotion.decision": "promoted" if self.promoted else "rejected", "promotion.reason": self.reason}
+        for key, value in self.candidate.items():
+            tags[f"candidate.{key}"] = f"{value:.6f}"
+        for key, value in (self.champion or {}).items():
+            tags[f"champion.{key}"] = f"{value:.6f}"
+        return tags
+
+
+def decide_promotion(candidate: dict, champion: dict | None, tolerance: float = 0.002,
+                     coverage_tolerance: float = 0.2) -> PromotionDecision:
+    """The gate. ``candidate``/``champion`` hold protocol metrics on the same held-out data."""
+    if champion is None:
+        return PromotionDecision(True, "no champion yet", candidate, None)
+    new, old = candidate[PRIMARY_METRIC], champion[PRIMARY_METRIC]
+    if new < old - tolerance:
+        return PromotionDecision(
+            False, f"{PRIMARY_METRIC} {new:.4f} is worse than champion {old:.4f} beyond tolerance {tolerance}",
+            candidate, champion)
+    cov_new, cov_old = candidate.get("coverage@10", 0.0), champion.get("coverage@10", 0.0)
+    if cov_new < cov_old * (1 - coverage_tolerance):
+        return PromotionDecision(
+            False, f"coverage@10 {cov_new:.4f} fell more than {coverage_tolerance:.0%} below champion {cov_old:.4f}",
+            candidate, champion)
+    return PromotionDecision(
+        True, f"{PRIMARY_METRIC} {new:.4f} vs champion {old:.4f} (tolerance {tolerance}); coverage guard passed",
+        candidate, champion)
+
+
+class ModelRegistry:
+    """A small façade over MlflowClient for one registered model."""
+
+    def __init__(self, tracking_uri: str, artifact_root: Path | str, model_name: str):
+        self.tracking_uri = tracking_uri
+        self.artifact_root = Path(artifact_root)
+        self.model_name = model_name
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def experiment_id(self) -> str:
+        """One experiment per model, created on first use with artifacts under artifact_root."""
+        experiment = self.client.get_experiment_by_name(self.model_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        self.artifact_root.mkdir(parents=True, exist_ok=True)
+        return self.client.create_experiment(
+            self.model_name, artifact_location=(self.artifact_root / self.model_name).resolve().as_uri()
+        )
+
+    def start_run(self, run_name: str, tags: dict[str, str] | None = None):
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name, tags=tags)
+
+    @staticmethod
+    def log_recommender(bundle_dir: Path, input_example: pd.DataFrame):
+        """Log the bundle as a pyfunc model in the active run; returns the ModelInfo."""
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=RecommenderPyfunc(),
+            artifacts={"bundle": str(bundle_dir)},
+            signature=SIGNATURE,
+            input_example=input_example,
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+
+    def version_by_alias(self, alias: str):
+        try:
+            return self.client.get_model_version_by_alias(self.model_name, alias)
+        except MlflowException:
+            return None
+
+    def register(self, model_uri: str, run_id: str, tags: dict[str, str]):
+        try:
+            self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            self.client.create_registered_model(
+                self.model_name, description="Sequential recommender (SASRec + LLM text embeddings)."
+            )
+        version = self.client.create_model_version(self.model_name, model_uri, run_id=run_id, tags=tags)
+        self.client.set_registered_model_alias(self.model_name, CHALLENGER, version.version)
+        return version
+
+    def apply_decision(self, version: str, decision: PromotionDecision) -> None:
+        for key, value in decision.tags().items():
+            self.client.set_model_version_tag(self.model_name, version, key, value)
+        if decision.promoted:
+            previous = self.version_by_alias(CHAMPION)
+            if previous is not None:
+                self.client.set_model_version_tag(self.model_name, version, "previous_champion", previous.version)
+            self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+
+    def download_bundle(self, alias: str = CHAMPION, dst: Path | None = None) -> Path | None:
+        """Local folder of the bundle behind ``alias`` (None when the alias is not set)."""
+        version = self.version_by_alias(alias)
+        if version is None:
+            return None
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{self.model_name}/{version.version}", dst_path=str(dst) if dst else None
+        )
+        return Path(local) / "artifacts" / "bundle"
+
+
+def metric_key(name: str) -> str:
+    """MLflow metric names cannot hold '@': ``ndcg@10`` is logged as ``ndcg_at_10``."""
+    return name.replace("@", "_at_")
+
+
+class MlflowEpochMetrics(L.Callback):
+    """Logs every epoch's validation/training metrics to the active MLflow run as they happen."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {metric_key(k): float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if metrics:
+            mlflow.log_metrics(metrics, step=trainer.current_epoch)

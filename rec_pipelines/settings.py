@@ -1,0 +1,66 @@
+"""The one place that decides the environment: where things live and what they are called.
+
+Every path and name the pipeline uses comes from here, read from environment variables with
+laptop-friendly defaults under one home folder (``RECSYS_HOME``, default: the current
+directory, i.e. the checkout):
+
+=========================  ===========================================  =========================
+variable                   meaning                                      default
+=========================  ===========================================  =========================
+``RECSYS_HOME``            root of all local state                      current directory
+``RECSYS_LANDING_ZONE``    folder new feedback files are dropped into   ``$RECSYS_HOME/var/landing``
+``RECSYS_LAKE``            ingested, validated data and asset outputs   ``$RECSYS_HOME/var/lake``
+``DAGSTER_HOME``           Dagster instance folder (holds dagster.yaml) ``$RECSYS_HOME/var/dagster_home``
+``MLFLOW_TRACKING_URI``    MLflow tracking + registry store             ``sqlite:///$RECSYS_HOME/mlflow/mlflow.db``
+``RECSYS_MLFLOW_ARTIFACTS`` artifact root for new experiments            ``$RECSYS_HOME/mlflow/artifacts``
+``RECSYS_MODEL_NAME``      registered model name                        ``recsys-sasrec``
+``RECSYS_TEXT_MODEL``      transformers encoder folder or name          bundled all-MiniLM-L6-v2
+=========================  ===========================================  =========================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    landing_zone: Path
+    lake: Path
+    dagster_home: Path
+    mlflow_tracking_uri: str
+    mlflow_artifact_root: Path
+    model_name: str
+    text_model: str  # "" means the bundled default encoder
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("RECSYS_HOME") or os.getcwd()).resolve()
+        mlflow_dir = home / "mlflow"
+        return cls(
+            home=home,
+            landing_zone=Path(env.get("RECSYS_LANDING_ZONE") or home / "var" / "landing"),
+            lake=Path(env.get("RECSYS_LAKE") or home / "var" / "lake"),
+            dagster_home=Path(env.get("DAGSTER_HOME") or home / "var" / "dagster_home"),
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+            mlflow_artifact_root=Path(env.get("RECSYS_MLFLOW_ARTIFACTS") or mlflow_dir / "artifacts"),
+            model_name=env.get("RECSYS_MODEL_NAME") or "recsys-sasrec",
+            text_model=env.get("RECSYS_TEXT_MODEL") or "",
+        )
+
+    def export(self) -> dict[str, str]:
+        """Environment variables that make child processes (webserver, daemon, runs) agree."""
+        return {
+            "RECSYS_HOME": str(self.home),
+            "RECSYS_LANDING_ZONE": str(self.landing_zone),
+            "RECSYS_LAKE": str(self.lake),
+            "DAGSTER_HOME": str(self.dagster_home),
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "RECSYS_MLFLOW_ARTIFACTS": str(self.mlflow_artifact_root),
+            "RECSYS_MODEL_NAME": self.model_name,
+            "RECSYS_TEXT_MODEL": self.text_model,
+        }

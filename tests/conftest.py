@@ -1,0 +1,56 @@
+"""Shared fixtures: an isolated environment (temp DAGSTER_HOME, lake, MLflow store) per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+# A tiny training budget so pipeline tests train for real in seconds.
+TINY_TRAIN = {"max_epochs": 3, "max_time_s": 30.0, "incremental_max_epochs": 2,
+              "incremental_max_time_s": 15.0, "d_model": 32, "max_len": 20, "replay_users": 20}
+TINY_RUN_CONFIG = {"ops": {"candidate_model": {"config": TINY_TRAIN}}}
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    from rec_models.text import make_tiny_encoder_dir
+
+    return make_tiny_encoder_dir(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture
+def recsys_env(tmp_path, monkeypatch, tiny_encoder_dir):
+    """Point every setting at a temp folder; returns the resulting Settings."""
+    from rec_pipelines.cli import prepare_environment
+    from rec_pipelines.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("RECSYS_LANDING_ZONE", "RECSYS_LAKE", "RECSYS_MLFLOW_ARTIFACTS", "RECSYS_MODEL_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("RECSYS_TEXT_MODEL", str(tiny_encoder_dir))
+    shutil.copy(REPO_ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    settings = prepare_environment(Settings.from_env())
+    yield settings
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def small_simulator():
+    from rec_models.simulator import FeedbackSimulator, SimulatorConfig
+
+    return FeedbackSimulator(SimulatorConfig(n_items=120, n_users=80, events_per_user=20, batch_users=20,
+                                             batch_events_per_user=5, batch_new_items=5))
