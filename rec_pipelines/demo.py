@@ -38,6 +38,8 @@ def run_demo(settings: Settings, full: bool = False, n_users: int = 3, simulator
     from rec_pipelines.registry import ModelRegistry
 
     started = time.monotonic()
+    # Dagster's step-by-step DEBUG events stay in the UI; the console shows INFO and up.
+    run_config = _merge({"loggers": {"console": {"config": {"log_level": "INFO"}}}}, run_config or {})
     instance = dg.DagsterInstance.get()
     defs = load_defs()
     simulator = simulator or FeedbackSimulator()
@@ -68,7 +70,7 @@ def run_demo(settings: Settings, full: bool = False, n_users: int = 3, simulator
 
     _step("Evaluating the landing-zone sensor")
     sensor = defs.resolve_sensor_def("landing_zone_sensor")
-    with dg.build_sensor_context(instance=instance, definitions=defs) as context:
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources) as context:
         tick = sensor.evaluate_tick(context)
     if not tick.run_requests:
         print(f"  sensor skipped: {tick.skip_message}")

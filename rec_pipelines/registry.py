@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 
@@ -44,6 +44,11 @@ SIGNATURE = ModelSignature(
 PIP_REQUIREMENTS = ["torch==2.13.0", "lightning>=2.5", "pandas>=2.2", "pyarrow>=15", "numpy>=1.26", "mlflow>=3.5"]
 
 
+def metric_key(name: str) -> str:
+    """MLflow names cannot hold '@': ``ndcg@10`` is logged as ``ndcg_at_10``."""
+    return name.replace("@", "_at_")
+
+
 @dataclass
 class PromotionDecision:
     promoted: bool
@@ -54,9 +59,9 @@ class PromotionDecision:
     def tags(self) -> dict[str, str]:
         tags = {"promotion.decision": "promoted" if self.promoted else "rejected", "promotion.reason": self.reason}
         for key, value in self.candidate.items():
-            tags[f"candidate.{key}"] = f"{value:.6f}"
+            tags[f"candidate.{metric_key(key)}"] = f"{value:.6f}"
         for key, value in (self.champion or {}).items():
-            tags[f"champion.{key}"] = f"{value:.6f}"
+            tags[f"champion.{metric_key(key)}"] = f"{value:.6f}"
         return tags
 
 
@@ -140,7 +145,7 @@ class ModelRegistry:
         if decision.promoted:
             previous = self.version_by_alias(CHAMPION)
             if previous is not None:
-                self.client.set_model_version_tag(self.model_name, version, "previous_champion", previous.version)
+                self.client.set_model_version_tag(self.model_name, version, "previous_champion", str(previous.version))
             self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
 
     def download_bundle(self, alias: str = CHAMPION, dst: Path | None = None) -> Path | None:
@@ -148,15 +153,11 @@ class ModelRegistry:
         version = self.version_by_alias(alias)
         if version is None:
             return None
-        local = mlflow.artifacts.download_artifacts(
+        local = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{self.model_name}/{version.version}", dst_path=str(dst) if dst else None
-        )
-        return Path(local) / "artifacts" / "bundle"
-
-
-def metric_key(name: str) -> str:
-    """MLflow metric names cannot hold '@': ``ndcg@10`` is logged as ``ndcg_at_10``."""
-    return name.replace("@", "_at_")
+        ))
+        flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
+        return local / flavor["artifacts"]["bundle"]["path"]
 
 
 class MlflowEpochMetrics(L.Callback):

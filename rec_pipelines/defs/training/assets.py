@@ -161,7 +161,7 @@ def candidate_model(
         mlf.log_metrics({"train_s": history["train_s"], "sequences_per_s": history["sequences_per_s"]})
         mlf.log_dict({"batches": data.batches, "new_batches": new_batches}, "batches.json")
 
-        bundle_dir = lake.store().lake / "models" / run.info.run_id
+        bundle_dir = lake.store().lake / "models" / run.info.run_id / "bundle"
         titles = item_catalog.set_index("item_id")["title"]
         histories = dict(zip(data.sequences.user_ids, zip(data.sequences.items, data.sequences.event_types)))
         popularity = np.bincount(np.concatenate(data.split.train.items) if len(data.split.train) else [],

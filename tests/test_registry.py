@@ -1,0 +1,60 @@
+"""The promotion gate and the registry aliases, on a real MLflow store in a temp dir."""
+
+import mlflow
+import pytest
+
+from rec_pipelines.registry import CHALLENGER, CHAMPION, ModelRegistry, decide_promotion
+
+GOOD = {"hr@10": 0.20, "ndcg@10": 0.10, "coverage@10": 0.30}
+
+
+def test_first_model_is_promoted():
+    decision = decide_promotion(GOOD, None)
+    assert decision.promoted and decision.reason == "no champion yet"
+
+
+@pytest.mark.parametrize(
+    "candidate, promoted, why",
+    [
+        ({**GOOD, "ndcg@10": 0.1015}, True, "vs champion"),
+        ({**GOOD, "ndcg@10": 0.0990}, True, "vs champion"),  # within tolerance 0.002
+        ({**GOOD, "ndcg@10": 0.0900}, False, "worse than champion"),  # a degraded model
+        ({**GOOD, "coverage@10": 0.10}, False, "coverage@10"),  # guard metric regressed
+    ],
+)
+def test_gate_compares_with_the_champion(candidate, promoted, why):
+    decision = decide_promotion(candidate, GOOD, tolerance=0.002)
+    assert decision.promoted is promoted and why in decision.reason
+    assert decision.tags()["promotion.decision"] == ("promoted" if promoted else "rejected")
+    assert decision.tags()["champion.ndcg_at_10"] == "0.100000"
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_aliases_move_only_on_promotion(tmp_path):
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", "demo-model")
+
+    def register_one():
+        with registry.start_run("r") as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+        return registry.register(info.model_uri, run.info.run_id, tags={"batches": "[]"})
+
+    assert registry.version_by_alias(CHAMPION) is None
+    v1 = register_one()
+    registry.apply_decision(v1.version, decide_promotion(GOOD, None))
+    v2 = register_one()
+    registry.apply_decision(v2.version, decide_promotion({**GOOD, "ndcg@10": 0.05}, GOOD))
+    assert registry.version_by_alias(CHAMPION).version == v1.version
+    assert registry.version_by_alias(CHALLENGER).version == v2.version
+    rejected = registry.client.get_model_version("demo-model", v2.version)
+    assert rejected.tags["promotion.decision"] == "rejected" and "worse" in rejected.tags["promotion.reason"]
+    v3 = register_one()
+    registry.apply_decision(v3.version, decide_promotion({**GOOD, "ndcg@10": 0.12}, GOOD))
+    promoted = registry.client.get_model_version("demo-model", v3.version)
+    assert registry.version_by_alias(CHAMPION).version == v3.version
+    assert promoted.tags["previous_champion"] == str(v1.version)
+    experiment = registry.client.get_experiment_by_name("demo-model")
+    assert experiment.artifact_location.startswith((tmp_path / "artifacts").as_uri())
