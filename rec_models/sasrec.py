@@ -466,6 +466,14 @@ def _warm_start(backbone: SASRecBackbone, init_backbone: SASRecBackbone) -> None
     backbone.load_state_dict(state)
 
 
+def _validation_ndcg(backbone: SASRecBackbone, split: LeaveLastOutSplit) -> float:
+    val = split.val_histories()
+    return evaluate_ranking(
+        backbone.score_histories, val.items, split.val_targets, backbone.config.n_items, VAL_K,
+        event_types=val.event_types,
+    )[f"ndcg@{VAL_K}"]
+
+
 def train_sasrec(
     split: LeaveLastOutSplit,
     config: SASRecConfig,
@@ -495,6 +503,11 @@ def train_sasrec(
     data = SequenceDataModule(split, config, users_subset)
     module = SASRecModule(backbone, data.candidate_items())
     tracker = _BestEpochTracker()
+    warm_start_score = None
+    if init_backbone is not None:
+        # A fine-tune never returns weights that are worse on validation than its start.
+        warm_start_score = tracker.best_score = _validation_ndcg(backbone, split)
+        tracker.best_state = {name: value.detach().clone() for name, value in backbone.state_dict().items()}
     early_stopping = EarlyStopping(MONITOR, mode="max", patience=config.patience)
 
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
@@ -523,17 +536,14 @@ def train_sasrec(
     backbone.eval()
     best = tracker.best_score
     if best is None:  # stopped (max_time) before the first validation: evaluate now
-        val = split.val_histories()
-        best = evaluate_ranking(
-            backbone.score_histories, val.items, split.val_targets, config.n_items, VAL_K,
-            event_types=val.event_types,
-        )[f"ndcg@{VAL_K}"]
+        best = _validation_ndcg(backbone, split)
     history = {
         "epochs": tracker.epochs,
         f"best_val_ndcg@{VAL_K}": best,
         "train_s": train_s,
         "sequences_per_s": module.sequences_seen / train_s,
         "n_windows": len(data.train_windows),
+        "warm_start_val_ndcg@10": warm_start_score,
     }
     return backbone, history
 

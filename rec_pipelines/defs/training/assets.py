@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rec_models.data import ItemVocab, LeaveLastOutSplit, UserSequences, build_sequences, interactions, leave_last_out
+from rec_models.data import (
+    ItemVocab,
+    LeaveLastOutSplit,
+    UserSequences,
+    build_sequences,
+    collapse_repeats,
+    interactions,
+    leave_last_out,
+)
 from rec_models.sasrec import SASRecConfig, load_backbone, train_sasrec
 from rec_models.serving import example_request, write_bundle
 from rec_pipelines.registry import MlflowEpochMetrics, ModelRegistry
@@ -54,7 +62,7 @@ def training_data(
     vocab_path = lake.store().lake / "item_vocab.json"
     vocab = ItemVocab.from_dict(json.loads(vocab_path.read_text())) if vocab_path.exists() else ItemVocab()
     added = vocab.extend(item_catalog["item_id"].astype(str))
-    positives = interactions(validated_feedback)
+    positives = collapse_repeats(interactions(validated_feedback))
     sequences = build_sequences(positives, vocab)  # extends vocab with items seen only in feedback
     vocab_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = vocab_path.with_name(".item_vocab.json.tmp")
@@ -85,6 +93,8 @@ class TrainConfig(dg.Config):
     max_time_s: float = 150.0
     incremental_max_epochs: int = 4
     incremental_max_time_s: float = 40.0
+    lr: float = 1e-3
+    incremental_lr: float = 3e-4  # gentler steps when fine-tuning the champion
     replay_users: int = 300
     d_model: int = 64
     max_len: int = 50
@@ -144,6 +154,7 @@ def candidate_model(
     model_config = SASRecConfig(
         n_items=len(data.vocab), text_dim=text.shape[1], d_model=config.d_model, max_len=config.max_len,
         max_epochs=config.incremental_max_epochs if mode == "incremental" else config.max_epochs,
+        lr=config.incremental_lr if mode == "incremental" else config.lr,
         seed=config.seed,
     )
     max_time = config.incremental_max_time_s if mode == "incremental" else config.max_time_s
@@ -181,6 +192,7 @@ def candidate_model(
             "parent_version": champion.version if champion else "none",
             "epochs": len(history["epochs"]),
             "best_val_ndcg@10": float(history["best_val_ndcg@10"]),
+            "warm_start_val_ndcg@10": float(history["warm_start_val_ndcg@10"] or float("nan")),
             "train_s": float(history["train_s"]),
             "sequences_per_s": float(history["sequences_per_s"]),
             "new_batches": dg.MetadataValue.json(new_batches),
