@@ -68,3 +68,10 @@ def test_instance_config_limits_one_retrain_per_model(tmp_path, monkeypatch):
         assert {"key": "recsys/model", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in queue.tag_concurrency_limits
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         assert not instance.get_settings("telemetry")["enabled"]
+        # training steps started any other way (UI "Materialize") share a pool of one slot
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_training_runs_in_the_shared_pool(defs):
+    node = defs.resolve_asset_graph().get(dg.AssetKey("candidate_model"))
+    assert node.pools == {"recsys_training"}

@@ -27,6 +27,9 @@ from rec_pipelines.resources import LakeResource, MlflowResource
 
 GROUP = "training"
 RETRAIN_TAG = "recsys/model"  # dagster.yaml limits runs per value of this tag to one
+# Runs started any other way (e.g. "Materialize" in the UI) still train one at a time: this
+# concurrency pool has dagster.yaml's default pool limit of 1.
+TRAINING_POOL = "recsys_training"
 
 
 @dataclass
@@ -113,7 +116,7 @@ class TrainedModel:
     history: dict
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, tags={"recsys/stage": "train"})
+@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, pool=TRAINING_POOL)
 def candidate_model(
     context: dg.AssetExecutionContext,
     config: TrainConfig,
