@@ -188,3 +188,19 @@ def test_end_to_end_from_events_to_split():
     assert vocab.ids[split.test_targets[0] - 1] == "i5"
     assert vocab.ids[split.val_targets[0] - 1] == "i4"
     assert "bad" not in vocab
+
+
+def test_collapse_repeats_keeps_first_contact_with_strongest_event():
+    from rec_models.data import collapse_repeats
+
+    events = pd.DataFrame({
+        "user_id": ["u1", "u1", "u1", "u1"],
+        "item_id": ["a", "b", "a", "c"],
+        "event_type": ["view", "click", "purchase", "view"],
+        "value": [5.0, 3.0, None, 1.0],
+        "timestamp": [1, 2, 3, 4],
+    })
+    collapsed = collapse_repeats(interactions(events))
+    assert collapsed["item_id"].tolist() == ["a", "b", "c"]  # "a" stays at its first contact
+    assert collapsed["event_type"].tolist() == ["purchase", "click", "view"]  # with its strongest event
+    assert collapsed["timestamp"].tolist() == [1, 2, 4]
