@@ -3,6 +3,10 @@
     recsys demo       run the whole loop on the embedded simulator (README's main command)
     recsys simulate   drop the simulator's next feedback batch into the landing zone
     recsys ui         start the Dagster UI + daemon and the MLflow UI on 127.0.0.1
+    recsys ingest     ingest feedback files through the pipeline's own code path
+    recsys rollback   restore the previous champion
+    recsys serve      serve models:/<name>@champion over HTTP (MLflow scoring server)
+    recsys evaluate   compare every model on a MovieLens-layout folder (offline protocol)
 """
 
 from __future__ import annotations
@@ -95,7 +99,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
         stop()
 
 
+# Commands whose arguments their own module parses: name -> (module, help).
+DELEGATED = {
+    "ingest": ("rec_pipelines.ingest_cli", "ingest feedback files through the pipeline's own code path"),
+    "rollback": ("rec_pipelines.rollback", "restore the previous champion"),
+    "serve": ("rec_pipelines.serve", "serve models:/<name>@champion over HTTP"),
+    "evaluate": ("rec_models.offline_eval", "compare every model on a MovieLens-layout folder"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        prepare_environment()
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -113,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=3000)
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+
+    for name, (_, help_text) in DELEGATED.items():
+        commands.add_parser(name, help=help_text, add_help=False)
 
     args = parser.parse_args(argv)
     return args.func(args)
