@@ -30,6 +30,7 @@ SIGNATURE = ModelSignature(
         ColSpec(DataType.string, "user_id"),
         ColSpec(Array(DataType.string), "recent_item_ids", required=False),
         ColSpec(DataType.long, "k", required=False),
+        ColSpec(Array(DataType.string), "exclude", required=False),
     ]),
     outputs=Schema([
         ColSpec(DataType.string, "user_id"),
@@ -37,6 +38,8 @@ SIGNATURE = ModelSignature(
         ColSpec(DataType.string, "item_id"),
         ColSpec(DataType.double, "score"),
         ColSpec(DataType.string, "title"),
+        ColSpec(DataType.string, "explanation"),
+        ColSpec(Array(DataType.string), "warnings"),
     ]),
 )
 # What the pyfunc needs at load time; given explicitly so MLflow does not spend seconds
@@ -59,15 +62,27 @@ class PromotionDecision:
     def tags(self) -> dict[str, str]:
         tags = {"promotion.decision": "promoted" if self.promoted else "rejected", "promotion.reason": self.reason}
         for key, value in self.candidate.items():
-            tags[f"candidate.{metric_key(key)}"] = f"{value:.6f}"
+            tags[f"candidate.{metric_key(key)}"] = f"{value:.6g}"
         for key, value in (self.champion or {}).items():
-            tags[f"champion.{metric_key(key)}"] = f"{value:.6f}"
+            tags[f"champion.{metric_key(key)}"] = f"{value:.6g}"
         return tags
 
 
-def decide_promotion(candidate: dict, champion: dict | None, tolerance: float = 0.002,
-                     coverage_tolerance: float = 0.2) -> PromotionDecision:
-    """The gate. ``candidate``/``champion`` hold protocol metrics on the same held-out data."""
+def decide_promotion(
+    candidate: dict,
+    champion: dict | None,
+    tolerance: float = 0.002,
+    coverage_tolerance: float = 0.2,
+    cold_tolerance: float = 0.01,
+    min_cold_users: int = 20,
+) -> PromotionDecision:
+    """The gate. ``candidate``/``champion`` hold protocol metrics on the same held-out data.
+
+    Promote when NDCG@10 is not worse than the champion's beyond ``tolerance`` (absolute) and
+    the guard metrics did not regress: coverage@10 may lose at most ``coverage_tolerance``
+    (relative), and NDCG@10 on the cold-start users (test item unseen in training; counted only
+    when at least ``min_cold_users`` of them) at most ``cold_tolerance`` (absolute).
+    """
     if champion is None:
         return PromotionDecision(True, "no champion yet", candidate, None)
     new, old = candidate[PRIMARY_METRIC], champion[PRIMARY_METRIC]
@@ -80,9 +95,20 @@ def decide_promotion(candidate: dict, champion: dict | None, tolerance: float = 
         return PromotionDecision(
             False, f"coverage@10 {cov_new:.4f} fell more than {coverage_tolerance:.0%} below champion {cov_old:.4f}",
             candidate, champion)
+    cold_users = min(candidate.get("cold_users", 0), champion.get("cold_users", 0))
+    if cold_users >= min_cold_users:
+        cold_new, cold_old = candidate["cold_ndcg@10"], champion["cold_ndcg@10"]
+        if cold_new < cold_old - cold_tolerance:
+            return PromotionDecision(
+                False, f"cold-start ndcg@10 {cold_new:.4f} is worse than champion {cold_old:.4f} "
+                f"beyond tolerance {cold_tolerance} ({cold_users} cold users)", candidate, champion)
     return PromotionDecision(
-        True, f"{PRIMARY_METRIC} {new:.4f} vs champion {old:.4f} (tolerance {tolerance}); coverage guard passed",
+        True, f"{PRIMARY_METRIC} {new:.4f} vs champion {old:.4f} (tolerance {tolerance}); guard metrics passed",
         candidate, champion)
+
+
+class RollbackError(RuntimeError):
+    """Raised when there is no earlier champion to go back to."""
 
 
 class ModelRegistry:
@@ -147,6 +173,19 @@ class ModelRegistry:
             if previous is not None:
                 self.client.set_model_version_tag(self.model_name, version, "previous_champion", str(previous.version))
             self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+
+    def rollback(self, reason: str) -> tuple[str, str]:
+        """Point ``champion`` back at the version it replaced; returns (from, to) versions."""
+        current = self.version_by_alias(CHAMPION)
+        if current is None:
+            raise RollbackError(f"model {self.model_name!r} has no champion")
+        previous = current.tags.get("previous_champion")
+        if not previous:
+            raise RollbackError(f"champion version {current.version} has no previous champion to restore")
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, previous)
+        self.client.set_model_version_tag(self.model_name, str(current.version), "rolled_back", reason)
+        self.client.set_model_version_tag(self.model_name, previous, "restored_by_rollback_from", str(current.version))
+        return str(current.version), previous
 
     def download_bundle(self, alias: str = CHAMPION, dst: Path | None = None) -> Path | None:
         """Local folder of the bundle behind ``alias`` (None when the alias is not set)."""

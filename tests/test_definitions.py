@@ -72,6 +72,11 @@ def test_instance_config_limits_one_retrain_per_model(tmp_path, monkeypatch):
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
 
 
+def test_rollback_job_is_defined(defs):
+    job = defs.resolve_job_def("rollback_champion_job")
+    assert [node.name for node in job.graph.nodes] == ["restore_previous_champion"]
+
+
 def test_training_runs_in_the_shared_pool(defs):
     node = defs.resolve_asset_graph().get(dg.AssetKey("candidate_model"))
     assert node.pools == {"recsys_training"}

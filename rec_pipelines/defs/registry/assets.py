@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from rec_models.data import UserSequences
@@ -17,14 +18,28 @@ from rec_pipelines.resources import MlflowResource
 GROUP = "registry"
 
 
-def evaluate_backbone(backbone: SASRecBackbone, histories: UserSequences, targets) -> dict:
-    return evaluate_ranking(backbone.score_histories, histories.items, targets, backbone.config.n_items,
-                            event_types=histories.event_types)
+def evaluate_backbone(backbone: SASRecBackbone, histories: UserSequences, targets: np.ndarray,
+                      cold: np.ndarray) -> dict:
+    """Protocol metrics on all users, plus NDCG@10 on the cold-start users (``cold`` marks
+    users whose test item never occurs in training, e.g. items that arrived with new batches)."""
+    metrics = evaluate_ranking(backbone.score_histories, histories.items, targets, backbone.config.n_items,
+                               event_types=histories.event_types)
+    positions = np.flatnonzero(cold)
+    metrics["cold_users"] = len(positions)
+    metrics["cold_ndcg@10"] = float("nan")
+    if len(positions):
+        cold_metrics = evaluate_ranking(
+            backbone.score_histories, [histories.items[i] for i in positions], targets[positions],
+            backbone.config.n_items, event_types=[histories.event_types[i] for i in positions])
+        metrics["cold_ndcg@10"] = cold_metrics["ndcg@10"]
+    return metrics
 
 
 class PromotionConfig(dg.Config):
     ndcg_tolerance: float = 0.002  # absolute NDCG@10 a candidate may lose and still be promoted
     coverage_tolerance: float = 0.2  # relative coverage@10 loss allowed
+    cold_tolerance: float = 0.01  # absolute cold-start NDCG@10 loss allowed
+    min_cold_users: int = 20  # below this many cold-start users the cold guard is not applied
 
 
 @dg.asset(group_name=GROUP, kinds={"mlflow"})
@@ -40,15 +55,17 @@ def model_evaluation(
     registry = mlflow.registry()
     split = training_data.split
     histories, targets = split.test_histories(), split.test_targets
+    trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
+    cold = ~np.isin(targets, trained_items)
     candidate = load_backbone(Path(candidate_model.bundle_dir) / "backbone.pt")
-    results = {"candidate": evaluate_backbone(candidate, histories, targets)}
+    results = {"candidate": evaluate_backbone(candidate, histories, targets, cold)}
 
     champion_version = registry.version_by_alias("champion")
     if champion_version is not None:
         bundle = registry.download_bundle("champion", dst=Path(tempfile.mkdtemp(prefix="champion-")))
         champion = load_backbone(bundle / "backbone.pt")
         champion.grow(text_matrix(training_data.vocab, item_text_embeddings))  # new items scored from text
-        results["champion"] = evaluate_backbone(champion, histories, targets)
+        results["champion"] = evaluate_backbone(champion, histories, targets, cold)
     popularity = PopularityRecommender().fit(split.train, len(training_data.vocab))
     results["popularity"] = evaluate_ranking(popularity.score, histories.items, targets, len(training_data.vocab))
 
@@ -58,7 +75,7 @@ def model_evaluation(
     if "champion" in results:
         client.log_metric(candidate_model.run_id, f"champion_test_{metric_key('ndcg@10')}",
                           float(results["champion"]["ndcg@10"]))
-    table = pd.DataFrame(results).T[["hr@10", "ndcg@10", "coverage@10"]]
+    table = pd.DataFrame(results).T.reindex(columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
     context.log.info(f"held-out evaluation:\n{table}")
     return dg.Output(
         {**results, "champion_version": champion_version.version if champion_version else None},
@@ -67,6 +84,7 @@ def model_evaluation(
             "champion_ndcg@10": float(results["champion"]["ndcg@10"]) if "champion" in results else float("nan"),
             "popularity_ndcg@10": float(results["popularity"]["ndcg@10"]),
             "users": int(results["candidate"]["n_users"]),
+            "cold_users": int(cold.sum()),
             "comparison": dg.MetadataValue.md(table.to_markdown(floatfmt=".4f")),
         },
     )
@@ -86,10 +104,11 @@ def champion_model(
     import json
 
     registry = mlflow.registry()
-    metrics = ("hr@10", "ndcg@10", "coverage@10")
+    metrics = ("hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users")
     candidate = {m: float(model_evaluation["candidate"][m]) for m in metrics}
     champion = {m: float(model_evaluation["champion"][m]) for m in metrics} if "champion" in model_evaluation else None
-    decision = decide_promotion(candidate, champion, config.ndcg_tolerance, config.coverage_tolerance)
+    decision = decide_promotion(candidate, champion, config.ndcg_tolerance, config.coverage_tolerance,
+                                config.cold_tolerance, config.min_cold_users)
     version = registry.register(
         candidate_model.model_uri,
         candidate_model.run_id,
