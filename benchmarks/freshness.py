@@ -1,0 +1,165 @@
+"""How fast fresh feedback changes recommendations.
+
+1. Retrain path: with a real ``dagster-daemon`` running the landing-zone sensor, drop a
+   feedback batch into the landing zone and measure the seconds until a new model version is
+   loadable from ``models:/NAME@champion`` (median over several batches).
+2. In-request path: time from an event to a recommendation list that reflects it, when the
+   user's recent items come with the request (no retrain).
+3. Micro-batch vs full retrain on the same data: wall-time ratio and NDCG@10 ratio.
+
+Runs on the embedded simulator in a fresh temp home (nothing of yours is touched):
+
+    .venv/bin/python benchmarks/freshness.py [--batches 3] [--sensor-interval 5]
+
+Ends with one JSON line: {"retrain_to_champion_s_median", "in_request_ms",
+"microbatch_over_full_time", "microbatch_ndcg_ratio", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--sensor-interval", type=int, default=5, help="seconds between sensor ticks")
+    parser.add_argument("--timeout", type=float, default=180, help="give up on one batch after this many seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the temp home for inspection")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="recsys-freshness-"))
+    os.environ.update({"RECSYS_HOME": str(home), "RECSYS_SENSOR_INTERVAL_S": str(args.sensor_interval)})
+    for name in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "RECSYS_LANDING_ZONE", "RECSYS_LAKE", "RECSYS_MLFLOW_ARTIFACTS"):
+        os.environ.pop(name, None)
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+
+    import dagster as dg
+    import mlflow
+    import pandas as pd
+
+    from rec_models.simulator import FeedbackSimulator
+    from rec_pipelines.cli import prepare_environment
+    from rec_pipelines.definitions import defs as load_defs
+    from rec_pipelines.registry import CHAMPION, ModelRegistry
+
+    settings = prepare_environment()
+    simulator = FeedbackSimulator()
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root, settings.model_name)
+    defs = load_defs()
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    full_config = {**quiet, "ops": {"candidate_model": {"config": {"mode": "full"}}}}
+
+    print(f"home: {home}")
+    simulator.write_batch(settings.landing_zone, 0)
+    with dg.DagsterInstance.get() as instance:
+        started = time.perf_counter()
+        defs.resolve_job_def("full_retrain_job").execute_in_process(instance=instance, run_config=full_config)
+        print(f"initial full retrain: {time.perf_counter() - started:.1f}s, champion v{registry.version_by_alias(CHAMPION).version}")
+
+    # -- 1. retrain path, through the real daemon ------------------------------------------
+    bin_dir = Path(sys.executable).parent
+    daemon = subprocess.Popen(
+        [str(bin_dir / "dagster-daemon"), "run", "-m", "rec_pipelines.definitions"],
+        stdout=open(home / "daemon.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    latencies, outcomes = [], []
+    try:
+        time.sleep(8)  # let the daemon load the code location before the first drop
+        for batch in range(1, args.batches + 1):
+            versions_before = {v.version for v in registry.client.search_model_versions(f"name = '{settings.model_name}'")}
+            champion_before = registry.version_by_alias(CHAMPION).version
+            dropped = time.perf_counter()
+            simulator.write_batch(settings.landing_zone, batch)
+            outcome = None
+            while time.perf_counter() - dropped < args.timeout:
+                new = [v for v in registry.client.search_model_versions(f"name = '{settings.model_name}'")
+                       if v.version not in versions_before and "promotion.decision" in v.tags]
+                if new:
+                    champion = registry.version_by_alias(CHAMPION).version
+                    outcome = "promoted" if champion != champion_before else "rejected"
+                    if outcome == "promoted":
+                        mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")  # loadable
+                    break
+                time.sleep(0.5)
+            elapsed = time.perf_counter() - dropped
+            outcomes.append(outcome or "timeout")
+            print(f"batch {batch}: {outcome or 'timeout'} after {elapsed:.1f}s")
+            if outcome == "promoted":
+                latencies.append(elapsed)
+            time.sleep(1)
+    finally:
+        os.killpg(daemon.pid, 15)
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, 9)
+
+    # -- 2. in-request path --------------------------------------------------------------
+    from rec_pipelines.feedback_store import FeedbackStore
+
+    model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
+    events = FeedbackStore(settings.landing_zone, settings.lake).read("events")
+    user = events["user_id"].iloc[-1]
+    base = model.predict(pd.DataFrame({"user_id": [user], "k": [10]}))
+    fresh_item = base["item_id"].iloc[0]  # the user just consumed their top recommendation
+    timings, changed = [], 0
+    for _ in range(50):
+        event_time = time.perf_counter()
+        recs = model.predict(pd.DataFrame({"user_id": [user], "recent_item_ids": [[fresh_item]], "k": [10]}))
+        timings.append((time.perf_counter() - event_time) * 1000)
+        changed += fresh_item not in set(recs["item_id"])
+    in_request_ms = statistics.median(timings)
+    print(f"in-request: median {in_request_ms:.1f} ms; the list reflected the event in {changed}/50 requests")
+
+    # -- 3. micro-batch vs full retrain on the same data ------------------------------------
+    def step_seconds(run_id: str, step: str, instance) -> float:
+        stats = {s.step_key: s for s in instance.get_run_step_stats(run_id)}
+        return stats[step].end_time - stats[step].start_time
+
+    with dg.DagsterInstance.get() as instance:
+        micro_record = next(r for r in instance.get_run_records(dg.RunsFilter(job_name="microbatch_retrain_job"))
+                            if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS)
+        micro_id = micro_record.dagster_run.run_id
+        micro_eval = instance.get_latest_materialization_event(dg.AssetKey("model_evaluation"))
+        micro_ndcg = micro_eval.asset_materialization.metadata["candidate_ndcg@10"].value
+        micro_train = step_seconds(micro_id, "candidate_model", instance)
+        micro_run = micro_record.end_time - micro_record.start_time
+        full = defs.resolve_job_def("full_retrain_job").execute_in_process(instance=instance, run_config=full_config)
+        full_ndcg = full.output_for_node("model_evaluation")["candidate"]["ndcg@10"]
+        full_train = step_seconds(full.run_id, "candidate_model", instance)
+        full_record = instance.get_run_record_by_id(full.run_id)
+        full_run = full_record.end_time - full_record.start_time
+    print(f"micro-batch: train {micro_train:.1f}s (run {micro_run:.1f}s), NDCG@10 {micro_ndcg:.4f}")
+    print(f"full:        train {full_train:.1f}s (run {full_run:.1f}s), NDCG@10 {full_ndcg:.4f}")
+
+    result = {
+        "retrain_to_champion_s_median": statistics.median(latencies) if latencies else None,
+        "retrain_to_champion_s": [round(x, 1) for x in latencies],
+        "batch_outcomes": outcomes,
+        "sensor_interval_s": args.sensor_interval,
+        "in_request_ms": round(in_request_ms, 2),
+        "in_request_reflected": changed / 50,
+        "microbatch_over_full_time": round(micro_train / full_train, 3),
+        "microbatch_over_full_run_time": round(micro_run / full_run, 3),
+        "microbatch_ndcg_ratio": round(micro_ndcg / full_ndcg, 3),
+    }
+    if not args.keep:
+        shutil.rmtree(home, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
