@@ -12,6 +12,7 @@ from rec_models.data import UserSequences
 from rec_models.evaluation import PopularityRecommender, evaluate_ranking
 from rec_models.sasrec import SASRecBackbone, load_backbone
 from rec_pipelines.defs.training.assets import TrainedModel, TrainingData, text_matrix
+from rec_pipelines.plots import figure_to_md, new_figure
 from rec_pipelines.registry import decide_promotion, metric_key
 from rec_pipelines.resources import MlflowResource
 
@@ -33,6 +34,23 @@ def evaluate_backbone(backbone: SASRecBackbone, histories: UserSequences, target
             backbone.config.n_items, event_types=[histories.event_types[i] for i in positions])
         metrics["cold_ndcg@10"] = cold_metrics["ndcg@10"]
     return metrics
+
+
+def comparison_figure(results: dict):
+    """Grouped bars: each model's held-out metrics side by side."""
+    metrics = ["hr@10", "ndcg@10", "cold_ndcg@10"]
+    names = [n for n in ("candidate", "champion", "popularity") if n in results]
+    figure = new_figure(6.0, 3.5)
+    axis = figure.add_subplot(1, 1, 1)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [float(results[name].get(m, np.nan)) for m in metrics]
+        axis.bar(np.arange(len(metrics)) + i * width, np.nan_to_num(values), width, label=name)
+    axis.set_xticks(np.arange(len(metrics)) + width * (len(names) - 1) / 2, metrics)
+    axis.set_title("held-out metrics (same users)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
 
 
 class PromotionConfig(dg.Config):
@@ -75,6 +93,8 @@ def model_evaluation(
     if "champion" in results:
         client.log_metric(candidate_model.run_id, f"champion_test_{metric_key('ndcg@10')}",
                           float(results["champion"]["ndcg@10"]))
+    comparison = comparison_figure(results)
+    client.log_figure(candidate_model.run_id, comparison, "plots/champion_vs_challenger.png")
     table = pd.DataFrame(results).T.reindex(columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
     context.log.info(f"held-out evaluation:\n{table}")
     return dg.Output(
@@ -86,6 +106,7 @@ def model_evaluation(
             "users": int(results["candidate"]["n_users"]),
             "cold_users": int(cold.sum()),
             "comparison": dg.MetadataValue.md(table.to_markdown(floatfmt=".4f")),
+            "comparison_plot": dg.MetadataValue.md(figure_to_md(comparison, alt="champion vs challenger")),
         },
     )
 

@@ -22,6 +22,7 @@ from rec_models.data import (
 )
 from rec_models.sasrec import SASRecConfig, load_backbone, train_sasrec
 from rec_models.serving import example_request, write_bundle
+from rec_pipelines.plots import figure_to_md, new_figure
 from rec_pipelines.registry import MlflowEpochMetrics, ModelRegistry
 from rec_pipelines.resources import LakeResource, MlflowResource
 
@@ -173,6 +174,8 @@ def candidate_model(
             callbacks=[MlflowEpochMetrics()], users_subset=users_subset,
         )
         mlf.log_metrics({"train_s": history["train_s"], "sequences_per_s": history["sequences_per_s"]})
+        curves = training_curves_figure(history, mode)
+        mlf.log_figure(curves, "plots/training_curves.png")
         mlf.log_dict({"batches": data.batches, "new_batches": new_batches}, "batches.json")
 
         bundle_dir = lake.store().lake / "models" / run.info.run_id / "bundle"
@@ -199,8 +202,29 @@ def candidate_model(
             "train_s": float(history["train_s"]),
             "sequences_per_s": float(history["sequences_per_s"]),
             "new_batches": dg.MetadataValue.json(new_batches),
+            "training_curves": dg.MetadataValue.md(figure_to_md(curves, alt="training curves")),
         },
     )
+
+
+def training_curves_figure(history: dict, mode: str):
+    """Validation NDCG@10 and training loss per epoch (the warm start as epoch -1)."""
+    figure = new_figure(6.0, 3.5)
+    ndcg_axis = figure.add_subplot(1, 1, 1)
+    epochs = history["epochs"]
+    x = [e["epoch"] for e in epochs]
+    ndcg_axis.plot(x, [e.get("val_ndcg@10", np.nan) for e in epochs], "o-", color="tab:blue", label="val NDCG@10")
+    if history.get("warm_start_val_ndcg@10") is not None:
+        ndcg_axis.axhline(history["warm_start_val_ndcg@10"], color="tab:gray", ls="--", label="champion (warm start)")
+    ndcg_axis.set_xlabel("epoch")
+    ndcg_axis.set_ylabel("val NDCG@10", color="tab:blue")
+    loss_axis = ndcg_axis.twinx()
+    loss_axis.plot(x, [e.get("train_loss", np.nan) for e in epochs], "s-", color="tab:orange", label="train loss")
+    loss_axis.set_ylabel("train loss", color="tab:orange")
+    ndcg_axis.set_title(f"{mode} training")
+    ndcg_axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure
 
 
 def _microbatch_users(data: TrainingData, consumed: set[str], replay: int, seed: int) -> np.ndarray:
