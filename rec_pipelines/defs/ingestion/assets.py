@@ -1,26 +1,44 @@
-"""Feedback in: landing zone → raw feedback → validated feedback, plus the item catalog."""
+"""Feedback in: landing zone → raw feedback → validated feedback → features, plus the catalog.
 
-
-import json
+Each new landing file is one batch. ``raw_feedback`` reads new files exactly once
+(pseudonymising user ids, scrubbing text), ``validated_feedback`` validates each new batch
+exactly once and reports its accounting (rows_in = rows_valid + rows_quarantined), and the
+blocking ``feedback_expectations`` check runs the Great Expectations suite over the new
+batches: when it fails, those batches are moved to quarantine and nothing downstream
+(training) runs on them. ``feedback_features`` derives per-user and per-item features and flags
+bot-like users.
+"""
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
+from rec_models.features import FeedbackFeatures, compute_features
+from rec_models.schema import DEFAULT_EVENT_WEIGHTS
 from rec_pipelines.resources import LakeResource
-from rec_pipelines.validation import run_expectations, split_valid_rows
+from rec_pipelines.validation import DEFAULT_MIN_TIMESTAMP, GE_MAX_ROWS, MAX_CLOCK_SKEW_S, run_expectations
 
 GROUP = "ingestion"
+INGESTION_ASSETS = ["item_catalog", "raw_feedback", "validated_feedback", "feedback_features"]
 
 
 def _preview(frame: pd.DataFrame, rows: int = 5) -> dg.MetadataValue:
     return dg.MetadataValue.md(frame.head(rows).to_markdown(index=False) if len(frame) else "_empty_")
 
 
+def _counts(series: pd.Series) -> dg.MetadataValue:
+    return dg.MetadataValue.json({str(k): int(v) for k, v in series.value_counts().items()})
+
+
 @dg.asset(group_name=GROUP, kinds={"pandas"})
 def item_catalog(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Output[pd.DataFrame]:
-    """Every known item with its text fields; catalog files in the landing zone add or change items."""
+    """Every known item with its text fields; catalog files in the landing zone add or change
+    items (titles and descriptions scrubbed of contact data). Rows without an item id are
+    quarantined with a reason, unreadable files whole."""
     store = lake.store()
     report = store.ingest("catalog")
+    for bad in report.quarantined_files:
+        context.log.warning(f"quarantined catalog file {bad['file']}: {bad['reason']}")
     catalog = store.catalog()
     context.log.info(f"catalog: {len(catalog)} items ({report.rows_in} rows from {len(report.batches)} new files)")
     return dg.Output(
@@ -29,6 +47,7 @@ def item_catalog(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ou
             "items": len(catalog),
             "new_rows": report.rows_in,
             "new_files": report.batches,
+            "files": dg.MetadataValue.json(report.files),
             "quarantined_files": dg.MetadataValue.json(report.quarantined_files),
             "categories": int(catalog["category"].nunique()),
             "preview": _preview(catalog[["item_id", "title", "category"]]),
@@ -38,8 +57,9 @@ def item_catalog(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ou
 
 @dg.asset(group_name=GROUP, kinds={"pandas"})
 def raw_feedback(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Output[pd.DataFrame]:
-    """Every feedback event ever ingested, tagged with its batch id. Ingests new landing files
-    exactly once (content-hash ledger); unreadable files are quarantined whole."""
+    """Every feedback event ever ingested, one row per input record, tagged with its batch id
+    and source row. Ingests new landing files exactly once (content-hash ledger), with user
+    ids pseudonymised and text scrubbed; unreadable files are quarantined whole."""
     store = lake.store()
     report = store.ingest("events")
     for bad in report.quarantined_files:
@@ -51,57 +71,109 @@ def raw_feedback(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ou
         metadata={
             "rows": len(events),
             "new_rows": report.rows_in,
+            "files": dg.MetadataValue.json(report.files),
             "new_batches": dg.MetadataValue.json(report.batches),
             "batches": len(store.batches("events")),
             "duplicate_files": dg.MetadataValue.json(report.duplicate_files),
             "quarantined_files": dg.MetadataValue.json(report.quarantined_files),
-            "preview": _preview(events),
+            "texts_truncated": report.texts_truncated,
+            "preview": _preview(events.drop(columns=["text"])),
         },
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pandas"})
+class ValidationConfig(dg.Config):
+    """Row rules that depend on the data source."""
+
+    min_timestamp: int = Field(
+        default=DEFAULT_MIN_TIMESTAMP,
+        description="Epoch seconds; older events are quarantined (default 1995-01-01).")
+    max_clock_skew_s: int = Field(
+        default=MAX_CLOCK_SKEW_S, description="How far in the future a timestamp may be (producer clocks).")
+
+
+_ACCOUNT_FIELDS = ["batch_id", "file", "rows_in", "rows_valid", "rows_quarantined", "reasons"]
+
+
+@dg.asset(group_name=GROUP, kinds={"pandas"}, deps=[raw_feedback])
 def validated_feedback(
-    context: dg.AssetExecutionContext, lake: LakeResource, raw_feedback: pd.DataFrame
+    context: dg.AssetExecutionContext, config: ValidationConfig, lake: LakeResource
 ) -> dg.Output[pd.DataFrame]:
-    """Events that pass the row rules. Bad rows go to the quarantine store with a reason per
-    row; nothing is dropped silently (rows_in = rows_valid + rows_quarantined)."""
-    valid, quarantined = split_valid_rows(raw_feedback)
-    if len(valid) + len(quarantined) != len(raw_feedback):
-        raise dg.Failure("row accounting broken: rows_in != rows_valid + rows_quarantined")
+    """Events that passed the row rules, batch by batch. Each new batch is validated exactly
+    once; its bad rows go to the quarantine store with a reason each, nothing is dropped
+    silently: for every batch rows_in = rows_valid + rows_quarantined (metadata
+    ``batch_accounting``). Batches rejected by the Great Expectations check are left out."""
     store = lake.store()
-    for batch_id, rows in quarantined.groupby("batch_id", sort=False):
-        store.write_quarantined_rows(str(batch_id), rows)
-    reasons = quarantined["reason"].value_counts().to_dict()
-    if reasons:
-        context.log.warning(f"quarantined {len(quarantined)} rows: {reasons}")
+    accounts = store.validate_pending(
+        min_timestamp=config.min_timestamp, max_clock_skew_s=config.max_clock_skew_s, run_id=context.run_id)
+    for account in accounts:
+        if account["rows_in"] != account["rows_valid"] + account["rows_quarantined"]:
+            raise dg.Failure(f"row accounting broken for batch {account['batch_id']}: {account}")
+        if account["rows_quarantined"]:
+            context.log.warning(f"batch {account['batch_id']}: quarantined {account['rows_quarantined']} of "
+                                f"{account['rows_in']} rows: {account['reasons']}")
+    valid = store.read_validated()
+    new = pd.DataFrame([{k: a[k] for k in _ACCOUNT_FIELDS} for a in accounts], columns=_ACCOUNT_FIELDS)
+    reasons: dict[str, int] = {}
+    for account in accounts:
+        for reason, count in account["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
     return dg.Output(
-        valid.reset_index(drop=True),
+        valid,
         metadata={
-            "rows_in": len(raw_feedback),
-            "rows_valid": len(valid),
-            "rows_quarantined": len(quarantined),
-            "quarantine_reasons": dg.MetadataValue.json({str(k): int(v) for k, v in reasons.items()}),
+            "new_batches": dg.MetadataValue.json([a["batch_id"] for a in accounts]),
+            "rows_in": int(new["rows_in"].sum()),
+            "rows_valid": int(new["rows_valid"].sum()),
+            "rows_quarantined": int(new["rows_quarantined"].sum()),
+            "quarantine_reasons": dg.MetadataValue.json(reasons),
+            "batch_accounting": dg.MetadataValue.json([{k: a[k] for k in _ACCOUNT_FIELDS} for a in accounts]),
+            "batch_accounting_table": dg.MetadataValue.md(
+                new.assign(reasons=new["reasons"].map(str)).to_markdown(index=False) if len(new) else "_no new batches_"),
+            "min_timestamp": config.min_timestamp,
+            "rows": len(valid),
             "users": int(valid["user_id"].nunique()),
             "items": int(valid["item_id"].nunique()),
-            "event_types": dg.MetadataValue.json(
-                {str(k): int(v) for k, v in valid["event_type"].value_counts().items()}
-            ),
+            "event_types": _counts(valid["event_type"]),
         },
     )
 
 
-@dg.asset_check(asset=validated_feedback, blocking=True, description="Great Expectations suite over validated feedback")
-def feedback_expectations(validated_feedback: pd.DataFrame) -> dg.AssetCheckResult:
-    success, results = run_expectations(validated_feedback)
-    failed = [r for r in results if not r["success"]]
+def _latest_metadata(context: dg.AssetCheckExecutionContext, asset: str) -> dict:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
+    metadata = event.asset_materialization.metadata if event else {}
+    return {key: value.value for key, value in metadata.items()}
+
+
+@dg.asset_check(asset=validated_feedback, blocking=True,
+                description="Great Expectations suite over the batches the latest materialisation added; "
+                            "a failure stops training and quarantines those batches")
+def feedback_expectations(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
+    metadata = _latest_metadata(context, "validated_feedback")
+    batches = list(metadata.get("new_batches") or [])
+    store = lake.store()
+    rows = store.read_validated(batches)
+    if not len(rows):
+        return dg.AssetCheckResult(passed=True, metadata={"batches": dg.MetadataValue.json(batches), "rows_checked": 0,
+                                                          "note": "no new validated rows to check"})
+    result = run_expectations(rows, int(metadata.get("min_timestamp", 0)), max_rows=GE_MAX_ROWS)
+    failed = result.failed
+    rejected = []
+    if failed:
+        names = ", ".join(f"{r['expectation']}({r['column']})" for r in failed)
+        rejected = store.reject_batches(batches, f"batch failed the Great Expectations suite: {names}")
+        context.log.error(f"Great Expectations suite failed on {batches}: {names}; batches quarantined")
     return dg.AssetCheckResult(
-        passed=success,
+        passed=result.success,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
-            "expectations": len(results),
+            "batches": dg.MetadataValue.json(batches),
+            "rows_total": result.rows_total,
+            "rows_checked": result.rows_checked,
+            "sampled": result.sampled,
+            "expectations": len(result.results),
             "failed": len(failed),
-            "results": dg.MetadataValue.json(results),
+            "rejected_batches": dg.MetadataValue.json(rejected),
+            "results": dg.MetadataValue.json(result.results),
             "failing_examples": dg.MetadataValue.md(
                 "\n".join(f"- `{r['expectation']}` on {r['column']}: {r['unexpected_count']} rows, e.g. {r['examples']}"
                           for r in failed) or "_none_"
@@ -119,5 +191,52 @@ def events_with_catalog_entry(validated_feedback: pd.DataFrame, item_catalog: pd
         passed=share <= 0.05,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"share_without_catalog_entry": share,
+                  "events_without_catalog_entry": int(unknown.sum()),
                   "examples": dg.MetadataValue.json(validated_feedback.loc[unknown, "item_id"].drop_duplicates().head(5).tolist())},
+    )
+
+
+class FeatureConfig(dg.Config):
+    """Event-type weights and the bot-like activity threshold."""
+
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="Weight per event type (a rating's is scaled by value/5); types left out keep their default.")
+    bot_events_per_minute: int = Field(default=30, description="Events in one minute that no person produces.")
+    bot_sustained_minutes: int = Field(default=3, description="Minutes at that rate that flag a user as bot-like.")
+    session_gap_s: int = Field(default=1800, description="Inactivity that ends a session.")
+
+
+@dg.asset(group_name=GROUP, kinds={"pandas"})
+def feedback_features(
+    context: dg.AssetExecutionContext, config: FeatureConfig, validated_feedback: pd.DataFrame
+) -> dg.Output[FeedbackFeatures]:
+    """Per-user and per-item features (counts, recency, engagement under configurable
+    event-type weights, rating habits), with bot-like users flagged, not dropped."""
+    try:
+        features = compute_features(
+            validated_feedback, config.event_weights, max_events_per_minute=config.bot_events_per_minute,
+            sustained_minutes=config.bot_sustained_minutes, session_gap_s=config.session_gap_s)
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+    users, items = features.users, features.items
+    bots = users[users["bot_like"]]
+    bot_share = float(bots["events"].sum() / users["events"].sum()) if len(users) else 0.0
+    if len(bots):
+        context.log.warning(f"{len(bots)} bot-like users produce {bot_share:.1%} of events (flagged, kept)")
+    return dg.Output(
+        features,
+        metadata={
+            "users": len(users),
+            "items": len(items),
+            "bot_like_users": len(bots),
+            "bot_like_event_share": bot_share,
+            "bot_like_examples": dg.MetadataValue.json(
+                bots.nlargest(5, "peak_events_per_minute")[["user_id", "peak_events_per_minute", "busy_minutes"]]
+                .astype({"user_id": str}).to_dict("records")),
+            "event_weights": dg.MetadataValue.json(features.weights),
+            "as_of": features.as_of,
+            "median_events_per_user": float(users["events"].median()) if len(users) else 0.0,
+            "top_items": _preview(items.nlargest(5, "weighted_popularity")[["item_id", "events", "users", "weighted_popularity"]]),
+        },
     )

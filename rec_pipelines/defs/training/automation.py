@@ -8,11 +8,13 @@ are batched into the next run.
 
 
 import hashlib
+import json
 import os
 
 import dagster as dg
 
 from rec_pipelines.defs.training.assets import RETRAIN_TAG
+from rec_pipelines.feedback_store import KINDS, fingerprint
 from rec_pipelines.resources import LakeResource
 from rec_pipelines.settings import Settings
 
@@ -61,18 +63,40 @@ full_retrain_schedule = dg.ScheduleDefinition(
     description="Starts a micro-batch retrain when new files land in the landing zone.",
 )
 def landing_zone_sensor(context: dg.SensorEvaluationContext, lake: LakeResource):
+    """Requests one ``microbatch_retrain_job`` run for all files that landed since the last
+    request, exactly once per file.
+
+    * A file is visible only when complete (``feedback_store.is_ready``: final name after an
+      atomic rename, and no ``<name>.writing`` marker), so a file being written is never read.
+    * The cursor remembers the files already requested (name -> size:mtime) until the ledger
+      shows them ingested, so a file starts one run however often the sensor ticks; the run key
+      (a hash of the requested files) makes Dagster drop a request it has seen before, even if
+      the cursor were lost. Cursor, ledger and run keys live in the instance and the lake, so
+      this survives restarts of the daemon.
+    * Many small files are batched: every file that is new at a tick goes into one run, and
+      while a retrain is queued or running the sensor waits, so the files landing meanwhile
+      go together into the next run. A run that fails before ingesting leaves its files
+      pending; the next run (or ``recsys ingest``) takes them along.
+    """
     store = lake.store()
-    pending = store.pending_files("events") + store.pending_files("catalog")
-    if not pending:
-        return dg.SkipReason("no new files in the landing zone")
+    pending = {p.relative_to(store.landing_zone).as_posix(): fingerprint(p)
+               for kind in KINDS for p in store.pending_files(kind)}
+    requested = json.loads(context.cursor).get("requested", {}) if context.cursor else {}
+    # Forget what the ledger has ingested (or what vanished); keep what still waits for its run.
+    requested = {name: fp for name, fp in requested.items() if pending.get(name) == fp}
+    new = {name: fp for name, fp in sorted(pending.items()) if requested.get(name) != fp}
+    if not new:
+        context.update_cursor(json.dumps({"requested": requested}, sort_keys=True))
+        waiting = f"; {len(requested)} requested files wait for their run" if requested else ""
+        return dg.SkipReason(f"no new files in the landing zone{waiting}")
     active = context.instance.get_run_records(
         dg.RunsFilter(statuses=ACTIVE_STATUSES, tags=RETRAIN_TAGS), limit=1
     )
     if active:
-        return dg.SkipReason(f"{len(pending)} new files wait for retrain run {active[0].dagster_run.run_id} to finish")
+        context.update_cursor(json.dumps({"requested": requested}, sort_keys=True))
+        return dg.SkipReason(f"{len(new)} new files wait for retrain run {active[0].dagster_run.run_id} to finish")
     # The same set of files always maps to the same run key, so a file never starts two runs.
-    fingerprint = sorted(f"{p.relative_to(store.landing_zone)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in pending)
-    run_key = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()[:16]
-    names = [p.relative_to(store.landing_zone).as_posix() for p in pending]
-    context.log.info(f"{len(pending)} new files: {names[:10]}")
-    return dg.RunRequest(run_key=run_key, tags={**RETRAIN_TAGS, "recsys/files": str(len(names))})
+    run_key = hashlib.sha256("\n".join(f"{name}:{fp}" for name, fp in new.items()).encode()).hexdigest()[:16]
+    context.update_cursor(json.dumps({"requested": {**requested, **new}}, sort_keys=True))
+    context.log.info(f"{len(new)} new files: {list(new)[:10]}")
+    return dg.RunRequest(run_key=run_key, tags={**RETRAIN_TAGS, "recsys/files": str(len(new))})
