@@ -1,47 +1,253 @@
-"""LLM-derived item text embeddings: a transformers encoder over each item's text."""
+"""LLM-derived text embeddings: a transformers encoder over item texts and user contexts.
+
+``item_text_embeddings``: one vector per catalog item, from a versioned prompt template over
+its catalog fields plus its latest reviews. ``user_context_embeddings``: one vector per user
+with too few interactions for the ID model, from their recent items and reviews, in the same
+space as the items (cold-start users can be served by nearest items).
+
+Both are incremental: vectors are cached in the lake by (encoder id, template version, text
+hash), so an unchanged catalog encodes nothing, new or changed texts encode only themselves,
+and another model or template encodes everything once. Each run logs its progress (count,
+items/s, time left) and shows in the UI: encoded vs cached counts, throughput, the encoder's
+settings, sample texts, nearest neighbours as a sanity check and, for items, a 2-D PCA map
+coloured by category.
+"""
 
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from rec_pipelines.resources import LakeResource, TextEncoderResource
 
+if TYPE_CHECKING:  # transformers import is slow: at run time only inside the assets
+    from rec_models.text import TextEncoder, TextTemplate
+
 GROUP = "embeddings"
+ITEM_CACHE_FILE = "embedding_cache.parquet"
+USER_CACHE_FILE = "user_context_cache.parquet"
+PROGRESS_EVERY_S = 5.0
+PROJECTION_MAX_POINTS = 2000
+SANITY_EXAMPLES = 5
+
+
+class ItemTextConfig(dg.Config):
+    """How item texts are built. Empty ``template`` means the default
+    ``rec_models.text.DEFAULT_ITEM_TEMPLATE``; a custom template gets a version derived from
+    its text unless ``template_version`` names one."""
+
+    template: str = ""
+    template_version: str = ""
+    reviews_per_item: int = 3
+
+
+class UserContextConfig(dg.Config):
+    """Which users get a context embedding and what their context holds.
+
+    ``max_interactions``: embed users with fewer than this many interactions (the ID model
+    trains and evaluates users from 5 on); 0 embeds every user.
+    """
+
+    recent_items: int = 5
+    recent_reviews: int = 2
+    max_interactions: int = 5
+    template: str = ""
+    template_version: str = ""
+
+
+def _template(default: "TextTemplate", template: str, version: str) -> "TextTemplate":
+    """``default``, or the configured template (versioned by its text unless named)."""
+    from rec_models.text import TextTemplate
+
+    return TextTemplate.custom(template, version or None) if template else default
+
+
+def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that logs at most every few seconds."""
+    started = time.monotonic()
+    last = [started]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY_S or done == total:
+            last[0] = now
+            rate = done / max(now - started, 1e-9)
+            left = (total - done) / rate if rate > 0 else 0.0
+            context.log.info(f"encoded {done}/{total} {what} ({rate:.0f}/s, ~{left:.0f}s left)")
+
+    return progress
+
+
+def _encoding_metadata(stats: dict, encoder: "TextEncoder") -> dict:
+    return {
+        "encoded": stats["encoded"],
+        "cached": stats["cached"],
+        "pruned_cache_entries": stats["pruned"],
+        "encode_seconds": round(float(stats["seconds"]), 3),
+        "items_per_s": round(float(stats["items_per_s"]), 1),
+        "model_id": stats["model_id"],
+        "dim": stats["dim"],
+        "template_version": stats["template_version"],
+        "encoder": dg.MetadataValue.json(encoder.describe()),
+    }
+
+
+def _item_labels(item_ids: pd.Series, item_catalog: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(title, category) per item id, "" where the catalog lacks one."""
+    catalog = item_catalog.drop_duplicates("item_id", keep="last").set_index("item_id")
+    titles = item_ids.map(catalog["title"]).fillna("").astype(str).tolist()
+    if "category" not in catalog.columns:
+        return titles, [""] * len(titles)
+    return titles, item_ids.map(catalog["category"]).fillna("").astype(str).tolist()
+
+
+def _projection_md(vectors: np.ndarray, categories: list[str]) -> str:
+    from rec_pipelines.plots import figure_to_md, pca_2d, sample_rows, scatter_2d  # matplotlib: only when run
+
+    rows = sample_rows(len(vectors), PROJECTION_MAX_POINTS, seed=0)
+    if len(rows) < 2:
+        return "_too few items to project_"
+    figure = scatter_2d(
+        pca_2d(vectors[rows], seed=0),
+        [categories[row] or "(none)" for row in rows],
+        title=f"item text embeddings, PCA of {len(rows)} items",
+        xlabel="PC 1",
+        ylabel="PC 2",
+    )
+    return figure_to_md(figure, alt="PCA of item text embeddings coloured by category")
+
+
+def _item_neighbours_md(vectors: np.ndarray, titles: list[str]) -> str:
+    from rec_models.text import top_k_cosine
+    from rec_pipelines.plots import markdown_table, sample_rows
+
+    if len(vectors) < 2:
+        return "_too few items_"
+    queries = sample_rows(len(vectors), SANITY_EXAMPLES, seed=1)
+    top, sims = top_k_cosine(vectors[queries], vectors, k=3, exclude=[[q] for q in queries])
+    rows = [[titles[q], *_similar(titles, top[i], sims[i])] for i, q in enumerate(queries)]
+    return markdown_table(["item", *(f"neighbour {n + 1} (cosine)" for n in range(top.shape[1]))], rows)
+
+
+def _similar(titles: list[str], top: np.ndarray, sims: np.ndarray) -> list[str]:
+    """"title (cosine)" for each found neighbour ("" where none was left)."""
+    return [f"{titles[j]} ({s:.2f})" if np.isfinite(s) else "" for j, s in zip(top, sims)]
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch"})
 def item_text_embeddings(
     context: dg.AssetExecutionContext,
+    config: ItemTextConfig,
     item_catalog: pd.DataFrame,
+    validated_feedback: pd.DataFrame,
     text_encoder: TextEncoderResource,
     lake: LakeResource,
 ) -> dg.Output[pd.DataFrame]:
-    """One L2-normalised vector per catalog item. Cached by (model, template, text): an
-    unchanged catalog encodes nothing, new items encode only themselves."""
-    from rec_models.text import DEFAULT_ITEM_TEMPLATE, EmbeddingCache, embed_catalog
+    """One L2-normalised vector per catalog item (``item_id``, ``text``, ``embedding``), from
+    the item template over catalog fields and the item's latest reviews. Cached by (model,
+    template, text): an unchanged catalog encodes nothing, new items or items with new
+    reviews encode only themselves."""
+    from rec_models.text import DEFAULT_ITEM_TEMPLATE, EmbeddingCache, add_reviews, as_matrix, embed_catalog
+    from rec_pipelines.plots import markdown_table
 
+    template = _template(DEFAULT_ITEM_TEMPLATE, config.template, config.template_version)
+    catalog = add_reviews(item_catalog, validated_feedback, per_item=config.reviews_per_item)
     encoder = text_encoder.encoder()
-    last_log = [0.0]
+    context.log.info(f"embedding {len(catalog)} item texts with {encoder.describe()}, template {template.version}")
+    cache = EmbeddingCache(lake.store().lake / ITEM_CACHE_FILE)
+    embeddings, stats = embed_catalog(
+        catalog, encoder, template, cache=cache, progress=_progress_logger(context, "item texts"), prune=True
+    )
+    context.log.info(f"item embeddings: {stats['encoded']} encoded, {stats['cached']} cached")
 
-    def progress(done: int, total: int) -> None:
-        if time.monotonic() - last_log[0] > 5 or done == total:
-            last_log[0] = time.monotonic()
-            context.log.info(f"encoded {done}/{total} item texts")
-
-    cache = EmbeddingCache(lake.store().lake / "embedding_cache.parquet")
-    embeddings, stats = embed_catalog(item_catalog, encoder, DEFAULT_ITEM_TEMPLATE, cache=cache, progress=progress)
-    context.log.info(f"embeddings: {stats}")
+    vectors = as_matrix(embeddings)
+    titles, categories = _item_labels(embeddings["item_id"], item_catalog)
     return dg.Output(
         embeddings,
         metadata={
             "items": len(embeddings),
-            "encoded": stats["encoded"],
-            "cached": stats["cached"],
-            "items_per_s": float(stats["items_per_s"]),
-            "model_id": stats["model_id"],
-            "dim": stats["dim"],
-            "template_version": stats["template_version"],
+            "items_with_reviews": int((catalog["reviews"] != "").sum()),
+            **_encoding_metadata(stats, encoder),
+            "template": template.template,
+            "sample_texts": dg.MetadataValue.md(
+                markdown_table(["item_id", "text"], embeddings[["item_id", "text"]].head(SANITY_EXAMPLES).to_numpy())
+            ),
+            "projection": dg.MetadataValue.md(_projection_md(vectors, categories)),
+            "nearest_neighbours": dg.MetadataValue.md(_item_neighbours_md(vectors, titles)),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch"})
+def user_context_embeddings(
+    context: dg.AssetExecutionContext,
+    config: UserContextConfig,
+    validated_feedback: pd.DataFrame,
+    item_catalog: pd.DataFrame,
+    item_text_embeddings: pd.DataFrame,
+    text_encoder: TextEncoderResource,
+    lake: LakeResource,
+) -> dg.Output[pd.DataFrame]:
+    """One vector per user with fewer than ``max_interactions`` interactions (``user_id``,
+    ``interactions``, ``text``, ``embedding``), from the user-context template over their
+    recent items and reviews, in the item embeddings' space. Cached like the items."""
+    from rec_models.text import (
+        USER_CONTEXT_TEMPLATE, EmbeddingCache, as_matrix, build_user_contexts, embed_texts, top_k_cosine,
+    )
+    from rec_pipelines.plots import markdown_table, sample_rows
+
+    template = _template(USER_CONTEXT_TEMPLATE, config.template, config.template_version)
+    users = build_user_contexts(
+        validated_feedback,
+        item_catalog,
+        recent_items=config.recent_items,
+        recent_reviews=config.recent_reviews,
+        max_interactions=config.max_interactions or None,
+    )
+    texts = template.render(users)
+    encoder = text_encoder.encoder()
+    context.log.info(f"embedding {len(texts)} user contexts with {encoder.describe()}, template {template.version}")
+    cache = EmbeddingCache(lake.store().lake / USER_CACHE_FILE)
+    vectors, stats = embed_texts(
+        texts, encoder, template.version, cache=cache, progress=_progress_logger(context, "user contexts"), prune=True
+    )
+    context.log.info(f"user context embeddings: {stats['encoded']} encoded, {stats['cached']} cached")
+    frame = pd.DataFrame(
+        {
+            "user_id": users["user_id"],
+            "interactions": users["interactions"],
+            "text": texts,
+            "embedding": pd.Series(list(vectors), dtype=object),
+        }
+    )
+
+    sanity = "_no users_"
+    if len(frame) and len(item_text_embeddings):
+        shown = sample_rows(len(frame), SANITY_EXAMPLES, seed=2)
+        item_ids = item_text_embeddings["item_id"].astype(str)
+        titles, _ = _item_labels(item_text_embeddings["item_id"], item_catalog)
+        seen = validated_feedback.groupby("user_id")["item_id"].agg(set)
+        seen_rows = [np.flatnonzero(item_ids.isin(seen.get(frame["user_id"][row], set()))) for row in shown]
+        top, sims = top_k_cosine(vectors[shown], as_matrix(item_text_embeddings), k=3, exclude=seen_rows)
+        sanity = markdown_table(
+            ["user_id", "user context", "nearest unseen items (cosine)"],
+            [[frame["user_id"][row], texts[row], "; ".join(filter(None, _similar(titles, top[i], sims[i])))]
+             for i, row in enumerate(shown)],
+        )
+    return dg.Output(
+        frame,
+        metadata={
+            "users": len(frame),
+            "max_interactions": config.max_interactions,
+            "interactions_histogram": dg.MetadataValue.json(
+                {str(k): int(v) for k, v in frame["interactions"].value_counts().sort_index().items()}
+            ),
+            **_encoding_metadata(stats, encoder),
+            "template": template.template,
+            "nearest_items": dg.MetadataValue.md(sanity),
         },
     )
