@@ -11,22 +11,58 @@ models:/NAME@champion`` works without access to the pipeline's storage:
 
 Requests read real-time history: items sent with the request (``recent_item_ids``, newest last)
 are appended to the user's stored history, so fresh feedback changes the list at once.
+
+One request row is ``user_id`` (required), ``recent_item_ids`` (optional list), ``k``
+(optional, 1..``MAX_K``, default ``DEFAULT_K``) and ``exclude`` (optional list of item ids never
+to recommend). Each answer row is ``user_id, rank, item_id, score, title, explanation,
+warnings``:
+
+- users with no usable history (unknown users, or only unknown items sent) get the most
+  popular items; their ``score`` is the item's training-interaction count;
+- ``explanation`` is ``because you liked <title>``: the history item whose text embedding is
+  nearest (cosine) the recommended item's (empty for popularity answers and items without
+  text);
+- ``warnings`` lists what was ignored (unknown item ids), repeated on each row of the answer.
+
+A malformed row raises ``InvalidRequest`` naming the row and field; the pyfunc turns it into an
+``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which MLflow's scoring server answers with
+HTTP 400 and the message (no stack trace); any other failure is logged and answered with a
+plain HTTP 500. (The registered signature declares the optional fields as ``Any`` so that this
+validation, not MLflow's type casting, decides: see ``rec_pipelines.registry.SIGNATURE``.)
+
+The hot path does no per-request work that could be done once: item representations (ID
+embedding + projected text) are computed at load time, histories and titles are numpy arrays,
+every row of a request is scored in one forward pass, and the answer is built column-wise.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import numbers
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from rec_models.data import ItemVocab
-from rec_models.sasrec import SASRecBackbone, load_backbone, recommend, save_backbone
+from rec_models.sasrec import DEFAULT_EVENT_TYPE, SASRecBackbone, left_pad, load_backbone, save_backbone
 
-OUTPUT_COLUMNS = ["user_id", "rank", "item_id", "score", "title"]
+INPUT_COLUMNS = ["user_id", "recent_item_ids", "k", "exclude"]
+OUTPUT_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "explanation", "warnings"]
 DEFAULT_K = 10
+MAX_K = 1000
+EXPLANATION_PREFIX = "because you liked "
+_MAX_LISTED_IDS = 10  # unknown ids quoted in one warning
+
+logger = logging.getLogger(__name__)
 
 
 def write_bundle(
@@ -55,13 +91,84 @@ def write_bundle(
     return path
 
 
+class InvalidRequest(ValueError):
+    """A request the recommender cannot answer; the message says which row and what to fix."""
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """One validated request row."""
+
+    user_id: str
+    k: int
+    recent_item_ids: list[str]
+    exclude: list[str]
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _parse_k(value: object, row: int) -> int:
+    if _is_missing(value):
+        return DEFAULT_K
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not float(value).is_integer():
+        raise InvalidRequest(f"row {row}: k must be an integer between 1 and {MAX_K}, got {value!r}")
+    k = int(value)
+    if not 1 <= k <= MAX_K:
+        raise InvalidRequest(f"row {row}: k must be an integer between 1 and {MAX_K}, got {k}")
+    return k
+
+
+def _parse_ids(value: object, row: int, field: str) -> list[str]:
+    if _is_missing(value):
+        return []
+    if not isinstance(value, (list, tuple, np.ndarray)) or (isinstance(value, np.ndarray) and value.ndim != 1):
+        raise InvalidRequest(f"row {row}: {field} must be a list of item ids, got {type(value).__name__} {value!r:.80}")
+    ids = []
+    for item in value:
+        if isinstance(item, (str, numbers.Integral)) and not isinstance(item, (bool, np.bool_)):
+            ids.append(str(item))
+        else:
+            raise InvalidRequest(f"row {row}: {field} must hold item ids (strings), got {item!r:.80}")
+    return ids
+
+
+def parse_requests(frame: pd.DataFrame) -> list[ParsedRequest]:
+    """Validate request rows (columns of ``INPUT_COLUMNS``; all but ``user_id`` optional)."""
+    if not isinstance(frame, pd.DataFrame):
+        raise InvalidRequest(f"expected a table of requests with columns {INPUT_COLUMNS}, got {type(frame).__name__}")
+    if "user_id" not in frame.columns:
+        raise InvalidRequest(f"missing required column 'user_id' (columns are {INPUT_COLUMNS})")
+    n = len(frame)
+    column = {name: frame[name].tolist() if name in frame.columns else [None] * n for name in INPUT_COLUMNS}
+    parsed = []
+    for row in range(n):
+        user_id = column["user_id"][row]
+        if _is_missing(user_id):
+            raise InvalidRequest(f"row {row}: user_id is required")
+        if not isinstance(user_id, (str, numbers.Integral)) or isinstance(user_id, (bool, np.bool_)):
+            raise InvalidRequest(f"row {row}: user_id must be a string, got {type(user_id).__name__} {user_id!r:.80}")
+        if user_id == "":
+            raise InvalidRequest(f"row {row}: user_id is required")
+        parsed.append(ParsedRequest(
+            user_id=str(user_id),
+            k=_parse_k(column["k"][row], row),
+            recent_item_ids=_parse_ids(column["recent_item_ids"][row], row, "recent_item_ids"),
+            exclude=_parse_ids(column["exclude"][row], row, "exclude"),
+        ))
+    return parsed
+
+
 class Recommender:
-    """Loads a bundle and answers recommendation requests (no MLflow needed)."""
+    """Loads a bundle and answers recommendation requests (no MLflow needed). Thread-safe:
+    nothing is mutated after loading."""
 
     def __init__(self, bundle: Path | str):
         bundle = Path(bundle)
-        self.backbone = load_backbone(bundle / "backbone.pt")
+        self.backbone = load_backbone(bundle / "backbone.pt")  # eval mode
         self.vocab = ItemVocab.from_dict(json.loads((bundle / "vocab.json").read_text()))
+        self.item_ids = np.array([""] + self.vocab.ids, dtype=object)  # row 0 = padding
         items = pd.read_parquet(bundle / "items.parquet")
         self.titles = np.concatenate([[""], items["title"].to_numpy(dtype=object)])
         users = pd.read_parquet(bundle / "users.parquet")
@@ -70,41 +177,125 @@ class Recommender:
             for uid, i, t in zip(users["user_id"], users["items"], users["event_types"])
         }
         self.popularity = np.load(bundle / "popularity.npy")
+        self.popular_order = np.argsort(-self.popularity[1:], kind="stable") + 1
         self.max_len = self.backbone.config.max_len
+        self.n_items = len(self.vocab)
+        with torch.no_grad():
+            self.item_reps = self.backbone.item_representations().detach().clone()
+            # Explanations compare items by text; a model without a text side uses its own
+            # item representations instead.
+            side = self.backbone.text_embeddings if self.backbone.text_projection is not None else self.item_reps
+            self.similarity = F.normalize(side.float(), dim=1).numpy()
+        self.has_vector = np.abs(self.similarity).sum(axis=1) > 0  # False for padding and textless items
+
+    def _known(self, ids: list[str], field: str, warnings: list[str]) -> np.ndarray:
+        """Vocab indices of the known ``ids``; the unknown ones are reported in ``warnings``."""
+        indices = self.vocab.index(ids, unknown=0)
+        if (indices == 0).any():
+            unknown = [item_id for item_id, index in zip(ids, indices) if index == 0]
+            listed = ", ".join(unknown[:_MAX_LISTED_IDS]) + (f" (and {len(unknown) - _MAX_LISTED_IDS} more)"
+                                                             if len(unknown) > _MAX_LISTED_IDS else "")
+            warnings.append(f"ignored {len(unknown)} unknown item id(s) in {field}: {listed}")
+        return indices[indices > 0]
+
+    def _top(self, histories: list[np.ndarray], event_types: list[np.ndarray], excluded: list[np.ndarray],
+             k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item indices and scores [B, k] for chronological histories, in one forward
+        pass; history items, ``excluded`` items and padding get -inf."""
+        items, types = left_pad(histories, event_types, self.max_len)
+        with torch.inference_mode():
+            last = self.backbone(items, types, self.item_reps)[:, -1]
+            hidden, outputs = self.backbone.output_layer(last, self.item_reps)  # adds the item bias, if any
+            scores = hidden @ outputs.T
+            scores[:, 0] = -math.inf
+            for row, (history, exclude) in enumerate(zip(histories, excluded)):
+                scores[row, torch.from_numpy(np.concatenate([history, exclude]))] = -math.inf
+            top = scores.topk(k, dim=1)
+        return top.indices.numpy(), top.values.numpy()
+
+    def _explain(self, recommended: np.ndarray, history: np.ndarray) -> list[str]:
+        """Per recommended item: ``because you liked <title>`` of the history item nearest by
+        text embedding ("" for an item without text, or when no history item has text)."""
+        history = np.unique(history)
+        history = history[self.has_vector[history]]
+        if not len(history):
+            return [""] * len(recommended)
+        similarity = self.similarity[recommended] @ self.similarity[history].T  # [k, H]
+        nearest = history[similarity.argmax(axis=1)]
+        return [EXPLANATION_PREFIX + (self.titles[j] or self.item_ids[j]) if has else ""
+                for j, has in zip(nearest, self.has_vector[recommended])]
 
     def recommend(self, requests: pd.DataFrame) -> pd.DataFrame:
-        rows = []
-        for request in requests.to_dict("records"):
-            user_id = str(request.get("user_id", ""))
-            k = int(request.get("k") or DEFAULT_K)
-            items, types = self.histories.get(user_id, (np.empty(0, np.int64), np.empty(0, np.int64)))
-            recent = request.get("recent_item_ids")
-            if recent is not None and len(recent):
-                fresh = self.vocab.index([str(i) for i in recent], unknown=0)
-                fresh = fresh[fresh > 0]  # unknown ids are ignored
+        """Answer every request row; see the module docstring for the columns."""
+        parsed = parse_requests(requests)
+        histories, types, excluded, warnings = [], [], [], []
+        for request in parsed:
+            notes: list[str] = []
+            items, kinds = self.histories.get(request.user_id, (np.empty(0, np.int64), np.empty(0, np.int64)))
+            if request.recent_item_ids:
+                fresh = self._known(request.recent_item_ids, "recent_item_ids", notes)
                 items = np.concatenate([items, fresh])
-                types = np.concatenate([types, np.full(len(fresh), 2, dtype=np.int64)])  # "click"
-            items, types = items[-self.max_len:], types[-self.max_len:]
-            if len(items):
-                top, scores = recommend(self.backbone, [items], [types], k=k)
-                top, scores = top[0], scores[0]
-            else:  # cold user: most popular items
-                top = np.argsort(-self.popularity[1:], kind="stable")[:k] + 1
-                scores = self.popularity[top]
-            for rank, (index, score) in enumerate(zip(top, scores), start=1):
-                rows.append((user_id, rank, self.vocab.ids[int(index) - 1], float(score), self.titles[int(index)]))
-        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+                kinds = np.concatenate([kinds, np.full(len(fresh), DEFAULT_EVENT_TYPE, dtype=np.int64)])
+            histories.append(items[-self.max_len:])
+            types.append(kinds[-self.max_len:])
+            excluded.append(self._known(request.exclude, "exclude", notes) if request.exclude else np.empty(0, np.int64))
+            warnings.append(notes)
+
+        warm = [row for row, history in enumerate(histories) if len(history)]
+        top_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if warm:
+            k_max = min(max(parsed[r].k for r in warm), self.n_items)
+            indices, values = self._top([histories[r] for r in warm], [types[r] for r in warm],
+                                        [excluded[r] for r in warm], k_max)
+            for i, row in enumerate(warm):
+                keep = np.isfinite(values[i, : parsed[row].k])
+                top_of[row] = indices[i, : parsed[row].k][keep], values[i, : parsed[row].k][keep]
+
+        columns: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+        for row, request in enumerate(parsed):
+            if row in top_of:
+                index, score = top_of[row]
+                explanation = self._explain(index, histories[row]) if len(index) else []
+            else:  # cold start: the most popular items
+                candidates = self.popular_order[: request.k + len(excluded[row])]
+                index = candidates[~np.isin(candidates, excluded[row])][: request.k]
+                score = self.popularity[index]
+                explanation = [""] * len(index)
+            n = len(index)
+            columns["user_id"] += [request.user_id] * n
+            columns["rank"] += range(1, n + 1)
+            columns["item_id"] += self.item_ids[index].tolist()
+            columns["score"] += score.astype(np.float64).tolist()
+            columns["title"] += self.titles[index].tolist()
+            columns["explanation"] += explanation
+            columns["warnings"] += [list(warnings[row]) for _ in range(n)]
+        return pd.DataFrame(columns, columns=OUTPUT_COLUMNS)
 
 
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: rows of (user_id, recent_item_ids?, k?) → ranked (item_id, score, title)."""
+    """MLflow pyfunc: rows of (user_id, recent_item_ids?, k?, exclude?) → ranked
+    (item_id, score, title, explanation, warnings)."""
 
     def load_context(self, context) -> None:
         self.recommender = Recommender(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return self.recommender.recommend(model_input)
+        try:
+            return self.recommender.recommend(model_input)
+        except InvalidRequest as error:  # the client's mistake: HTTP 400 with the message
+            raise MlflowException(f"invalid request: {error}", error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception:
+            # The scoring server would answer any other exception with a stack trace; log it
+            # here and answer a plain HTTP 500 instead.
+            logger.exception("recommendation failed")
+            raise MlflowException("internal error while recommending (see the server log)",
+                                  error_code=INTERNAL_ERROR) from None
 
 
 def example_request(user_ids: list[str], recent: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"user_id": user_ids, "recent_item_ids": [recent] * len(user_ids), "k": [DEFAULT_K] * len(user_ids)})
+    return pd.DataFrame({
+        "user_id": user_ids,
+        "recent_item_ids": [recent] * len(user_ids),
+        "k": [DEFAULT_K] * len(user_ids),
+        "exclude": [recent[:1]] * len(user_ids),
+    })

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
-from mlflow.types.schema import Array
+from mlflow.types.schema import AnyType, Array
 
 from rec_models.serving import RecommenderPyfunc
 
@@ -28,9 +28,13 @@ PRIMARY_METRIC = "ndcg@10"
 SIGNATURE = ModelSignature(
     inputs=Schema([
         ColSpec(DataType.string, "user_id"),
-        ColSpec(Array(DataType.string), "recent_item_ids", required=False),
-        ColSpec(DataType.long, "k", required=False),
-        ColSpec(Array(DataType.string), "exclude", required=False),
+        # Any: the pyfunc validates these itself (rec_models.serving.parse_requests), so a row
+        # may leave any of them out and a bad value gets a clear HTTP 400. Typed columns would
+        # make MLflow truncate k=2.5 to 2, turn ["i1", null] into ["i", "n"], and reject
+        # requests where only some rows carry the field.
+        ColSpec(AnyType(), "recent_item_ids", required=False),  # list of item ids, newest last
+        ColSpec(AnyType(), "k", required=False),  # integer in 1..MAX_K, default 10
+        ColSpec(AnyType(), "exclude", required=False),  # list of item ids never to recommend
     ]),
     outputs=Schema([
         ColSpec(DataType.string, "user_id"),

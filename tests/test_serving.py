@@ -1,17 +1,41 @@
-"""The serving bundle and the MLflow pyfunc: history from the request counts at once."""
+"""The serving bundle and the MLflow pyfunc: history from the request counts at once, cold
+starts, exclusions, explanations, warnings, and clear errors for malformed requests."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 
-from rec_models.data import ItemVocab, build_sequences, collapse_repeats, interactions, leave_last_out
-from rec_models.sasrec import SASRecConfig, train_sasrec
-from rec_models.serving import Recommender, write_bundle
+from rec_models.data import ItemVocab, UserSequences, build_sequences, collapse_repeats, interactions, leave_last_out
+from rec_models.sasrec import SASRecBackbone, SASRecConfig, recommend, train_sasrec
+from rec_models.serving import (
+    EXPLANATION_PREFIX,
+    OUTPUT_COLUMNS,
+    InvalidRequest,
+    Recommender,
+    RecommenderPyfunc,
+    parse_requests,
+    write_bundle,
+)
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, request):
+@dataclass
+class TinyBundle:
+    path: Path
+    sequences: UserSequences
+    vocab: ItemVocab
+    catalog: pd.DataFrame
+    popularity: np.ndarray
+    text: torch.Tensor  # [n_items + 1, 16] unit text vectors, row 0 = padding
+
+
+def make_bundle(path: Path, max_epochs: int = 2) -> TinyBundle:
+    """A real bundle over a 100-item simulated catalog (``max_epochs=0``: untrained weights)."""
     from rec_models.simulator import FeedbackSimulator, SimulatorConfig
 
     simulator = FeedbackSimulator(SimulatorConfig(n_items=100, n_users=60, events_per_user=20))
@@ -21,32 +45,43 @@ def bundle(tmp_path_factory, request):
     split = leave_last_out(sequences)
     text = torch.nn.functional.normalize(torch.randn(len(vocab) + 1, 16, generator=torch.Generator().manual_seed(0)), dim=1)
     text[0] = 0
-    config = SASRecConfig(n_items=len(vocab), text_dim=16, d_model=16, max_len=20, max_epochs=2)
-    backbone, _ = train_sasrec(split, config, text)
+    config = SASRecConfig(n_items=len(vocab), text_dim=16, d_model=16, max_len=20, max_epochs=max(max_epochs, 1))
+    backbone = train_sasrec(split, config, text)[0] if max_epochs else SASRecBackbone(config, text).eval()
     popularity = np.bincount(np.concatenate(split.train.items), minlength=len(vocab) + 1).astype(np.float32)
     histories = dict(zip(sequences.user_ids, zip(sequences.items, sequences.event_types)))
-    path = write_bundle(tmp_path_factory.mktemp("bundle"), backbone, vocab,
-                        catalog.set_index("item_id")["title"], histories, popularity)
-    return path, sequences, vocab, catalog, popularity
+    write_bundle(path, backbone, vocab, catalog.set_index("item_id")["title"], histories, popularity)
+    return TinyBundle(path, sequences, vocab, catalog, popularity, text)
 
 
-def test_known_user_gets_k_unseen_titled_items(bundle):
-    path, sequences, vocab, catalog, _ = bundle
-    recommender = Recommender(path)
-    user = sequences.user_ids[0]
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> TinyBundle:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def recommender(bundle) -> Recommender:
+    return Recommender(bundle.path)
+
+
+def popular(bundle: TinyBundle, k: int) -> list[str]:
+    return [bundle.vocab.ids[i - 1] for i in np.argsort(-bundle.popularity[1:], kind="stable")[:k] + 1]
+
+
+def test_known_user_gets_k_unseen_titled_items(bundle, recommender):
+    user = bundle.sequences.user_ids[0]
     recs = recommender.recommend(pd.DataFrame({"user_id": [user], "k": [5]}))
+    assert list(recs.columns) == OUTPUT_COLUMNS
     assert recs["rank"].tolist() == [1, 2, 3, 4, 5]
-    seen = set(vocab.ids[i - 1] for i in sequences.items[0][-20:])
+    seen = set(bundle.vocab.ids[i - 1] for i in bundle.sequences.items[0][-20:])
     assert not seen & set(recs["item_id"])
-    titles = catalog.set_index("item_id")["title"]
+    titles = bundle.catalog.set_index("item_id")["title"]
     assert recs["title"].tolist() == titles.loc[recs["item_id"]].tolist()
     assert recs["score"].is_monotonic_decreasing
+    assert recs["warnings"].map(len).eq(0).all()
 
 
-def test_recent_items_in_the_request_change_the_list(bundle):
-    path, sequences, vocab, *_ = bundle
-    recommender = Recommender(path)
-    user = sequences.user_ids[0]
+def test_recent_items_in_the_request_change_the_list(bundle, recommender):
+    user = bundle.sequences.user_ids[0]
     before = recommender.recommend(pd.DataFrame({"user_id": [user]}))
     fresh = before["item_id"].head(3).tolist()  # the user just consumed the top 3
     after = recommender.recommend(pd.DataFrame({"user_id": [user], "recent_item_ids": [fresh]}))
@@ -54,9 +89,114 @@ def test_recent_items_in_the_request_change_the_list(bundle):
     assert after["item_id"].tolist() != before["item_id"].tolist()
 
 
-def test_unknown_user_gets_popular_items_and_unknown_ids_are_ignored(bundle):
-    path, _, vocab, _, popularity = bundle
-    recommender = Recommender(path)
+def test_unknown_user_gets_popular_items_and_unknown_ids_are_reported(bundle, recommender):
     recs = recommender.recommend(pd.DataFrame({"user_id": ["nobody"], "recent_item_ids": [["no-such-item"]], "k": [3]}))
-    expected = [vocab.ids[i - 1] for i in np.argsort(-popularity[1:], kind="stable")[:3] + 1]
-    assert recs["item_id"].tolist() == expected
+    assert recs["item_id"].tolist() == popular(bundle, 3)
+    assert recs["explanation"].tolist() == ["", "", ""]
+    for warnings in recs["warnings"]:
+        assert len(warnings) == 1 and "no-such-item" in warnings[0] and "recent_item_ids" in warnings[0]
+
+
+def test_unknown_user_with_known_recent_items_gets_model_recommendations(bundle, recommender):
+    recent = [bundle.vocab.ids[i - 1] for i in bundle.sequences.items[0][-3:]]
+    recs = recommender.recommend(pd.DataFrame({"user_id": ["newcomer"], "recent_item_ids": [recent], "k": [5]}))
+    assert not set(recent) & set(recs["item_id"])
+    assert recs["explanation"].str.startswith(EXPLANATION_PREFIX).all()
+
+
+def test_exclude_removes_items_for_warm_and_cold_users(bundle, recommender):
+    user = bundle.sequences.user_ids[1]
+    top = recommender.recommend(pd.DataFrame({"user_id": [user], "k": [5]}))["item_id"].tolist()
+    requests = pd.DataFrame({"user_id": [user, "nobody"], "k": [5, 3],
+                             "exclude": [top[:2] + ["ghost"], popular(bundle, 1)]})
+    recs = recommender.recommend(requests)
+    warm, cold = recs[recs["user_id"] == user], recs[recs["user_id"] == "nobody"]
+    assert warm["item_id"].tolist()[:3] == top[2:]
+    assert any("ghost" in w and "exclude" in w for w in warm["warnings"].iloc[0])
+    assert cold["item_id"].tolist() == popular(bundle, 4)[1:]
+    assert cold["warnings"].map(len).eq(0).all()
+
+
+def test_explanation_names_the_history_item_nearest_by_text(bundle, recommender):
+    user, history = bundle.sequences.user_ids[2], bundle.sequences.items[2][-20:]
+    recs = recommender.recommend(pd.DataFrame({"user_id": [user], "k": [5]}))
+    titles = bundle.catalog.set_index("item_id")["title"]
+    for item_id, explanation in zip(recs["item_id"], recs["explanation"]):
+        similarity = bundle.text[history] @ bundle.text[bundle.vocab.index([item_id])[0]]
+        nearest = bundle.vocab.ids[history[int(similarity.argmax())] - 1]
+        assert explanation == EXPLANATION_PREFIX + titles[nearest]
+
+
+def test_a_batch_answers_each_row_as_if_alone(bundle, recommender):
+    users = bundle.sequences.user_ids[:4] + ["nobody"]
+    together = recommender.recommend(pd.DataFrame({"user_id": users, "k": [4, 6, 3, 5, 2]}))
+    for user, k in zip(users, [4, 6, 3, 5, 2]):
+        alone = recommender.recommend(pd.DataFrame({"user_id": [user], "k": [k]}))
+        mine = together[together["user_id"] == user]
+        assert mine["item_id"].tolist() == alone["item_id"].tolist()
+        np.testing.assert_allclose(mine["score"], alone["score"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_answers_match_the_models_own_ranking(bundle, tmp_path, item_bias):
+    config = SASRecConfig(n_items=len(bundle.vocab), text_dim=16, d_model=16, max_len=20, item_bias=item_bias)
+    torch.manual_seed(1)
+    backbone = SASRecBackbone(config, bundle.text).eval()
+    backbone.init_item_bias(bundle.popularity)
+    histories = dict(zip(bundle.sequences.user_ids, zip(bundle.sequences.items, bundle.sequences.event_types)))
+    titles = bundle.catalog.set_index("item_id")["title"]
+    served = Recommender(write_bundle(tmp_path, backbone, bundle.vocab, titles, histories, bundle.popularity))
+    users = bundle.sequences.user_ids[:5]
+    answer = served.recommend(pd.DataFrame({"user_id": users, "k": [7] * 5}))
+    expected, scores = recommend(backbone, [bundle.sequences.items[i][-20:] for i in range(5)],
+                                 [bundle.sequences.event_types[i][-20:] for i in range(5)], k=7)
+    for row, user in enumerate(users):
+        mine = answer[answer["user_id"] == user]
+        assert mine["item_id"].tolist() == [bundle.vocab.ids[i - 1] for i in expected[row]]
+        np.testing.assert_allclose(mine["score"], scores[row], rtol=1e-4, atol=1e-5)
+
+
+def test_optional_fields_may_be_left_out_per_row():
+    parsed = parse_requests(pd.DataFrame({"user_id": ["a", "b"], "k": [np.nan, 3.0],
+                                          "recent_item_ids": [None, ["x", 7]]}))
+    assert [(p.k, p.recent_item_ids, p.exclude) for p in parsed] == [(10, [], []), (3, ["x", "7"], [])]
+
+
+@pytest.mark.parametrize("request_row, field", [
+    ({"k": 5}, "user_id"),
+    ({"user_id": None}, "user_id"),
+    ({"user_id": ["u1"]}, "user_id"),
+    ({"user_id": "u1", "k": 0}, "k"),
+    ({"user_id": "u1", "k": -3}, "k"),
+    ({"user_id": "u1", "k": 2.5}, "k"),
+    ({"user_id": "u1", "k": "5"}, "k"),
+    ({"user_id": "u1", "k": True}, "k"),
+    ({"user_id": "u1", "k": 10_000}, "k"),
+    ({"user_id": "u1", "recent_item_ids": "i00001"}, "recent_item_ids"),
+    ({"user_id": "u1", "recent_item_ids": ["i00001", None]}, "recent_item_ids"),
+    ({"user_id": "u1", "exclude": {"i00001": 1}}, "exclude"),
+])
+def test_malformed_rows_are_rejected_with_the_field_named(request_row, field):
+    with pytest.raises(InvalidRequest, match=field):
+        parse_requests(pd.DataFrame([request_row]))
+
+
+def test_pyfunc_maps_bad_requests_to_400_and_hides_internal_errors(bundle, monkeypatch):
+    model = RecommenderPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"bundle": str(bundle.path)}))
+    good = model.predict(None, pd.DataFrame({"user_id": [bundle.sequences.user_ids[0]], "k": [2]}))
+    assert len(good) == 2
+
+    with pytest.raises(MlflowException) as bad:
+        model.predict(None, pd.DataFrame({"user_id": ["u1"], "k": [-1]}))
+    assert bad.value.get_http_status_code() == 400 and "k must be an integer" in bad.value.message
+
+    def broken(requests):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(model.recommender, "recommend", broken)
+    with pytest.raises(MlflowException) as internal:
+        model.predict(None, pd.DataFrame({"user_id": ["u1"]}))
+    assert internal.value.get_http_status_code() == 500
+    assert "disk on fire" not in internal.value.serialize_as_json()
+    assert "Traceback" not in internal.value.serialize_as_json()

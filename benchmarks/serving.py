@@ -1,0 +1,290 @@
+"""Serving latency of the champion pyfunc over the ml-latest-small catalog (9.7k items).
+
+    .venv/bin/python benchmarks/serving.py [--epochs 1] [--encode-text] [--requests 1000]
+                                           [--http-requests 4000] [--clients 20] [--http-time-cap 60]
+
+1. Builds a real bundle: ml-latest-small events and catalog (``rec_models.movielens``), a SASRec
+   trained for ``--epochs`` epochs (latency does not depend on accuracy), and item text
+   vectors: random unit vectors of the encoder's width (384) by default, or the real
+   all-MiniLM-L6-v2 encoding of "title | genres | tags" with ``--encode-text`` (minutes on 2
+   cores). Logs it with ``ModelRegistry.log_recommender`` into a temp MLflow store and makes it
+   ``champion``.
+2. In-process: single-request latency of ``mlflow.pyfunc.load_model(...).predict`` (MLflow's
+   schema enforcement included) and of the bare ``Recommender.recommend``. Each request is a
+   known user with 3 just-seen items and k=10, i.e. the real-time path with a full history.
+3. HTTP: starts the scoring server the way ``recsys serve`` does on a free loopback port and
+   sends ``--http-requests`` of those requests from ``--clients`` concurrent keep-alive
+   clients (closed loop), stopping early at ``--http-time-cap`` seconds.
+4. The same HTTP load against a pyfunc that returns a constant 10-row answer of the same
+   columns: the floor the MLflow scoring server itself sets on this machine (JSON → pandas →
+   schema → pandas → JSON, FastAPI, uvicorn), whatever the model does.
+
+Ends with one JSON line: inprocess_p50/p99_ms (pyfunc), recommender_p50/p99_ms (bare),
+http_p50/p99_ms, http_rps, and the floor's http_floor_p50/p99_ms, http_floor_rps.
+Targets: in-process p99 <= 10 ms, HTTP p99 <= 50 ms. Clients and server share the machine;
+with C closed-loop clients the median latency is about C / throughput (Little's law).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rec_models.data import ItemVocab, build_sequences, collapse_repeats, interactions, leave_last_out  # noqa: E402
+from rec_models.movielens import MOVIELENS_TEMPLATE, load_movielens  # noqa: E402
+from rec_models.sasrec import SASRecConfig, train_sasrec  # noqa: E402
+from rec_models.serving import example_request, write_bundle  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
+MODEL_NAME = "serving-bench"
+FLOOR_MODEL_NAME = "serving-bench-floor"
+TEXT_DIM = 384  # all-MiniLM-L6-v2's width
+
+
+def percentiles(latencies_s: list[float]) -> tuple[float, float]:
+    ms = np.asarray(latencies_s) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def text_vectors(catalog: pd.DataFrame, vocab: ItemVocab, encode: bool) -> torch.Tensor:
+    """[n_items + 1, dim] unit vectors in vocab order (row 0 = padding)."""
+    if encode:
+        from rec_models.text import TextEncoder, as_matrix, embed_catalog
+
+        frame, stats = embed_catalog(catalog, TextEncoder(), template=MOVIELENS_TEMPLATE)
+        print(f"encoded {stats['encoded']} item texts in {stats['seconds']:.0f}s", flush=True)
+        by_id = dict(zip(frame["item_id"], as_matrix(frame)))
+        matrix = np.zeros((len(vocab) + 1, stats["dim"]), dtype=np.float32)
+        for row, item_id in enumerate(vocab.ids, start=1):
+            if item_id in by_id:
+                matrix[row] = by_id[item_id]
+        return torch.from_numpy(matrix)
+    vectors = torch.nn.functional.normalize(torch.randn(len(vocab) + 1, TEXT_DIM, generator=torch.Generator().manual_seed(0)), dim=1)
+    vectors[0] = 0
+    return vectors
+
+
+def build_champion(root: Path, args: argparse.Namespace) -> tuple[list[pd.DataFrame], str]:
+    """Train, bundle, log and promote a model; returns single-row requests and the tracking URI."""
+    from rec_pipelines.registry import ModelRegistry, decide_promotion
+
+    data = load_movielens(DATA)
+    vocab = ItemVocab(data.catalog["item_id"])
+    sequences = build_sequences(collapse_repeats(interactions(data.events)), vocab)
+    split = leave_last_out(sequences)
+    text = text_vectors(data.catalog, vocab, args.encode_text)
+    config = SASRecConfig(n_items=len(vocab), text_dim=text.shape[1], d_model=64, max_len=50, max_epochs=args.epochs)
+    started = time.perf_counter()
+    backbone, _ = train_sasrec(split, config, text, max_time_s=120)
+    print(f"trained SASRec ({len(vocab)} items, {len(sequences)} users) in {time.perf_counter() - started:.0f}s", flush=True)
+    popularity = np.bincount(np.concatenate(split.train.items), minlength=len(vocab) + 1).astype(np.float32)
+    histories = dict(zip(sequences.user_ids, zip(sequences.items, sequences.event_types)))
+    bundle = write_bundle(root / "bundle", backbone, vocab, data.catalog.set_index("item_id")["title"], histories, popularity)
+
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    registry = ModelRegistry(tracking_uri, root / "artifacts", MODEL_NAME)
+    with registry.start_run("serving-benchmark") as run:
+        info = registry.log_recommender(bundle, example_request(sequences.user_ids[:2], vocab.ids[:2]))
+    version = registry.register(info.model_uri, run.info.run_id, tags={})
+    registry.apply_decision(version.version, decide_promotion({"ndcg@10": 0.0}, None))
+
+    rng = np.random.default_rng(0)
+    requests = []
+    for _ in range(max(args.requests, 200)):
+        user = int(rng.integers(len(sequences)))
+        recent = rng.choice(len(vocab), size=3, replace=False) + 1
+        requests.append(pd.DataFrame({"user_id": [sequences.user_ids[user]],
+                                      "recent_item_ids": [[vocab.ids[i - 1] for i in recent]], "k": [10]}))
+    return requests, tracking_uri
+
+
+class ConstantAnswer(mlflow.pyfunc.PythonModel):
+    """The scoring server's floor: answers every request with the same 10 rows."""
+
+    def load_context(self, context) -> None:
+        self.answer = pd.DataFrame({
+            "user_id": ["u"] * 10, "rank": range(1, 11), "item_id": [f"i{i}" for i in range(10)], "score": [1.0] * 10,
+            "title": ["Some Movie (1999)"] * 10, "explanation": ["because you liked Another Movie (2001)"] * 10,
+            "warnings": [[] for _ in range(10)],
+        })
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return self.answer.copy()
+
+
+def register_floor_model(root: Path, tracking_uri: str) -> str:
+    from rec_pipelines.registry import SIGNATURE, ModelRegistry
+
+    registry = ModelRegistry(tracking_uri, root / "artifacts", FLOOR_MODEL_NAME)
+    with registry.start_run("constant-answer"):
+        info = mlflow.pyfunc.log_model(name="model", python_model=ConstantAnswer(), signature=SIGNATURE,
+                                       pip_requirements=["mlflow", "pandas"])
+    return info.model_uri
+
+
+def time_calls(functions: list, requests: list[pd.DataFrame], n: int) -> list[list[float]]:
+    """Seconds per call of each function, one request at a time; the functions take turns on
+    each request, so a burst of load from elsewhere hits them alike."""
+    for request in requests[:20]:  # warm-up
+        for fn in functions:
+            fn(request)
+    latencies: list[list[float]] = [[] for _ in functions]
+    for request in requests[:n]:
+        for fn, mine in zip(functions, latencies):
+            started = time.perf_counter()
+            fn(request)
+            mine.append(time.perf_counter() - started)
+    return latencies
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(root: Path, tracking_uri: str, port: int, model_uri: str) -> subprocess.Popen:
+    """The scoring server, started exactly as ``recsys serve --port PORT --model-uri URI`` does."""
+    env = {**os.environ, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME,
+           "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port), "--model-uri", model_uri],
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_until_up(server: subprocess.Popen, port: int, timeout_s: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1):
+                return time.monotonic() - started
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"server not up after {timeout_s}s")
+
+
+def http_load(port: int, bodies: list[bytes], clients: int, n: int, time_cap_s: float) -> tuple[list[float], int, float]:
+    """Closed loop: ``clients`` threads with keep-alive connections send ``n`` requests in
+    total (or stop at ``time_cap_s``). Returns latencies, error count, wall seconds."""
+    counter = iter(range(n))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors = [0]
+    deadline = time.monotonic() + time_cap_s
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine, bad = [], 0
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            started = time.perf_counter()
+            connection.request("POST", "/invocations", bodies[i % len(bodies)], {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            mine.append(time.perf_counter() - started)
+            bad += response.status != 200
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+            errors[0] += bad
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, errors[0], time.perf_counter() - started
+
+
+def serve_and_load(root: Path, tracking_uri: str, model_uri: str, bodies: list[bytes],
+                   args: argparse.Namespace) -> tuple[float, float, float, int]:
+    """Serve ``model_uri``, run the HTTP load against it, stop it: (p50 ms, p99 ms, requests/s,
+    requests sent)."""
+    port = free_port()
+    server = start_server(root, tracking_uri, port, model_uri)
+    try:
+        print(f"{model_uri}: server up in {wait_until_up(server, port, 180):.0f}s", flush=True)
+        http_load(port, bodies, args.clients, 100, 30)  # warm-up
+        latencies, errors, wall = http_load(port, bodies, args.clients, args.http_requests, args.http_time_cap)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    p50, p99 = percentiles(latencies)
+    rps = len(latencies) / wall
+    print(f"  HTTP ({args.clients} clients)  p50 {p50:.1f} ms  p99 {p99:.1f} ms  {rps:.0f} req/s  "
+          f"({len(latencies)} requests in {wall:.1f}s, {errors} non-200)", flush=True)
+    if errors:
+        raise RuntimeError(f"{errors} requests failed")
+    return p50, p99, rps, len(latencies)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--encode-text", action="store_true", help="real text embeddings instead of random vectors")
+    parser.add_argument("--requests", type=int, default=1000, help="in-process requests timed")
+    parser.add_argument("--http-requests", type=int, default=4000)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--http-time-cap", type=float, default=60.0, help="seconds")
+    args = parser.parse_args()
+    if not DATA.exists():
+        print(f"skipped: {DATA} not found")
+        return 0
+    torch.set_num_threads(1)  # as `recsys serve` runs the server (--threads 1)
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
+        root = Path(tmp)
+        requests, tracking_uri = build_champion(root, args)
+
+        mlflow.set_tracking_uri(tracking_uri)
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+        recommender = model.unwrap_python_model().recommender
+        pyfunc_latencies, bare_latencies = time_calls([model.predict, recommender.recommend], requests, args.requests)
+        pyfunc_p50, pyfunc_p99 = percentiles(pyfunc_latencies)
+        bare_p50, bare_p99 = percentiles(bare_latencies)
+        print(f"in-process pyfunc.predict  p50 {pyfunc_p50:.2f} ms  p99 {pyfunc_p99:.2f} ms  ({args.requests} single requests)")
+        print(f"in-process Recommender     p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
+
+        bodies = [json.dumps({"dataframe_records": r.to_dict("records")}).encode() for r in requests]
+        http_p50, http_p99, rps, sent = serve_and_load(root, tracking_uri, f"models:/{MODEL_NAME}@champion", bodies, args)
+        floor_p50, floor_p99, floor_rps, _ = serve_and_load(root, tracking_uri, register_floor_model(root, tracking_uri),
+                                                         bodies, args)
+    print(json.dumps({
+        "inprocess_p50_ms": round(pyfunc_p50, 3), "inprocess_p99_ms": round(pyfunc_p99, 3),
+        "recommender_p50_ms": round(bare_p50, 3), "recommender_p99_ms": round(bare_p99, 3),
+        "http_p50_ms": round(http_p50, 2), "http_p99_ms": round(http_p99, 2), "http_rps": round(rps, 1),
+        "http_floor_p50_ms": round(floor_p50, 2), "http_floor_p99_ms": round(floor_p99, 2),
+        "http_floor_rps": round(floor_rps, 1), "clients": args.clients, "http_requests": sent,
+        "text_vectors": "all-MiniLM-L6-v2" if args.encode_text else "random", "epochs": args.epochs,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""``recsys serve`` for real: the champion registered in a temp MLflow store, served by MLflow's
+scoring server in its own process on a free loopback port, queried over HTTP."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_serving import make_bundle
+
+from rec_models.serving import EXPLANATION_PREFIX, OUTPUT_COLUMNS, example_request
+from rec_pipelines.registry import ModelRegistry, decide_promotion
+from rec_pipelines.serve import missing_model, parse_args, serve_command
+from rec_pipelines.settings import Settings
+
+MODEL_NAME = "serving-test"
+STARTUP_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """url, bundle, log (server output) and tracking_uri; the server's process group is always killed."""
+    root = tmp_path_factory.mktemp("serve")
+    bundle = make_bundle(root / "bundle", max_epochs=0)  # weights need not be trained to test the contract
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    registry = ModelRegistry(tracking_uri, root / "artifacts", MODEL_NAME)
+    with registry.start_run("serve-test") as run:
+        info = registry.log_recommender(bundle.path, example_request(bundle.sequences.user_ids[:2], bundle.vocab.ids[:2]))
+    version = registry.register(info.model_uri, run.info.run_id, tags={})
+    registry.apply_decision(version.version, decide_promotion({"ndcg@10": 0.0}, None))
+
+    port = free_port()
+    env = {**os.environ, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME}
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port)],
+                                   cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not up after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield SimpleNamespace(url=url, bundle=bundle, log=log, tracking_uri=tracking_uri)
+    finally:  # the whole group: `recsys serve` execs `mlflow models serve`, which starts uvicorn
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def post(url: str, body: bytes | dict) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def records(*rows: dict) -> dict:
+    return {"dataframe_records": list(rows)}
+
+
+def test_cli_defaults_serve_the_champion_on_loopback(monkeypatch):
+    monkeypatch.setenv("RECSYS_MODEL_NAME", "my-model")
+    args = parse_args([], Settings.from_env())
+    assert (args.model_uri, args.host) == ("models:/my-model@champion", "127.0.0.1")
+    command, env = serve_command(parse_args(["--port", "6123"], Settings.from_env()))
+    assert command[1:5] == ["-m", "mlflow", "models", "serve"]
+    assert ["--env-manager", "local"] == command[command.index("--env-manager"):][:2]
+    assert command[command.index("--port") + 1] == "6123"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+def test_missing_models_are_reported_before_starting(server):
+    assert missing_model(f"models:/{MODEL_NAME}@champion", server.tracking_uri) is None
+    problem = missing_model("models:/no-such-model@champion", server.tracking_uri)
+    assert "no-such-model" in problem and "recsys demo" in problem
+
+
+def test_known_user_with_fresh_history(server):
+    url, bundle, log = server.url, server.bundle, server.log
+    user = bundle.sequences.user_ids[0]
+    recent = [bundle.vocab.ids[i - 1] for i in bundle.sequences.items[5][-2:]]
+    status, body = post(url, records({"user_id": user, "recent_item_ids": recent, "k": 4, "exclude": [bundle.vocab.ids[0]]}))
+    assert status == 200
+    rows = body["predictions"]
+    assert [row["rank"] for row in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == set(OUTPUT_COLUMNS)
+    titles = bundle.catalog.set_index("item_id")["title"]
+    assert all(row["title"] == titles[row["item_id"]] for row in rows)
+    assert not {row["item_id"] for row in rows} & set(recent + [bundle.vocab.ids[0]])
+    assert all(row["explanation"].startswith(EXPLANATION_PREFIX) and row["warnings"] == [] for row in rows)
+    assert f"Uvicorn running on http://127.0.0.1:{url.rsplit(':', 1)[1]}" in log.read_text()
+
+
+def test_unknown_items_are_ignored_with_a_warning_and_strangers_get_popular_items(server):
+    url, bundle = server.url, server.bundle
+    status, body = post(url, records({"user_id": "stranger", "recent_item_ids": ["nope-1", "nope-2"], "k": 3},
+                                     {"user_id": "stranger-2"}))  # k left out in one row: default 10
+    assert status == 200
+    rows = body["predictions"]
+    first = [row for row in rows if row["user_id"] == "stranger"]
+    assert len(first) == 3 and len(rows) == 13
+    assert "nope-1" in first[0]["warnings"][0] and "nope-2" in first[0]["warnings"][0]
+    assert [row["item_id"] for row in first] == [row["item_id"] for row in rows[3:6]]  # both: most popular
+
+
+@pytest.mark.parametrize("body, mentions", [
+    (b'{"dataframe_records": [{"user_id": "u1"', "valid JSON"),
+    (records({"k": 3}), "user_id"),
+    (records({"user_id": None}), "user_id"),
+    (records({"user_id": "u1", "k": "five"}), "k must be an integer"),
+    (records({"user_id": "u1", "k": 2.5}), "k must be an integer"),
+    (records({"user_id": "u1", "k": -3}), "k must be an integer"),
+    (records({"user_id": "u1", "recent_item_ids": "i00001"}), "recent_item_ids must be a list"),
+    (records({"user_id": "u1", "recent_item_ids": ["i00001", None]}), "recent_item_ids must hold item ids"),
+    ({"rows": [{"user_id": "u1"}]}, "dataframe_records"),
+])
+def test_malformed_requests_get_400_with_a_message(server, body, mentions):
+    status, answer = post(server.url, body)
+    assert status == 400
+    assert mentions in answer["message"]
+    assert "stack_trace" not in answer and "Traceback" not in answer["message"]
