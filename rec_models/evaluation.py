@@ -10,6 +10,21 @@ padding column 0 and every item in the user's input history, take the top k. The
 with HR and NDCG averaged over users. ``RankingMetrics`` accumulates these batch by batch
 (the Lightning validation loop uses it directly); ``evaluate_ranking`` runs a score function
 over all users with it.
+
+Beyond accuracy, ``RankingMetrics`` optionally reports
+
+* ild@k (intra-list diversity) = mean over users of the mean pairwise cosine distance
+  (1 - cosine similarity) of the text embeddings of the k recommended items;
+* novelty@k = mean over all recommended items of -log2 p(item), p = the item's share of
+  training users (``item_popularity``, add-one smoothed): popular items are not novel.
+
+The second half of the module builds the protocol from raw events for any dataset
+(``protocol_sequences`` keeps every row; stable time order), draws the cold-start slice
+(``select_cold_items``: a seeded 10 % of items whose interactions ``cold_start_split``
+removes from training; ``cold_start_users`` are the users whose test target is one of
+them) and evaluates a score function on a split's validation or test targets
+(``evaluate_split``). Everything that reports accuracy (tests, ``recsys evaluate``, the
+pipeline's held-out evaluation and promotion gate) goes through ``RankingMetrics``.
 """
 
 from __future__ import annotations
@@ -18,12 +33,15 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+import torch.nn.functional as F
 
-from rec_models.data import UserSequences
+from rec_models.data import ItemVocab, LeaveLastOutSplit, UserSequences, build_sequences
 
 ScoreFn = Callable[..., "torch.Tensor | np.ndarray"]
 """``score_fn(batch_histories[, batch_event_types]) -> scores [B, n_items + 1]``."""
+EVAL_BATCH = 512
 
 
 def pad_histories(histories: Sequence[np.ndarray]) -> torch.Tensor:
@@ -36,11 +54,33 @@ def pad_histories(histories: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 class RankingMetrics:
-    """Accumulates HR@k, NDCG@k and coverage@k over batches of users."""
+    """Accumulates HR@k, NDCG@k and coverage@k over batches of users.
 
-    def __init__(self, n_items: int, k: int = 10) -> None:
+    With ``item_embeddings`` [n_items + 1, d] it also reports ``ild@k``, with
+    ``item_popularity`` [n_items + 1] (see ``item_popularity``) ``novelty@k``.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        k: int = 10,
+        item_embeddings: np.ndarray | torch.Tensor | None = None,
+        item_popularity: np.ndarray | None = None,
+    ) -> None:
         self.n_items = n_items
         self.k = k
+        self._embeddings = None
+        if item_embeddings is not None:
+            embeddings = torch.as_tensor(item_embeddings, dtype=torch.float32)
+            if embeddings.shape[0] != n_items + 1:
+                raise ValueError(f"item_embeddings must have {n_items + 1} rows")
+            self._embeddings = F.normalize(embeddings, dim=1)
+        self._self_information = None
+        if item_popularity is not None:
+            popularity = torch.as_tensor(item_popularity, dtype=torch.float64)
+            if popularity.shape != (n_items + 1,) or (popularity[1:] <= 0).any():
+                raise ValueError(f"item_popularity must be [{n_items + 1}] and positive")
+            self._self_information = -torch.log2(popularity.clamp(min=1e-12))
         self.reset()
 
     def reset(self) -> None:
@@ -48,6 +88,8 @@ class RankingMetrics:
         self._ndcg = 0.0
         self._n_users = 0
         self._recommended = torch.zeros(self.n_items + 1, dtype=torch.bool)
+        self._ild_sum, self._ild_users = 0.0, 0
+        self._novelty_sum, self._novelty_items = 0.0, 0
 
     def update(
         self,
@@ -78,17 +120,40 @@ class RankingMetrics:
         self._ndcg += gains.sum().item()
         self._n_users += len(targets)
         self._recommended[top_items[valid]] = True
+        if self._embeddings is not None:
+            self._update_ild(top_items, valid)
+        if self._self_information is not None:
+            self._novelty_sum += self._self_information[top_items[valid]].sum().item()
+            self._novelty_items += int(valid.sum())
+
+    def _update_ild(self, top_items: torch.Tensor, valid: torch.Tensor) -> None:
+        vectors = self._embeddings[top_items]  # [B, k, d]
+        distance = 1.0 - vectors @ vectors.transpose(1, 2)
+        pairs = valid[:, :, None] & valid[:, None, :]
+        pairs &= ~torch.eye(top_items.shape[1], dtype=torch.bool)[None]
+        n_pairs = pairs.sum(dim=(1, 2))
+        has_pairs = n_pairs > 0
+        per_user = (distance * pairs).sum(dim=(1, 2))[has_pairs] / n_pairs[has_pairs]
+        self._ild_sum += per_user.sum().item()
+        self._ild_users += int(has_pairs.sum())
 
     def compute(self) -> dict:
-        """``{"hr@k", "ndcg@k", "coverage@k", "n_users", "n_items"}``; NaN HR/NDCG without users."""
+        """``{"hr@k", "ndcg@k", "coverage@k", "n_users", "n_items"}`` (+ ``ild@k`` /
+        ``novelty@k`` when configured); NaN HR/NDCG (ILD, novelty) without users."""
         n = self._n_users
-        return {
+        result = {
             f"hr@{self.k}": self._hits / n if n else math.nan,
             f"ndcg@{self.k}": self._ndcg / n if n else math.nan,
             f"coverage@{self.k}": self._recommended[1:].sum().item() / self.n_items,
             "n_users": n,
             "n_items": self.n_items,
         }
+        if self._embeddings is not None:
+            result[f"ild@{self.k}"] = self._ild_sum / self._ild_users if self._ild_users else math.nan
+        if self._self_information is not None:
+            items = self._novelty_items
+            result[f"novelty@{self.k}"] = self._novelty_sum / items if items else math.nan
+        return result
 
 
 def evaluate_ranking(
@@ -142,3 +207,108 @@ class PopularityRecommender:
         if self.counts is None:
             raise RuntimeError("call fit() first")
         return np.broadcast_to(self.counts, (len(histories), len(self.counts))).copy()
+
+
+# --- the protocol from raw events, the cold-start slice, beyond-accuracy metrics
+
+
+def protocol_sequences(
+    events: pd.DataFrame,
+    vocab: ItemVocab,
+    features: Callable[[pd.DataFrame], np.ndarray] | None = None,
+) -> UserSequences:
+    """Every event row as one interaction, per user in stable timestamp order.
+
+    Unlike ``data.interactions`` (the pipeline's implicit-feedback view, which drops low
+    ratings and negative events) nothing is dropped: the protocol keeps every rating row.
+    Ties keep the input (file) order. ``features(sorted_events)`` may replace the event-type
+    indices with other per-event integer features (e.g. ``sasrec.event_features``, which
+    also encodes the rating); it receives the events in sequence order.
+    """
+    ordered = events.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    seqs = build_sequences(ordered, vocab)  # its own stable sort keeps this order
+    if features is not None:
+        values = np.asarray(features(ordered), dtype=np.int64)
+        bounds = np.cumsum([0] + [len(items) for items in seqs.items])
+        seqs.event_types = [values[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+    return seqs
+
+
+def select_cold_items(split: LeaveLastOutSplit, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """A seeded random ``fraction`` of the items with any interaction in ``split`` (sorted).
+
+    The same split, fraction and seed always give the same items.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError("fraction must be in (0, 1)")
+    items = np.unique(np.concatenate([*split.train.items, split.val_targets, split.test_targets]))
+    items = items[items > 0]
+    n_cold = max(1, int(round(fraction * len(items))))
+    return np.sort(np.random.default_rng(seed).choice(items, size=n_cold, replace=False))
+
+
+def cold_start_split(split: LeaveLastOutSplit, cold_items: np.ndarray) -> LeaveLastOutSplit:
+    """The same split with every interaction with ``cold_items`` removed from training.
+
+    Validation and test targets are unchanged (the validation item is still part of the test
+    input history), so a model trained on the result has never seen a cold item as a target.
+    """
+    cold = np.asarray(cold_items, dtype=np.int64)
+    keep = [~np.isin(items, cold) for items in split.train.items]
+    return LeaveLastOutSplit(
+        train=UserSequences(
+            user_ids=list(split.train.user_ids),
+            items=[items[k] for items, k in zip(split.train.items, keep)],
+            event_types=[types[k] for types, k in zip(split.train.event_types, keep)],
+        ),
+        val_targets=split.val_targets,
+        val_event_types=split.val_event_types,
+        test_targets=split.test_targets,
+    )
+
+
+def cold_start_users(split: LeaveLastOutSplit, cold_items: np.ndarray) -> np.ndarray:
+    """Positions (in ``split.train``) of the users whose test target is a cold item."""
+    return np.flatnonzero(np.isin(split.test_targets, np.asarray(cold_items, dtype=np.int64)))
+
+
+def evaluate_split(
+    score_fn: ScoreFn,
+    split: LeaveLastOutSplit,
+    n_items: int,
+    stage: str = "test",
+    users: Sequence[int] | np.ndarray | None = None,
+    k: int = 10,
+    item_embeddings: np.ndarray | torch.Tensor | None = None,
+    item_popularity: np.ndarray | None = None,
+) -> dict:
+    """The protocol's metrics of ``score_fn`` on the validation or test targets of ``split``.
+
+    ``stage="val"`` ranks for the validation target from the training history; ``"test"``
+    for the test target from training history + validation item. ``users`` (positions in
+    ``split.train``) restricts the users, e.g. to ``cold_start_users``. ``score_fn`` is
+    called with (histories, event types). With ``item_embeddings`` / ``item_popularity``
+    the result also holds ``ild@k`` / ``novelty@k`` (see ``RankingMetrics``).
+    """
+    if stage not in ("val", "test"):
+        raise ValueError("stage must be 'val' or 'test'")
+    histories = split.val_histories() if stage == "val" else split.test_histories()
+    targets = split.val_targets if stage == "val" else split.test_targets
+    if users is not None:
+        histories = histories.subset(np.asarray(users, dtype=np.int64))
+        targets = targets[np.asarray(users, dtype=np.int64)]
+    metrics = RankingMetrics(n_items, k, item_embeddings, item_popularity)
+    for start in range(0, len(histories), EVAL_BATCH):
+        batch = histories.items[start : start + EVAL_BATCH]
+        scores = score_fn(batch, histories.event_types[start : start + EVAL_BATCH])
+        metrics.update(scores, batch, targets[start : start + EVAL_BATCH])
+    return metrics.compute()
+
+
+def item_popularity(seqs: UserSequences, n_items: int) -> np.ndarray:
+    """Per item, the add-one smoothed share of users who interacted with it:
+    (users + 1) / (all users + 1), float64 [n_items + 1] (row 0 = padding)."""
+    distinct = [np.unique(items) for items in seqs.items]
+    all_items = np.concatenate([*distinct, np.zeros(0, dtype=np.int64)])
+    counts = np.bincount(all_items, minlength=n_items + 1)[: n_items + 1].astype(np.float64)
+    return (counts + 1.0) / (len(seqs) + 1.0)

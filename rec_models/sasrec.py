@@ -14,6 +14,16 @@ Training (``train_sasrec``) uses every position of half-overlapping windows of e
 training sequence, so each next-item target gives exactly one cross-entropy term per epoch;
 it early-stops on validation NDCG@10 (full ranking, history masked, see
 ``rec_models.evaluation``) and keeps the best epoch's weights.
+
+Options for small, sparse datasets (all off by default, so saved models keep loading):
+``item_bias`` (a per-item score offset started at log(1 + training count), with a text part
+for unseen items), ``id_init="svd"`` (ID embeddings start from truncated-SVD co-occurrence
+factors of the training matrix), ``freeze_ids``, ``id_dropout`` (each step a share of items is
+represented by text alone, as unseen items are, so the text side learns to carry an item),
+``rating_features`` (event inputs distinguish half-star rating buckets, see
+``event_features``). ``HybridScorer`` blends the model with another score function (the
+content model) on standardised scores; ``train_sasrec(blend_with=...)`` picks the blend
+weight together with the early-stopping epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
@@ -43,9 +54,14 @@ from rec_models.schema import EVENT_TYPE_INDEX, EVENT_TYPES
 
 VAL_K = 10
 MONITOR = f"val_ndcg@{VAL_K}"
+HYBRID_MONITOR = f"val_hybrid_ndcg@{VAL_K}"
+"""Monitored instead of ``MONITOR`` when training with ``blend_with``: the best blend's NDCG."""
+DEFAULT_ALPHAS = tuple(float(a) for a in np.round(np.linspace(0.0, 1.0, 11), 2))
 DEFAULT_EVENT_TYPE = EVENT_TYPE_INDEX["click"]
 """Event type assumed for history items when the caller gives none."""
 EVAL_BATCH_SIZE = 512
+SVD_INIT_NORM = 3.0
+"""Largest row norm of ``svd_item_factors`` (the scale that trained well on MovieLens)."""
 
 
 @dataclass
@@ -67,6 +83,11 @@ class SASRecConfig:
     max_epochs: int = 30
     patience: int = 3
     seed: int = 0
+    rating_features: bool = False  # event inputs may also be rating buckets (event_features)
+    item_bias: bool = False  # a learned per-item score offset (initialised from popularity)
+    id_init: str = "default"  # "svd": ID embeddings start from training co-occurrence factors
+    id_dropout: float = 0.0  # share of items trained from text alone each step (text side only)
+    freeze_ids: bool = False  # keep the ID embeddings at their initial values (e.g. SVD factors)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,6 +95,33 @@ class SASRecConfig:
     @classmethod
     def from_dict(cls, data: dict) -> SASRecConfig:
         return cls(**data)
+
+
+N_RATING_BUCKETS = 10
+RATING_FEATURE_OFFSET = len(EVENT_TYPES) + 1
+"""Rating ``r`` (0.5 .. 5 stars) is event feature ``RATING_FEATURE_OFFSET + bucket(r)``."""
+
+
+def n_event_features(config: SASRecConfig) -> int:
+    """Rows of the event-feature table: padding + event types (+ rating buckets)."""
+    return RATING_FEATURE_OFFSET + (N_RATING_BUCKETS if config.rating_features else 0)
+
+
+def event_features(events: pd.DataFrame) -> np.ndarray:
+    """Per-event input feature for ``SASRecConfig(rating_features=True)`` models, int64.
+
+    The event type's index (``schema.EVENT_TYPE_INDEX``), except that a rating with a
+    value gets one index per half-star bucket, so the model reads how much the user liked
+    the item. Pass as ``features`` to ``evaluation.protocol_sequences``.
+    """
+    features = np.array(events["event_type"].map(EVENT_TYPE_INDEX), dtype=np.int64)
+    if "value" in events:
+        value = events["value"].to_numpy(dtype=np.float64, na_value=np.nan)
+        is_rating = (events["event_type"] == "rating").to_numpy(dtype=bool, na_value=False)
+        rated = is_rating & ~np.isnan(value)
+        buckets = np.clip(np.round(value[rated] * 2.0) - 1, 0, N_RATING_BUCKETS - 1)
+        features[rated] = RATING_FEATURE_OFFSET + buckets.astype(np.int64)
+    return features
 
 
 # --- losses: (hidden [N, d], targets [N], item_reps [n+1, d], candidates [n+1] bool,
@@ -140,7 +188,7 @@ class SASRecBackbone(nn.Module):
             with torch.no_grad():
                 self.id_embedding.weight[0].zero_()
         self.position_embedding = nn.Embedding(config.max_len, d)
-        self.event_type_embedding = nn.Embedding(len(EVENT_TYPES) + 1, d, padding_idx=0)
+        self.event_type_embedding = nn.Embedding(n_event_features(config), d, padding_idx=0)
         self.input_dropout = nn.Dropout(config.dropout)
         layer = nn.TransformerEncoderLayer(
             d_model=d,
@@ -153,6 +201,17 @@ class SASRecBackbone(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(d)
+        # Zero for items never trained (padding, unseen, grown): only text ranks those.
+        self.item_bias = nn.Parameter(torch.zeros(config.n_items + 1)) if config.item_bias else None
+        # With a text side the bias also has a text part, so unseen items get one too.
+        self.text_bias: nn.Linear | None = None
+        if config.item_bias and config.text_dim:
+            self.text_bias = nn.Linear(config.text_dim, 1)
+            nn.init.zeros_(self.text_bias.weight)
+            nn.init.zeros_(self.text_bias.bias)
+        if config.id_dropout and not config.text_dim:
+            raise ValueError("id_dropout needs a text side (text_dim > 0)")
+        self.id_embedding.weight.requires_grad_(not config.freeze_ids)
 
     def _check_text(self, text_embeddings: torch.Tensor | None, n_items: int) -> None:
         expected = (n_items + 1, self.config.text_dim)
@@ -160,12 +219,65 @@ class SASRecBackbone(nn.Module):
             shape = None if text_embeddings is None else tuple(text_embeddings.shape)
             raise ValueError(f"text_embeddings must have shape {expected}, got {shape}")
 
-    def item_representations(self) -> torch.Tensor:
-        """[n_items + 1, d]: ID embedding + projected text embedding (row 0 = padding)."""
+    def item_representations(self, drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_items + 1, d]: ID embedding + projected text embedding (row 0 = padding).
+
+        Items marked in ``drop_ids`` (bool [n_items + 1]) are represented by their text alone,
+        as if never seen in training (ID dropout).
+        """
         reps = self.id_embedding.weight
+        if drop_ids is not None:
+            reps = reps * ~drop_ids[:, None]
         if self.text_projection is not None:
             reps = reps + self.text_projection(self.text_embeddings)
         return reps
+
+    def item_biases(self, drop_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[n_items + 1] score offsets: learned per-item bias (not for ``drop_ids``) + the
+        text part; None without ``item_bias``."""
+        if self.item_bias is None:
+            return None
+        bias = self.item_bias if drop_ids is None else self.item_bias * ~drop_ids
+        if self.text_bias is not None:
+            bias = bias + self.text_bias(self.text_embeddings).squeeze(1)
+        return bias
+
+    def output_layer(
+        self, hidden: torch.Tensor, item_reps: torch.Tensor, item_biases: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, item_reps) whose dot products are the logits: with ``item_bias`` a
+        constant-1 column is appended to ``hidden`` [..., d] and the biases (default
+        ``item_biases()``) to ``item_reps``, so ``hidden @ item_reps.T`` = representation
+        scores + item bias, and every loss works unchanged."""
+        if self.item_bias is None:
+            return hidden, item_reps
+        if item_biases is None:
+            item_biases = self.item_biases()
+        ones = torch.ones(*hidden.shape[:-1], 1, dtype=hidden.dtype, device=hidden.device)
+        return torch.cat([hidden, ones], dim=-1), torch.cat([item_reps, item_biases[:, None]], dim=1)
+
+    def init_id_embeddings(self, factors: torch.Tensor) -> None:
+        """Start the ID embeddings from ``factors`` [n_items + 1, d] (row 0 is zeroed).
+
+        With a text side the text projection restarts at zero, so at first an item is its
+        factor row; items without interactions (zero rows) gain a representation only as the
+        projection learns to read their text.
+        """
+        if tuple(factors.shape) != tuple(self.id_embedding.weight.shape):
+            raise ValueError(f"factors must have shape {tuple(self.id_embedding.weight.shape)}")
+        with torch.no_grad():
+            self.id_embedding.weight.copy_(factors)
+            self.id_embedding.weight[0].zero_()
+            if self.text_projection is not None:
+                self.text_projection.weight.zero_()
+                self.text_projection.bias.zero_()
+
+    def init_item_bias(self, counts: torch.Tensor | np.ndarray) -> None:
+        """Set the item bias to log(1 + training count) (a popularity prior), if it has one."""
+        if self.item_bias is not None:
+            with torch.no_grad():
+                counts = torch.as_tensor(counts, dtype=torch.float32, device=self.item_bias.device)
+                self.item_bias.copy_(torch.log1p(counts))
 
     def forward(
         self,
@@ -203,8 +315,8 @@ class SASRecBackbone(nn.Module):
     def score_next(self, items: torch.Tensor, event_types: torch.Tensor) -> torch.Tensor:
         """Logits [B, n_items + 1] for the item following each LEFT-padded sequence."""
         item_reps = self.item_representations()
-        hidden = self.forward(items, event_types, item_reps)[:, -1]
-        return hidden @ item_reps.T
+        hidden, outputs = self.output_layer(self.forward(items, event_types, item_reps)[:, -1], item_reps)
+        return hidden @ outputs.T
 
     def score_histories(
         self,
@@ -250,7 +362,12 @@ class SASRecBackbone(nn.Module):
         with torch.no_grad():
             grown.weight.zero_()
             grown.weight[: len(old)] = old
+        grown.weight.requires_grad_(not self.config.freeze_ids)
         self.id_embedding = grown
+        if self.item_bias is not None:
+            bias = torch.zeros(n_items + 1, device=old.device)
+            bias[: len(old)] = self.item_bias.detach()
+            self.item_bias = nn.Parameter(bias)
         if self.text_projection is not None:
             self.text_embeddings = new_text_embeddings.detach().float().clone().to(old.device)
         self.config.n_items = n_items
@@ -372,7 +489,11 @@ class SASRecModule(L.LightningModule):
     """Lightning wrapper: named loss for training, full-ranking NDCG/HR@10 for validation."""
 
     def __init__(
-        self, backbone: SASRecBackbone, candidate_items: torch.Tensor | None = None
+        self,
+        backbone: SASRecBackbone,
+        candidate_items: torch.Tensor | None = None,
+        blend_with: Callable | None = None,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -387,20 +508,26 @@ class SASRecModule(L.LightningModule):
         candidate_items[0] = False
         self.register_buffer("candidate_items", candidate_items, persistent=False)
         self.val_metrics = RankingMetrics(self.config.n_items, VAL_K)
+        # With a blend partner, validation also scores alpha * model + (1 - alpha) * partner.
+        self.blend_with = blend_with
+        self.blend_metrics = (
+            {float(a): RankingMetrics(self.config.n_items, VAL_K) for a in alphas} if blend_with else {}
+        )
+        self.blend_results: dict[float, float] = {}
         self.sequences_seen = 0
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         items, event_types, targets = batch
-        item_reps = self.backbone.item_representations()
+        drop_ids = None
+        if self.config.id_dropout > 0:
+            drop_ids = torch.rand(len(self.candidate_items), device=self.device) < self.config.id_dropout
+        item_reps = self.backbone.item_representations(drop_ids)
         hidden = self.backbone(items, event_types, item_reps)
         counted = targets > 0
-        loss = self.loss_fn(
-            hidden[counted],
-            targets[counted],
-            item_reps,
-            self.candidate_items,
-            self.config.n_negatives,
+        hidden, outputs = self.backbone.output_layer(
+            hidden[counted], item_reps, self.backbone.item_biases(drop_ids)
         )
+        loss = self.loss_fn(hidden, targets[counted], outputs, self.candidate_items, self.config.n_negatives)
         self.sequences_seen += len(items)
         self.log(
             "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(items)
@@ -409,36 +536,49 @@ class SASRecModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
+        for metric in self.blend_metrics.values():
+            metric.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        scores = self.backbone.score_histories(batch["histories"], batch["event_types"])
-        self.val_metrics.update(scores, batch["histories"], batch["targets"])
+        histories, types, targets = batch["histories"], batch["event_types"], batch["targets"]
+        scores = self.backbone.score_histories(histories, types)
+        self.val_metrics.update(scores, histories, targets)
+        if self.blend_with is not None:
+            own = standardize_scores(scores)
+            partner = standardize_scores(self.blend_with(histories, types))
+            unseen = ~self.candidate_items.cpu()
+            for alpha, metric in self.blend_metrics.items():
+                metric.update(blend(own, partner, alpha, unseen), histories, targets)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
         self.log(MONITOR, metrics[f"ndcg@{VAL_K}"], on_epoch=True, prog_bar=True)
         self.log(f"val_hr@{VAL_K}", metrics[f"hr@{VAL_K}"], on_epoch=True)
+        if self.blend_with is not None:
+            self.blend_results = {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in self.blend_metrics.items()}
+            self.log(HYBRID_MONITOR, max(self.blend_results.values()), on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.backbone.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
-        )
+        trainable = [p for p in self.backbone.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
 
 class _BestEpochTracker(Callback):
     """Records each epoch's metrics and keeps an in-memory copy of the best weights."""
 
-    def __init__(self) -> None:
+    def __init__(self, monitor: str = MONITOR) -> None:
+        self.monitor = monitor
         self.epochs: list[dict] = []
         self.best_score: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_blend: dict[float, float] = {}
         self._epoch_start = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        score = trainer.callback_metrics.get(MONITOR)
+        score = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or score is None:
             return
         # Strictly better, like EarlyStopping with min_delta=0.
@@ -446,6 +586,7 @@ class _BestEpochTracker(Callback):
             self.best_score = float(score)
             state = pl_module.backbone.state_dict()
             self.best_state = {name: value.detach().clone() for name, value in state.items()}
+            self.best_blend = dict(pl_module.blend_results)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         record = {"epoch": trainer.current_epoch}
@@ -466,6 +607,38 @@ def _warm_start(backbone: SASRecBackbone, init_backbone: SASRecBackbone) -> None
     backbone.load_state_dict(state)
 
 
+def training_counts(split: LeaveLastOutSplit, n_items: int) -> np.ndarray:
+    """Interactions per item in the training histories, int64 [n_items + 1]."""
+    items = np.concatenate([*split.train.items, np.zeros(0, dtype=np.int64)])
+    return np.bincount(items, minlength=n_items + 1)[: n_items + 1]
+
+
+def svd_item_factors(
+    histories: Sequence[np.ndarray], n_items: int, dim: int, max_norm: float = SVD_INIT_NORM
+) -> torch.Tensor:
+    """Collaborative item factors [n_items + 1, dim] from the binary user x item matrix.
+
+    A randomized truncated SVD ``X ~ U S V^T`` (torch's RNG: seed it for determinism) gives
+    ``V sqrt(S)``, scaled so the largest row norm is ``max_norm``. Dot products of these
+    rows approximate item co-occurrence (PureSVD), a strong starting point for the tied
+    input/output item table. Items without interactions get zero rows.
+    """
+    rows = np.concatenate([np.full(len(np.unique(h)), u) for u, h in enumerate(histories)] + [np.zeros(0, int)])
+    cols = np.concatenate([np.unique(h) for h in histories] + [np.zeros(0, int)])
+    matrix = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([rows, cols]).astype(np.int64)),
+        torch.ones(len(rows)),
+        size=(len(histories), n_items + 1),
+        check_invariants=True,
+    ).coalesce()
+    rank = min(dim, *matrix.shape)
+    _, singular, right = torch.svd_lowrank(matrix, q=min(rank + 10, *matrix.shape), niter=4)
+    factors = torch.zeros(n_items + 1, dim)
+    factors[:, :rank] = right[:, :rank] * singular[:rank].sqrt()
+    largest = factors.norm(dim=1).max()
+    return factors * (max_norm / largest) if largest > 0 else factors
+
+
 def _validation_ndcg(backbone: SASRecBackbone, split: LeaveLastOutSplit) -> float:
     val = split.val_histories()
     return evaluate_ranking(
@@ -484,6 +657,7 @@ def train_sasrec(
     callbacks: Sequence[Callback] = (),
     users_subset: Sequence[int] | None = None,
     progress: bool = False,
+    blend_with: Callable | None = None,
 ) -> tuple[SASRecBackbone, dict]:
     """Train on CPU with early stopping on val NDCG@10; return the best backbone and a history.
 
@@ -495,20 +669,39 @@ def train_sasrec(
     The history dict holds ``epochs`` (one dict of metrics per epoch), ``best_val_ndcg@10``,
     ``train_s`` (wall time of ``fit``, validation included), ``sequences_per_s`` (training
     windows processed per second of ``train_s``) and ``n_windows`` (windows per epoch).
+
+    ``blend_with`` (a score function, e.g. the content model's) trains the model as the
+    sequential half of a hybrid: every validation also scores ``alpha * model + (1 - alpha) *
+    partner`` (standardised, ``DEFAULT_ALPHAS``; the partner's score stands in for the model's
+    on items absent from training, see ``blend``), early stopping and the kept epoch follow the
+    best blend (``val_hybrid_ndcg@10``), and the history adds ``best_alpha``,
+    ``best_val_hybrid_ndcg@10`` and ``blend_val_ndcg@10`` ({alpha: NDCG} at the kept epoch);
+    ``best_val_ndcg@10`` stays the model's own. Choosing alpha and the epoch together keeps
+    the choice of alpha fair: tuning it afterwards on the same validation users favours
+    alpha = 1, whose epoch was already picked for its (noisy) validation score.
     """
+    if blend_with is not None and init_backbone is not None:
+        raise ValueError("blend_with is for training from scratch, not with init_backbone")
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone = SASRecBackbone(config, text_embeddings)
     if init_backbone is not None:
         _warm_start(backbone, init_backbone)
+    else:
+        backbone.init_item_bias(training_counts(split, config.n_items))
+        if config.id_init == "svd":
+            backbone.init_id_embeddings(svd_item_factors(split.train.items, config.n_items, config.d_model))
+        elif config.id_init != "default":
+            raise ValueError(f"unknown id_init {config.id_init!r}; choose 'default' or 'svd'")
     data = SequenceDataModule(split, config, users_subset)
-    module = SASRecModule(backbone, data.candidate_items())
-    tracker = _BestEpochTracker()
+    module = SASRecModule(backbone, data.candidate_items(), blend_with=blend_with)
+    monitor = MONITOR if blend_with is None else HYBRID_MONITOR
+    tracker = _BestEpochTracker(monitor)
     warm_start_score = None
     if init_backbone is not None:
         # A fine-tune never returns weights that are worse on validation than its start.
         warm_start_score = tracker.best_score = _validation_ndcg(backbone, split)
         tracker.best_state = {name: value.detach().clone() for name, value in backbone.state_dict().items()}
-    early_stopping = EarlyStopping(MONITOR, mode="max", patience=config.patience)
+    early_stopping = EarlyStopping(monitor, mode="max", patience=config.patience)
 
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -537,7 +730,19 @@ def train_sasrec(
     best = tracker.best_score
     if best is None:  # stopped (max_time) before the first validation: evaluate now
         best = _validation_ndcg(backbone, split)
+        tracker.best_blend = {1.0: best} if blend_with is not None else {}
+    hybrid = {}
+    if blend_with is not None:
+        blend_results = tracker.best_blend
+        alpha = max(sorted(blend_results, reverse=True), key=lambda a: blend_results[a])
+        hybrid = {
+            "best_alpha": alpha,
+            f"best_val_hybrid_ndcg@{VAL_K}": blend_results[alpha],
+            f"blend_val_ndcg@{VAL_K}": blend_results,
+        }
+        best = blend_results[1.0]
     history = {
+        **hybrid,
         "epochs": tracker.epochs,
         f"best_val_ndcg@{VAL_K}": best,
         "train_s": train_s,
@@ -570,6 +775,94 @@ def recommend(
     if not all_items:
         return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
     return np.concatenate(all_items), np.concatenate(all_scores)
+
+
+def standardize_scores(scores: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Per row, (score - mean) / std over the finite real-item columns (1..n).
+
+    Non-finite entries (items a model cannot score) become the row's lowest finite value;
+    column 0 (padding) becomes 0. Puts models with different score scales on one scale.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float32)[:, 1:]
+    finite = torch.isfinite(scores)
+    count = finite.sum(dim=1, keepdim=True).clamp(min=1)
+    filled = torch.where(finite, scores, torch.zeros_like(scores))
+    mean = filled.sum(dim=1, keepdim=True) / count
+    centred = torch.where(finite, scores - mean, torch.zeros_like(scores))
+    std = (centred.square().sum(dim=1, keepdim=True) / count).sqrt().clamp(min=1e-12)
+    z = centred / std
+    lowest = torch.where(finite, z, torch.full_like(z, math.inf)).min(dim=1, keepdim=True).values
+    z = torch.where(finite, z, torch.where(torch.isfinite(lowest), lowest, torch.zeros_like(lowest)))
+    return torch.cat([torch.zeros(len(z), 1), z], dim=1)
+
+
+class HybridScorer:
+    """``alpha * primary + (1 - alpha) * secondary`` on per-user standardised scores.
+
+    The hook for blending the sequential model with the content (LLM text) model:
+    ``HybridScorer(backbone.score_histories, content.score, alpha, unseen)``. Both score
+    functions take ``(histories, event_types)``; ``score`` is itself such a function.
+    ``unseen`` (bool [n_items + 1]) marks items the primary model never saw in training: it
+    has no collaborative evidence about them, so the secondary's score stands in for its own
+    there (see ``blend``).
+    """
+
+    def __init__(
+        self, primary: Callable, secondary: Callable, alpha: float, unseen: torch.Tensor | None = None
+    ) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError("alpha must be in [0, 1]")
+        self.primary = primary
+        self.secondary = secondary
+        self.alpha = alpha
+        self.unseen = unseen
+
+    def score(
+        self, histories: Sequence[np.ndarray], event_types: Sequence[np.ndarray] | None = None
+    ) -> torch.Tensor:
+        second = standardize_scores(self.secondary(histories, event_types))
+        if self.alpha == 0.0:
+            return second
+        first = standardize_scores(self.primary(histories, event_types))
+        return blend(first, second, self.alpha, self.unseen)
+
+
+def blend(
+    primary: torch.Tensor, secondary: torch.Tensor, alpha: float, unseen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``alpha * primary + (1 - alpha) * secondary`` (inputs already standardised); in the
+    columns marked ``unseen`` the primary's score is replaced by the secondary's."""
+    if unseen is not None:
+        primary = torch.where(unseen[None, :], secondary, primary)
+    return alpha * primary + (1.0 - alpha) * secondary
+
+
+def tune_hybrid(
+    primary: Callable,
+    secondary: Callable,
+    split: LeaveLastOutSplit,
+    n_items: int,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    unseen: torch.Tensor | None = None,
+) -> tuple[HybridScorer, dict[float, float]]:
+    """The ``HybridScorer`` whose ``alpha`` has the best validation NDCG@10.
+
+    Each validation batch is scored once per model; every alpha is evaluated on the same
+    standardised scores. Returns the scorer and ``{alpha: val_ndcg@10}`` (ties: larger alpha).
+    """
+    metrics = {alpha: RankingMetrics(n_items, VAL_K) for alpha in alphas}
+    histories = split.val_histories()
+    for start in range(0, len(histories), EVAL_BATCH_SIZE):
+        batch = histories.items[start : start + EVAL_BATCH_SIZE]
+        types = histories.event_types[start : start + EVAL_BATCH_SIZE]
+        targets = split.val_targets[start : start + EVAL_BATCH_SIZE]
+        first = standardize_scores(primary(batch, types))
+        second = standardize_scores(secondary(batch, types))
+        for alpha, metric in metrics.items():
+            metric.update(blend(first, second, alpha, unseen), batch, targets)
+    results = {float(alpha): metric.compute()[f"ndcg@{VAL_K}"] for alpha, metric in metrics.items()}
+    best = max(sorted(results, reverse=True), key=lambda alpha: results[alpha])
+    return HybridScorer(primary, secondary, best, unseen), results
 
 
 def save_backbone(backbone: SASRecBackbone, path: str | Path) -> None:

@@ -1,0 +1,336 @@
+"""``recsys evaluate``: every model on a MovieLens-layout folder, under the offline protocol.
+
+    recsys evaluate --data ../shared/data/ml-latest-small --out var/eval/ml-latest-small.json
+
+Steps (``../shared/benchmarks/PROTOCOL.md``; metrics from ``rec_models.evaluation``):
+
+1. load the folder (``rec_models.movielens``: any MovieLens layout), keep every rating row,
+   stable time order, users with >= 5 interactions, leave-last-out split;
+2. embed every catalog item's "title | genres | tags" with the text encoder (cached in
+   ``--cache-dir``, so a second run encodes nothing);
+3. fit each model on the training histories and rank the whole catalog for the test target
+   (history masked): most-popular, EASE (lambda tuned on validation), content-only (text
+   similarity to recent items, window tuned on validation), ``sasrec`` (the Lightning model:
+   items = ID embedding started from co-occurrence SVD factors + projected text embedding +
+   popularity-initialised bias, rating buckets as input features, sampled softmax; optional
+   ``--id-dropout``) and ``main`` = the hybrid ``alpha * SASRec + (1 - alpha) * content``,
+   alpha chosen with the early-stopping epoch on validation NDCG@10
+   (``train_sasrec(blend_with=...)``), the content score standing in for SASRec's on items
+   absent from training; ``main+mmr`` re-ranks ``main`` with MMR over the text embeddings
+   (``--mmr-diversity``);
+4. the cold-start slice: a seeded 10 % of items lose all their training interactions;
+   every model is fitted again on that split and evaluated on the users whose test target
+   is one of those items (``cold_ndcg@10``);
+5. print a table and write JSON ``{"dataset": {...}, "models": {name: {"hr@10", "ndcg@10",
+   "coverage@10", "ild@10", "novelty@10", "cold_hr@10", "cold_ndcg@10", "train_s",
+   "eval_s", ...}}, "settings": {...}}``.
+
+Seeds are fixed (``--seed``) and Lightning runs with deterministic settings; the SASRec
+hyperparameters are saved with its checkpoint (``--checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rec_models.baselines import DEFAULT_EASE_LAMBDAS, tune_content, tune_ease
+from rec_models.data import ItemVocab, LeaveLastOutSplit, leave_last_out
+from rec_models.evaluation import (
+    PopularityRecommender,
+    cold_start_split,
+    cold_start_users,
+    evaluate_split,
+    item_popularity,
+    protocol_sequences,
+    select_cold_items,
+)
+from rec_models.movielens import MOVIELENS_TEMPLATE, MovieLensData, load_movielens
+from rec_models.rerank import MMRReranker
+from rec_models.sasrec import (
+    HybridScorer,
+    SASRecConfig,
+    event_features,
+    save_backbone,
+    train_sasrec,
+    training_counts,
+)
+from rec_models.text import EmbeddingCache, TextEncoder, as_matrix, embed_catalog
+
+K = 10
+MODEL_ORDER = ("popularity", "ease", "content", "sasrec", "main", "main+mmr")
+TABLE_COLUMNS = ("hr@10", "ndcg@10", "coverage@10", "ild@10", "novelty@10", "cold_ndcg@10", "train_s", "eval_s")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="recsys evaluate",
+        description="Compare every model on a MovieLens-layout folder under the offline protocol.",
+    )
+    parser.add_argument("--data", required=True, type=Path, help="MovieLens folder (any layout)")
+    parser.add_argument("--out", required=True, type=Path, help="JSON file to write")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="text-embedding cache folder (default: beside --out)")
+    parser.add_argument("--text-model", default=os.environ.get("RECSYS_TEXT_MODEL") or None,
+                        help="local transformers folder (default: $RECSYS_TEXT_MODEL, else the bundled MiniLM)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="save the main SASRec backbone here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cold-fraction", type=float, default=0.1)
+    parser.add_argument("--mmr-diversity", type=float, default=0.3)
+    parser.add_argument("--ease-lambdas", type=float, nargs="+", default=None)
+    # SASRec
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--n-layers", type=int, default=2)
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--loss", default="sampled", choices=("ce", "sampled"))
+    parser.add_argument("--n-negatives", type=int, default=1024, help="negatives of the sampled softmax")
+    parser.add_argument("--id-init", default="svd", choices=("svd", "default"),
+                        help="ID embeddings from co-occurrence SVD factors, or the default init")
+    parser.add_argument("--id-dropout", type=float, default=0.0,
+                        help="share of items trained from text alone each step (SASRec's own cold start)")
+    parser.add_argument("--freeze-ids", action="store_true",
+                        help="keep the ID embeddings at their initial (SVD) values; train the rest")
+    parser.add_argument("--weight-decay", type=float, default=1e-5)
+    parser.add_argument("--max-epochs", type=int, default=35)
+    parser.add_argument("--patience", type=int, default=15, help="epochs without a better val NDCG@10")
+    parser.add_argument("--max-time", type=float, default=300.0, help="seconds per SASRec training")
+    parser.add_argument("--no-rating-features", action="store_true", help="event type only as input")
+    parser.add_argument("--no-item-bias", action="store_true", help="no learned per-item score offset")
+    parser.add_argument("--skip-cold", action="store_true", help="do not run the cold-start slice")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Prepared:
+    """The dataset in vocab indices: split, item text matrix and dataset statistics."""
+
+    vocab: ItemVocab
+    split: LeaveLastOutSplit
+    text: torch.Tensor  # [n_items + 1, dim], row 0 = padding
+    stats: dict
+
+    @property
+    def n_items(self) -> int:
+        return len(self.vocab)
+
+
+def prepare(data: MovieLensData, encoder: TextEncoder, cache_dir: Path, rating_features: bool) -> Prepared:
+    """Protocol split (every rating row kept) and the catalog's text embeddings."""
+    vocab = ItemVocab(data.catalog["item_id"])
+    seqs = protocol_sequences(data.events, vocab, event_features if rating_features else None)
+    split = leave_last_out(seqs)
+    frame, embed_stats = embed_catalog(
+        data.catalog, encoder, MOVIELENS_TEMPLATE, EmbeddingCache(cache_dir / "item_embeddings.parquet")
+    )
+    text = np.zeros((len(vocab) + 1, embed_stats["dim"]), dtype=np.float32)
+    text[vocab.index(frame["item_id"])] = as_matrix(frame)
+    stats = {
+        **data.stats(),
+        "protocol_users": len(split.train),
+        "protocol_items": len(vocab),
+        "protocol_interactions": int(sum(len(s) for s in seqs.items)),
+        "text_model": embed_stats["model_id"],
+        "text_encoded": embed_stats["encoded"],
+        "text_cached": embed_stats["cached"],
+        "text_seconds": round(embed_stats["seconds"], 2),
+    }
+    return Prepared(vocab, split, torch.from_numpy(text), stats)
+
+
+@dataclass
+class Fitted:
+    """Score functions of every model fitted on one split, with their fit times."""
+
+    score_fns: dict[str, Callable]
+    train_s: dict[str, float]
+    details: dict[str, dict]
+
+
+def fit_all(split: LeaveLastOutSplit, prep: Prepared, args: argparse.Namespace, label: str) -> Fitted:
+    """Fit every model on ``split`` (tuning on its validation targets)."""
+    n = prep.n_items
+    fns: dict[str, Callable] = {}
+    train_s: dict[str, float] = {}
+    details: dict[str, dict] = {}
+
+    start = time.perf_counter()
+    popularity = PopularityRecommender().fit(split.train, n)
+    fns["popularity"], train_s["popularity"] = popularity.score, time.perf_counter() - start
+
+    start = time.perf_counter()
+    ease, ease_val = tune_ease(split, n, args.ease_lambdas or DEFAULT_EASE_LAMBDAS)
+    fns["ease"], train_s["ease"] = ease.score, time.perf_counter() - start
+    details["ease"] = {"lambda": ease.lam, "val_ndcg@10": _round_keys(ease_val)}
+
+    start = time.perf_counter()
+    content, content_val = tune_content(split, prep.text)
+    fns["content"], train_s["content"] = content.score, time.perf_counter() - start
+    details["content"] = {"window": content.window, "val_ndcg@10": _round_keys(content_val)}
+
+    config = SASRecConfig(
+        n_items=n, text_dim=prep.text.shape[1], d_model=args.d_model, n_layers=args.n_layers,
+        max_len=args.max_len, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
+        loss=args.loss, n_negatives=args.n_negatives, max_epochs=args.max_epochs, patience=args.patience,
+        seed=args.seed, rating_features=not args.no_rating_features, item_bias=not args.no_item_bias,
+        id_init=args.id_init, id_dropout=args.id_dropout, freeze_ids=args.freeze_ids,
+        weight_decay=args.weight_decay,
+    )
+    start = time.perf_counter()
+    backbone, history = train_sasrec(split, config, prep.text, max_time_s=args.max_time, blend_with=content.score)
+    train_s["sasrec"] = time.perf_counter() - start
+    fns["sasrec"] = backbone.score_histories
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"[{label}] SASRec: {len(history['epochs'])} epochs, val NDCG@10 {history['best_val_ndcg@10']:.4f} "
+        f"(hybrid {history['best_val_hybrid_ndcg@10']:.4f} at alpha {history['best_alpha']}), "
+        f"{history['sequences_per_s']:.0f} sequences/s "
+        f"({history['n_windows']} windows/epoch), {train_s['sasrec']:.0f}s, peak RSS {peak_mb:.0f} MB",
+        flush=True,
+    )
+    details["sasrec"] = {
+        "config": config.to_dict(),
+        "epochs": len(history["epochs"]),
+        "best_val_ndcg@10": history["best_val_ndcg@10"],
+        "sequences_per_s": history["sequences_per_s"],
+        "peak_rss_mb": peak_mb,
+        "backbone": backbone,
+    }
+
+    # alpha was chosen with the epoch, on the same validation users (see train_sasrec).
+    unseen = torch.from_numpy(training_counts(split, n) == 0)  # the sequential model never saw these
+    hybrid = HybridScorer(backbone.score_histories, content.score, history["best_alpha"], unseen)
+    fns["main"] = hybrid.score
+    train_s["main"] = train_s["sasrec"] + train_s["content"]
+    details["main"] = {"alpha": hybrid.alpha, "val_ndcg@10": _round_keys(history["blend_val_ndcg@10"])}
+
+    fns["main+mmr"] = MMRReranker(prep.text, diversity=args.mmr_diversity, k=K).wrap(hybrid.score)
+    train_s["main+mmr"] = train_s["main"]
+    details["main+mmr"] = {"diversity": args.mmr_diversity}
+    return Fitted(fns, train_s, details)
+
+
+def _round_keys(results: dict) -> dict:
+    return {str(key): round(float(value), 5) for key, value in results.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache_dir = args.cache_dir or args.out.resolve().parent / "cache"
+    data = load_movielens(args.data)
+    encoder = TextEncoder(args.text_model)
+    prep = prepare(data, encoder, cache_dir, rating_features=not args.no_rating_features)
+    print(
+        f"{data.layout} layout: {prep.stats['protocol_users']} users, {prep.n_items} items, "
+        f"{prep.stats['protocol_interactions']} interactions; text: {prep.stats['text_encoded']} encoded, "
+        f"{prep.stats['text_cached']} cached ({prep.stats['text_seconds']:.0f}s)",
+        flush=True,
+    )
+    split = prep.split
+    popularity = item_popularity(split.train, prep.n_items)
+    fitted = fit_all(split, prep, args, "all items")
+
+    models: dict[str, dict] = {}
+    for name in MODEL_ORDER:
+        start = time.perf_counter()
+        result = evaluate_split(
+            fitted.score_fns[name], split, prep.n_items, "test", k=K,
+            item_embeddings=prep.text, item_popularity=popularity,
+        )
+        models[name] = {
+            f"hr@{K}": result[f"hr@{K}"],
+            f"ndcg@{K}": result[f"ndcg@{K}"],
+            f"coverage@{K}": result[f"coverage@{K}"],
+            f"ild@{K}": result[f"ild@{K}"],
+            f"novelty@{K}": result[f"novelty@{K}"],
+            "train_s": fitted.train_s[name],
+            "eval_s": time.perf_counter() - start,
+        }
+    if args.checkpoint is not None:
+        args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        save_backbone(fitted.details["sasrec"]["backbone"], args.checkpoint)
+
+    cold_stats: dict = {}
+    cold_details: dict = {}
+    if not args.skip_cold:
+        cold_items = select_cold_items(split, args.cold_fraction, args.seed)
+        users = cold_start_users(split, cold_items)
+        cold = cold_start_split(split, cold_items)
+        cold_stats = {"cold_items": len(cold_items), "cold_users": len(users)}
+        print(f"cold-start slice: {len(cold_items)} items, {len(users)} users", flush=True)
+        cold_fitted = fit_all(cold, prep, args, "cold-start split")
+        for name in MODEL_ORDER:
+            start = time.perf_counter()
+            result = evaluate_split(cold_fitted.score_fns[name], cold, prep.n_items, "test", users=users, k=K)
+            models[name][f"cold_hr@{K}"] = result[f"hr@{K}"]
+            models[name][f"cold_ndcg@{K}"] = result[f"ndcg@{K}"]
+            models[name]["cold_train_s"] = cold_fitted.train_s[name]
+            models[name]["cold_eval_s"] = time.perf_counter() - start
+        cold_details = _public(cold_fitted.details)
+
+    return {
+        "dataset": {**prep.stats, **cold_stats},
+        "models": models,
+        "settings": {
+            **{key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+            "cold_start": cold_details,
+        },
+        "tuning": _public(fitted.details),
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def _public(details: dict[str, dict]) -> dict:
+    """The JSON-able part of ``Fitted.details`` (the trained backbone is left out)."""
+    return {name: {k: v for k, v in info.items() if k != "backbone"} for name, info in details.items()}
+
+
+def format_table(models: dict[str, dict]) -> str:
+    """A fixed-width table of every model's metrics (missing values as "-")."""
+    header = f"{'model':<10}" + "".join(f"{column:>14}" for column in TABLE_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name, metrics in models.items():
+        cells = []
+        for column in TABLE_COLUMNS:
+            value = metrics.get(column)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append(f"{'-':>14}")
+            elif column.endswith("_s"):
+                cells.append(f"{value:>14.1f}")
+            else:
+                cells.append(f"{value:>14.4f}")
+        lines.append(f"{name:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners
+    report = run(args)
+    print(format_table(report["models"]))
+    print(f"total {report['total_s']:.0f}s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=float))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
