@@ -10,7 +10,9 @@ EXPECTED_ASSETS = {
     "item_catalog": ("ingestion", set()),
     "raw_feedback": ("ingestion", set()),
     "validated_feedback": ("ingestion", {"raw_feedback"}),
-    "item_text_embeddings": ("embeddings", {"item_catalog"}),
+    "feedback_features": ("ingestion", {"validated_feedback"}),
+    "item_text_embeddings": ("embeddings", {"item_catalog", "validated_feedback"}),
+    "user_context_embeddings": ("embeddings", {"validated_feedback", "item_catalog", "item_text_embeddings"}),
     "training_data": ("training", {"validated_feedback", "item_catalog"}),
     "candidate_model": ("training", {"training_data", "item_text_embeddings", "item_catalog"}),
     "model_evaluation": ("registry", {"candidate_model", "training_data", "item_text_embeddings"}),
@@ -70,6 +72,8 @@ def test_instance_config_limits_one_retrain_per_model(tmp_path, monkeypatch):
         assert not instance.get_settings("telemetry")["enabled"]
         # training steps started any other way (UI "Materialize") share a pool of one slot
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        # ... and the daemon frees the slots of runs that died holding them (SIGKILL)
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] > 0
 
 
 def test_rollback_job_is_defined(defs):

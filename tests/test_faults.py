@@ -11,6 +11,9 @@ import dagster as dg
 from conftest import TINY_RUN_CONFIG
 from test_promotion import trained  # noqa: F401  (fixture: a real champion, version 1)
 
+from dagster._core.test_utils import in_process_test_workspace
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
 from rec_pipelines.defs.training.automation import RETRAIN_TAGS
 from rec_pipelines.feedback_store import FeedbackStore
 from rec_pipelines.registry import CHAMPION
@@ -19,21 +22,22 @@ SLOW_RETRAIN = """
 import dagster as dg
 from rec_pipelines.definitions import defs
 config = {"ops": {"candidate_model": {"config": {
-    "mode": "incremental", "incremental_max_epochs": 500, "incremental_max_time_s": 300,
+    "mode": "incremental", "incremental_max_epochs": 500, "incremental_max_time_s": 300, "patience": 1000,
     "replay_users": 10000, "d_model": 32, "max_len": 20}}}}
 defs().resolve_job_def("microbatch_retrain_job").execute_in_process(instance=dg.DagsterInstance.get(), run_config=config)
 """
 
 
-def wait_for_training_run(registry, timeout=300):
+def wait_for_training_epochs(registry, epochs=2, timeout=300):
+    """Wait until the retrain has logged ``epochs`` validation epochs: it is midway."""
     experiment = registry.experiment_id()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = registry.client.search_runs([experiment], "tags.mode = 'incremental' and attributes.status = 'RUNNING'")
-        if runs:
+        if runs and len(registry.client.get_metric_history(runs[0].info.run_id, "val_ndcg_at_10")) >= epochs:
             return runs[0]
-        time.sleep(0.5)
-    raise AssertionError("the retrain never started training")
+        time.sleep(0.2)
+    raise AssertionError("the retrain never got into training")
 
 
 def test_sigkill_midway_leaves_champion_untouched_and_next_run_consumes_the_batch(trained, small_simulator):  # noqa: F811
@@ -43,8 +47,8 @@ def test_sigkill_midway_leaves_champion_untouched_and_next_run_consumes_the_batc
 
     worker = subprocess.Popen([sys.executable, "-c", SLOW_RETRAIN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_training_run(registry)
-        time.sleep(2)  # well inside training
+        wait_for_training_epochs(registry)
+        assert worker.poll() is None, "the retrain finished before it could be killed midway"
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
     finally:
@@ -56,12 +60,36 @@ def test_sigkill_midway_leaves_champion_untouched_and_next_run_consumes_the_batc
     batches = FeedbackStore(settings.landing_zone, settings.lake).batches("events")
     assert len(batches) == 2  # the killed run ingested batch 1 exactly once
 
+    # The dead run still holds the training pool's one slot: the next training step would wait
+    # for it forever. Recover as the deployment does: the code server reports the run failed,
+    # and the daemon (dagster.yaml: free_slots_after_run_end_seconds) frees its slots.
+    killed = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    assert [r.dagster_run.job_name for r in killed] == ["microbatch_retrain_job"]
+    assert instance.event_log_storage.get_concurrency_run_ids() == {killed[0].dagster_run.run_id}
+    instance.report_run_failed(killed[0].dagster_run)
+    instance.event_log_storage.free_concurrency_slots_for_run(killed[0].dagster_run.run_id)
+
     result = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(instance=instance, run_config=TINY_RUN_CONFIG)
     assert result.success
     trained_model = result.output_for_node("candidate_model")
     assert trained_model.mode == "incremental" and trained_model.new_batches == [batches[1]]  # not skipped
     version = registry.client.get_model_version(settings.model_name, result.output_for_node("champion_model")["version"])
     assert version.tags["new_batches"] == f'["{batches[1]}"]'
+
+
+def submit_to_queue(instance: dg.DagsterInstance, defs: dg.Definitions, job_name: str):
+    """Submit a run the way the UI and the daemon do: through the instance's
+    QueuedRunCoordinator (dagster.yaml), so it waits in the queue as a real one would."""
+    origin = LoadableTargetOrigin(module_name="rec_pipelines.definitions")
+    with in_process_test_workspace(instance, origin) as workspace:
+        location = workspace.get_code_location(workspace.code_location_names[0])
+        repository = next(iter(location.get_repositories().values()))
+        remote_job = repository.get_full_job(job_name)
+        run = instance.create_run_for_job(
+            job_def=defs.resolve_job_def(job_name),
+            remote_job_origin=remote_job.get_remote_origin(), job_code_origin=remote_job.get_python_origin(),
+            tags=RETRAIN_TAGS)
+        return instance.submit_run(run.run_id, workspace)
 
 
 def test_sensor_waits_while_a_retrain_is_queued(recsys_env, small_simulator):
@@ -71,8 +99,8 @@ def test_sensor_waits_while_a_retrain_is_queued(recsys_env, small_simulator):
     small_simulator.write_batch(recsys_env.landing_zone, 0)
     sensor = defs.resolve_sensor_def("landing_zone_sensor")
     with dg.DagsterInstance.get() as instance:
-        queued = instance.create_run_for_job(
-            defs.resolve_job_def("microbatch_retrain_job"), tags=RETRAIN_TAGS, status=dg.DagsterRunStatus.QUEUED)
+        queued = submit_to_queue(instance, defs, "microbatch_retrain_job")
+        assert instance.get_run_by_id(queued.run_id).status == dg.DagsterRunStatus.QUEUED
         with dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources) as context:
             tick = sensor.evaluate_tick(context)
         assert tick.run_requests == [] and queued.run_id in tick.skip_message

@@ -94,6 +94,7 @@ def training_data(
 class TrainConfig(dg.Config):
     mode: str = "auto"  # "full", "incremental", or "auto" (incremental when a champion exists)
     max_epochs: int = 30
+    patience: int = 3  # epochs without a better validation NDCG@10 before stopping early
     max_time_s: float = 150.0
     incremental_max_epochs: int = 4
     incremental_max_time_s: float = 40.0
@@ -159,7 +160,7 @@ def candidate_model(
         n_items=len(data.vocab), text_dim=text.shape[1], d_model=config.d_model, max_len=config.max_len,
         max_epochs=config.incremental_max_epochs if mode == "incremental" else config.max_epochs,
         lr=config.incremental_lr if mode == "incremental" else config.lr,
-        seed=config.seed,
+        patience=config.patience, seed=config.seed,
     )
     max_time = config.incremental_max_time_s if mode == "incremental" else config.max_time_s
     with registry.start_run(
