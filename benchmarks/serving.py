@@ -1,7 +1,7 @@
 """Serving latency of the champion pyfunc over the ml-latest-small catalog (9.7k items).
 
     .venv/bin/python benchmarks/serving.py [--epochs 1] [--encode-text] [--requests 1000]
-                                           [--http-requests 4000] [--clients 20] [--http-time-cap 60]
+                                           [--http-requests 10000] [--clients 20] [--http-time-cap 60]
 
 1. Builds a real bundle: ml-latest-small events and catalog (``rec_models.movielens``), a SASRec
    trained for ``--epochs`` epochs (latency does not depend on accuracy), and item text
@@ -12,15 +12,16 @@
 2. In-process: single-request latency of ``mlflow.pyfunc.load_model(...).predict`` (MLflow's
    schema enforcement included) and of the bare ``Recommender.recommend``. Each request is a
    known user with 3 just-seen items and k=10, i.e. the real-time path with a full history.
-3. HTTP: starts the scoring server the way ``recsys serve`` does on a free loopback port and
+3. HTTP: starts ``recsys serve --port PORT`` (the batching server) on a free loopback port and
    sends ``--http-requests`` of those requests from ``--clients`` concurrent keep-alive
    clients (closed loop), stopping early at ``--http-time-cap`` seconds.
-4. The same HTTP load against a pyfunc that returns a constant 10-row answer of the same
-   columns: the floor the MLflow scoring server itself sets on this machine (JSON → pandas →
-   schema → pandas → JSON, FastAPI, uvicorn), whatever the model does.
+4. The same HTTP load against ``recsys serve --engine mlflow`` (MLflow's scoring server, one
+   request at a time through pandas) on the same model, for comparison (``--skip-mlflow``
+   leaves it out).
 
 Ends with one JSON line: inprocess_p50/p99_ms (pyfunc), recommender_p50/p99_ms (bare),
-http_p50/p99_ms, http_rps, and the floor's http_floor_p50/p99_ms, http_floor_rps.
+http_p50/p99_ms, http_rps (``recsys serve``), mean_batch_rows (request rows per forward pass
+under that load), and mlflow_http_p50/p99_ms, mlflow_http_rps.
 Targets: in-process p99 <= 10 ms, HTTP p99 <= 50 ms. Clients and server share the machine;
 with C closed-loop clients the median latency is about C / throughput (Little's law).
 """
@@ -56,7 +57,6 @@ from rec_models.serving import example_request, write_bundle  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
 MODEL_NAME = "serving-bench"
-FLOOR_MODEL_NAME = "serving-bench-floor"
 TEXT_DIM = 384  # all-MiniLM-L6-v2's width
 
 
@@ -117,30 +117,6 @@ def build_champion(root: Path, args: argparse.Namespace) -> tuple[list[pd.DataFr
     return requests, tracking_uri
 
 
-class ConstantAnswer(mlflow.pyfunc.PythonModel):
-    """The scoring server's floor: answers every request with the same 10 rows."""
-
-    def load_context(self, context) -> None:
-        self.answer = pd.DataFrame({
-            "user_id": ["u"] * 10, "rank": range(1, 11), "item_id": [f"i{i}" for i in range(10)], "score": [1.0] * 10,
-            "title": ["Some Movie (1999)"] * 10, "explanation": ["because you liked Another Movie (2001)"] * 10,
-            "warnings": [[] for _ in range(10)],
-        })
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return self.answer.copy()
-
-
-def register_floor_model(root: Path, tracking_uri: str) -> str:
-    from rec_pipelines.registry import SIGNATURE, ModelRegistry
-
-    registry = ModelRegistry(tracking_uri, root / "artifacts", FLOOR_MODEL_NAME)
-    with registry.start_run("constant-answer"):
-        info = mlflow.pyfunc.log_model(name="model", python_model=ConstantAnswer(), signature=SIGNATURE,
-                                       pip_requirements=["mlflow", "pandas"])
-    return info.model_uri
-
-
 def time_calls(functions: list, requests: list[pd.DataFrame], n: int) -> list[list[float]]:
     """Seconds per call of each function, one request at a time; the functions take turns on
     each request, so a burst of load from elsewhere hits them alike."""
@@ -162,11 +138,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(root: Path, tracking_uri: str, port: int, model_uri: str) -> subprocess.Popen:
-    """The scoring server, started exactly as ``recsys serve --port PORT --model-uri URI`` does."""
+def start_server(root: Path, tracking_uri: str, port: int, engine: str) -> subprocess.Popen:
+    """``recsys serve --port PORT --engine ENGINE`` for the benchmark's champion."""
     env = {**os.environ, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME,
            "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port), "--model-uri", model_uri],
+    return subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port), "--engine", engine],
                             cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -220,16 +196,18 @@ def http_load(port: int, bodies: list[bytes], clients: int, n: int, time_cap_s: 
     return latencies, errors[0], time.perf_counter() - started
 
 
-def serve_and_load(root: Path, tracking_uri: str, model_uri: str, bodies: list[bytes],
-                   args: argparse.Namespace) -> tuple[float, float, float, int]:
-    """Serve ``model_uri``, run the HTTP load against it, stop it: (p50 ms, p99 ms, requests/s,
-    requests sent)."""
+def serve_and_load(root: Path, tracking_uri: str, engine: str, bodies: list[bytes],
+                   args: argparse.Namespace) -> tuple[float, float, float, int, float | None]:
+    """Serve the champion with ``engine``, run the HTTP load against it, stop it: (p50 ms,
+    p99 ms, requests/s, requests sent, mean request rows per forward pass or None)."""
     port = free_port()
-    server = start_server(root, tracking_uri, port, model_uri)
+    server = start_server(root, tracking_uri, port, engine)
     try:
-        print(f"{model_uri}: server up in {wait_until_up(server, port, 180):.0f}s", flush=True)
+        print(f"recsys serve --engine {engine}: up in {wait_until_up(server, port, 180):.0f}s", flush=True)
         http_load(port, bodies, args.clients, 100, 30)  # warm-up
+        before = model_stats(port, engine)
         latencies, errors, wall = http_load(port, bodies, args.clients, args.http_requests, args.http_time_cap)
+        after = model_stats(port, engine)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -238,11 +216,23 @@ def serve_and_load(root: Path, tracking_uri: str, model_uri: str, bodies: list[b
             os.killpg(server.pid, signal.SIGKILL)
     p50, p99 = percentiles(latencies)
     rps = len(latencies) / wall
+    batch_rows = None
+    if before and after and after["batches"] > before["batches"]:
+        batch_rows = (after["rows"] - before["rows"]) / (after["batches"] - before["batches"])
     print(f"  HTTP ({args.clients} clients)  p50 {p50:.1f} ms  p99 {p99:.1f} ms  {rps:.0f} req/s  "
-          f"({len(latencies)} requests in {wall:.1f}s, {errors} non-200)", flush=True)
+          f"({len(latencies)} requests in {wall:.1f}s, {errors} non-200"
+          + (f", {batch_rows:.1f} rows per forward pass" if batch_rows else "") + ")", flush=True)
     if errors:
         raise RuntimeError(f"{errors} requests failed")
-    return p50, p99, rps, len(latencies)
+    return p50, p99, rps, len(latencies), batch_rows
+
+
+def model_stats(port: int, engine: str) -> dict | None:
+    """``GET /model`` of the batching server (batches and rows answered so far)."""
+    if engine != "recsys":
+        return None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/model", timeout=5) as response:
+        return json.loads(response.read())
 
 
 def main() -> int:
@@ -250,9 +240,10 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--encode-text", action="store_true", help="real text embeddings instead of random vectors")
     parser.add_argument("--requests", type=int, default=1000, help="in-process requests timed")
-    parser.add_argument("--http-requests", type=int, default=4000)
+    parser.add_argument("--http-requests", type=int, default=10000)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--http-time-cap", type=float, default=60.0, help="seconds")
+    parser.add_argument("--skip-mlflow", action="store_true", help="do not measure MLflow's scoring server")
     args = parser.parse_args()
     if not DATA.exists():
         print(f"skipped: {DATA} not found")
@@ -272,15 +263,18 @@ def main() -> int:
         print(f"in-process Recommender     p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
 
         bodies = [json.dumps({"dataframe_records": r.to_dict("records")}).encode() for r in requests]
-        http_p50, http_p99, rps, sent = serve_and_load(root, tracking_uri, f"models:/{MODEL_NAME}@champion", bodies, args)
-        floor_p50, floor_p99, floor_rps, _ = serve_and_load(root, tracking_uri, register_floor_model(root, tracking_uri),
-                                                         bodies, args)
+        http_p50, http_p99, rps, sent, batch_rows = serve_and_load(root, tracking_uri, "recsys", bodies, args)
+        mlflow_figures = {}
+        if not args.skip_mlflow:
+            m_p50, m_p99, m_rps, _, _ = serve_and_load(root, tracking_uri, "mlflow", bodies, args)
+            mlflow_figures = {"mlflow_http_p50_ms": round(m_p50, 2), "mlflow_http_p99_ms": round(m_p99, 2),
+                              "mlflow_http_rps": round(m_rps, 1)}
     print(json.dumps({
         "inprocess_p50_ms": round(pyfunc_p50, 3), "inprocess_p99_ms": round(pyfunc_p99, 3),
         "recommender_p50_ms": round(bare_p50, 3), "recommender_p99_ms": round(bare_p99, 3),
         "http_p50_ms": round(http_p50, 2), "http_p99_ms": round(http_p99, 2), "http_rps": round(rps, 1),
-        "http_floor_p50_ms": round(floor_p50, 2), "http_floor_p99_ms": round(floor_p99, 2),
-        "http_floor_rps": round(floor_rps, 1), "clients": args.clients, "http_requests": sent,
+        "mean_batch_rows": round(batch_rows, 2) if batch_rows else None, **mlflow_figures,
+        "clients": args.clients, "http_requests": sent,
         "text_vectors": "all-MiniLM-L6-v2" if args.encode_text else "random", "epochs": args.epochs,
     }))
     return 0

@@ -8,6 +8,14 @@ models:/NAME@champion`` works without access to the pipeline's storage:
 - ``items.parquet`` item ids and titles
 - ``users.parquet`` each known user's latest items (newest last) with their event types
 - ``popularity.npy`` item popularity, the fallback for users without any history
+- ``identity.json`` how users are named: the public id of the pseudonym key (see below)
+
+Users are known by their pseudonyms (``rec_models.privacy``: ingestion never lets a raw user id
+through). A request may name a user by pseudonym, or by raw id when the server holds the
+pseudonym key (``$RECSYS_PSEUDONYM_KEY``, or the key file named by
+``$RECSYS_PSEUDONYM_KEY_FILE``; ``recsys`` points the latter at the lake's key file): the raw
+id is then pseudonymised before the lookup. The key is never part of the bundle; a key that is
+not the one the bundle's users were pseudonymised with is refused at load time.
 
 Requests read real-time history: items sent with the request (``recent_item_ids``, newest last)
 are appended to the user's stored history, so fresh feedback changes the list at once.
@@ -41,6 +49,8 @@ import json
 import logging
 import math
 import numbers
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +63,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from rec_models.data import ItemVocab
+from rec_models.privacy import KEY_ENV, USER_PREFIX, key_id, pseudonymize
 from rec_models.sasrec import DEFAULT_EVENT_TYPE, SASRecBackbone, left_pad, load_backbone, save_backbone
 
 INPUT_COLUMNS = ["user_id", "recent_item_ids", "k", "exclude"]
@@ -61,6 +72,7 @@ DEFAULT_K = 10
 MAX_K = 1000
 EXPLANATION_PREFIX = "because you liked "
 _MAX_LISTED_IDS = 10  # unknown ids quoted in one warning
+KEY_FILE_ENV = "RECSYS_PSEUDONYM_KEY_FILE"
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +84,10 @@ def write_bundle(
     titles: pd.Series,
     user_histories: dict[str, tuple[np.ndarray, np.ndarray]],
     popularity: np.ndarray,
+    pseudonym_key_id: str | None = None,
 ) -> Path:
-    """Write a bundle folder. ``titles`` is indexed by item id; histories hold vocab indices."""
+    """Write a bundle folder. ``titles`` is indexed by item id; histories hold vocab indices;
+    ``pseudonym_key_id`` (``privacy.key_id``) names the key the user ids were pseudonymised with."""
     path.mkdir(parents=True, exist_ok=True)
     save_backbone(backbone, path / "backbone.pt")
     (path / "vocab.json").write_text(json.dumps(vocab.to_dict()))
@@ -88,7 +102,20 @@ def write_bundle(
     })
     users.to_parquet(path / "users.parquet", index=False)
     np.save(path / "popularity.npy", popularity.astype(np.float32))
+    (path / "identity.json").write_text(json.dumps({"pseudonym_key_id": pseudonym_key_id}))
     return path
+
+
+def serving_pseudonym_key(env: dict[str, str] | None = None) -> bytes | None:
+    """The pseudonym key a server may use to map raw user ids: ``$RECSYS_PSEUDONYM_KEY``, else
+    the file named by ``$RECSYS_PSEUDONYM_KEY_FILE`` if it exists, else None."""
+    env = os.environ if env is None else env
+    if env.get(KEY_ENV):
+        return env[KEY_ENV].encode("utf-8")
+    key_file = env.get(KEY_FILE_ENV)
+    if key_file and Path(key_file).is_file():
+        return bytes.fromhex(Path(key_file).read_text().strip())
+    return None
 
 
 class InvalidRequest(ValueError):
@@ -140,32 +167,45 @@ def parse_requests(frame: pd.DataFrame) -> list[ParsedRequest]:
         raise InvalidRequest(f"expected a table of requests with columns {INPUT_COLUMNS}, got {type(frame).__name__}")
     if "user_id" not in frame.columns:
         raise InvalidRequest(f"missing required column 'user_id' (columns are {INPUT_COLUMNS})")
-    n = len(frame)
-    column = {name: frame[name].tolist() if name in frame.columns else [None] * n for name in INPUT_COLUMNS}
+    columns = {name: frame[name].tolist() for name in INPUT_COLUMNS if name in frame.columns}
+    return parse_rows([{name: values[row] for name, values in columns.items()} for row in range(len(frame))])
+
+
+def parse_rows(rows: Sequence[Mapping]) -> list[ParsedRequest]:
+    """Validate request rows given as mappings (a missing key is a missing value)."""
     parsed = []
-    for row in range(n):
-        user_id = column["user_id"][row]
-        if _is_missing(user_id):
+    for row, fields in enumerate(rows):
+        if not isinstance(fields, Mapping):
+            raise InvalidRequest(f"row {row}: expected an object with fields {INPUT_COLUMNS}, got {fields!r:.80}")
+        user_id = fields.get("user_id")
+        if _is_missing(user_id) or user_id == "":
             raise InvalidRequest(f"row {row}: user_id is required")
         if not isinstance(user_id, (str, numbers.Integral)) or isinstance(user_id, (bool, np.bool_)):
             raise InvalidRequest(f"row {row}: user_id must be a string, got {type(user_id).__name__} {user_id!r:.80}")
-        if user_id == "":
-            raise InvalidRequest(f"row {row}: user_id is required")
         parsed.append(ParsedRequest(
             user_id=str(user_id),
-            k=_parse_k(column["k"][row], row),
-            recent_item_ids=_parse_ids(column["recent_item_ids"][row], row, "recent_item_ids"),
-            exclude=_parse_ids(column["exclude"][row], row, "exclude"),
+            k=_parse_k(fields.get("k"), row),
+            recent_item_ids=_parse_ids(fields.get("recent_item_ids"), row, "recent_item_ids"),
+            exclude=_parse_ids(fields.get("exclude"), row, "exclude"),
         ))
     return parsed
 
 
 class Recommender:
     """Loads a bundle and answers recommendation requests (no MLflow needed). Thread-safe:
-    nothing is mutated after loading."""
+    nothing is mutated after loading.
 
-    def __init__(self, bundle: Path | str):
+    ``pseudonym_key`` lets requests name users by raw id (see the module docstring)."""
+
+    def __init__(self, bundle: Path | str, pseudonym_key: bytes | str | None = None):
         bundle = Path(bundle)
+        identity_file = bundle / "identity.json"
+        identity = json.loads(identity_file.read_text()) if identity_file.exists() else {}
+        expected = identity.get("pseudonym_key_id")
+        if pseudonym_key is not None and expected and key_id(pseudonym_key) != expected:
+            raise ValueError(f"the pseudonym key given (id {key_id(pseudonym_key)}) is not the one this model's users "
+                             f"were pseudonymised with (id {expected}): raw user ids would match nobody")
+        self.pseudonym_key = pseudonym_key
         self.backbone = load_backbone(bundle / "backbone.pt")  # eval mode
         self.vocab = ItemVocab.from_dict(json.loads((bundle / "vocab.json").read_text()))
         self.item_ids = np.array([""] + self.vocab.ids, dtype=object)  # row 0 = padding
@@ -187,6 +227,14 @@ class Recommender:
             side = self.backbone.text_embeddings if self.backbone.text_projection is not None else self.item_reps
             self.similarity = F.normalize(side.float(), dim=1).numpy()
         self.has_vector = np.abs(self.similarity).sum(axis=1) > 0  # False for padding and textless items
+
+    def history(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The stored (items, event types) of a user named by pseudonym or, with the key, by
+        raw id; empty arrays for a user the model does not know."""
+        found = self.histories.get(user_id)
+        if found is None and self.pseudonym_key is not None and not user_id.startswith(USER_PREFIX):
+            found = self.histories.get(pseudonymize([user_id], self.pseudonym_key, USER_PREFIX)[0])
+        return found if found is not None else (np.empty(0, np.int64), np.empty(0, np.int64))
 
     def _known(self, ids: list[str], field: str, warnings: list[str]) -> np.ndarray:
         """Vocab indices of the known ``ids``; the unknown ones are reported in ``warnings``."""
@@ -227,11 +275,16 @@ class Recommender:
 
     def recommend(self, requests: pd.DataFrame) -> pd.DataFrame:
         """Answer every request row; see the module docstring for the columns."""
-        parsed = parse_requests(requests)
+        columns, _ = self.answer(parse_requests(requests))
+        return pd.DataFrame(columns, columns=OUTPUT_COLUMNS)
+
+    def answer(self, parsed: list[ParsedRequest]) -> tuple[dict[str, list], list[int]]:
+        """Answer validated requests in one forward pass: the answer's columns (rows of all
+        requests, in request order) and how many rows each request got."""
         histories, types, excluded, warnings = [], [], [], []
         for request in parsed:
             notes: list[str] = []
-            items, kinds = self.histories.get(request.user_id, (np.empty(0, np.int64), np.empty(0, np.int64)))
+            items, kinds = self.history(request.user_id)
             if request.recent_item_ids:
                 fresh = self._known(request.recent_item_ids, "recent_item_ids", notes)
                 items = np.concatenate([items, fresh])
@@ -252,6 +305,7 @@ class Recommender:
                 top_of[row] = indices[i, : parsed[row].k][keep], values[i, : parsed[row].k][keep]
 
         columns: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+        counts = []
         for row, request in enumerate(parsed):
             if row in top_of:
                 index, score = top_of[row]
@@ -269,7 +323,8 @@ class Recommender:
             columns["title"] += self.titles[index].tolist()
             columns["explanation"] += explanation
             columns["warnings"] += [list(warnings[row]) for _ in range(n)]
-        return pd.DataFrame(columns, columns=OUTPUT_COLUMNS)
+            counts.append(n)
+        return columns, counts
 
 
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
@@ -277,7 +332,7 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
     (item_id, score, title, explanation, warnings)."""
 
     def load_context(self, context) -> None:
-        self.recommender = Recommender(context.artifacts["bundle"])
+        self.recommender = Recommender(context.artifacts["bundle"], serving_pseudonym_key())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:

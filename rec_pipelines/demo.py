@@ -120,5 +120,5 @@ class FeedbackCatalog:
     def __init__(self, settings: Settings):
         from rec_pipelines.feedback_store import FeedbackStore
 
-        catalog = FeedbackStore(settings.landing_zone, settings.lake).catalog()
+        catalog = FeedbackStore(settings.landing_zone, settings.lake, key_file=settings.pseudonym_key_file).catalog()
         self.titles = dict(zip(catalog["item_id"], catalog["title"]))

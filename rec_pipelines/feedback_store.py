@@ -528,14 +528,15 @@ class FeedbackStore:
     """Reads the landing zone into the lake and keeps the ledger of what was read.
 
     ``pseudonym_key`` overrides the key otherwise taken from ``$RECSYS_PSEUDONYM_KEY`` or
-    ``<lake>/secrets/pseudonym.key`` (generated on first use).
+    ``key_file`` (default ``<lake>/secrets/pseudonym.key``; generated on first use).
     """
 
-    def __init__(self, landing_zone: Path | str, lake: Path | str, pseudonym_key: bytes | str | None = None):
+    def __init__(self, landing_zone: Path | str, lake: Path | str, pseudonym_key: bytes | str | None = None,
+                 key_file: Path | str | None = None):
         self.landing_zone = Path(landing_zone)
         self.lake = Path(lake)
         self.ledger_path = self.lake / "ledger.jsonl"
-        self.key_file = self.lake / "secrets" / "pseudonym.key"
+        self.key_file = Path(key_file) if key_file else key_file_of(self.lake)
         self._configured_key = pseudonym_key
         self._key: bytes | None = None
 
@@ -815,12 +816,17 @@ class FeedbackStore:
         return rows
 
 
+def key_file_of(lake: Path | str) -> Path:
+    """Where a lake keeps its generated pseudonym key (when ``$RECSYS_PSEUDONYM_KEY`` is unset)."""
+    return Path(lake) / "secrets" / "pseudonym.key"
+
+
 def load_pseudonym_key(lake: Path | str) -> bytes:
     """The key a lake's user ids are pseudonymised with ($RECSYS_PSEUDONYM_KEY or the lake's
     key file): ``rec_models.privacy.pseudonymize(raw_ids, load_pseudonym_key(lake))`` gives the
     ids the lake, the training data and the served model know users by. Never creates a key:
     a lake without one has ingested nothing (LakeError)."""
-    key_file = Path(lake) / "secrets" / "pseudonym.key"
+    key_file = key_file_of(lake)
     if not os.environ.get(KEY_ENV) and not key_file.exists():
         raise LakeError(f"no pseudonym key: {KEY_ENV} is not set and {key_file} does not exist (nothing ingested yet)")
     return resolve_pseudonym_key(key_file)[0]

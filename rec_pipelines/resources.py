@@ -12,13 +12,15 @@ from rec_pipelines.registry import ModelRegistry
 
 
 class LakeResource(dg.ConfigurableResource):
-    """Where feedback lands and where ingested data lives."""
+    """Where feedback lands, where ingested data lives, and which file keeps the pseudonym key
+    (empty: ``<lake>/secrets/pseudonym.key``)."""
 
     landing_zone: str
     lake: str
+    pseudonym_key_file: str = ""
 
     def store(self) -> FeedbackStore:
-        return FeedbackStore(self.landing_zone, self.lake)
+        return FeedbackStore(self.landing_zone, self.lake, key_file=self.pseudonym_key_file or None)
 
 
 class TextEncoderResource(dg.ConfigurableResource):

@@ -15,7 +15,12 @@ variable                   meaning                                      default
 ``RECSYS_MLFLOW_ARTIFACTS`` artifact root for new experiments            ``$RECSYS_HOME/mlflow/artifacts``
 ``RECSYS_MODEL_NAME``      registered model name                        ``recsys-sasrec``
 ``RECSYS_TEXT_MODEL``      transformers encoder folder or name          bundled all-MiniLM-L6-v2
+``RECSYS_PSEUDONYM_KEY_FILE`` file holding the user-id pseudonym key  ``$RECSYS_LAKE/secrets/pseudonym.key``
 =========================  ===========================================  =========================
+
+The pseudonym key itself may come from ``RECSYS_PSEUDONYM_KEY`` instead (a secret store's
+environment variable); otherwise it is generated into its file on first ingest. Serving reads
+the same variables, so requests may name users by their raw ids.
 """
 
 from __future__ import annotations
@@ -35,26 +40,30 @@ class Settings:
     mlflow_artifact_root: Path
     model_name: str
     text_model: str  # "" means the bundled default encoder
+    pseudonym_key_file: Path
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
         env = dict(os.environ if env is None else env)
         home = Path(env.get("RECSYS_HOME") or os.getcwd()).resolve()
         mlflow_dir = home / "mlflow"
+        lake = Path(env.get("RECSYS_LAKE") or home / "var" / "lake")
         return cls(
             home=home,
             landing_zone=Path(env.get("RECSYS_LANDING_ZONE") or home / "var" / "landing"),
-            lake=Path(env.get("RECSYS_LAKE") or home / "var" / "lake"),
+            lake=lake,
             dagster_home=Path(env.get("DAGSTER_HOME") or home / "var" / "dagster_home"),
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
             mlflow_artifact_root=Path(env.get("RECSYS_MLFLOW_ARTIFACTS") or mlflow_dir / "artifacts"),
             model_name=env.get("RECSYS_MODEL_NAME") or "recsys-sasrec",
             text_model=env.get("RECSYS_TEXT_MODEL") or "",
+            pseudonym_key_file=Path(env.get("RECSYS_PSEUDONYM_KEY_FILE") or lake / "secrets" / "pseudonym.key"),
         )
 
     def export(self) -> dict[str, str]:
         """Environment variables that make child processes (webserver, daemon, runs) agree."""
         return {
+
             "RECSYS_HOME": str(self.home),
             "RECSYS_LANDING_ZONE": str(self.landing_zone),
             "RECSYS_LAKE": str(self.lake),
@@ -63,4 +72,5 @@ class Settings:
             "RECSYS_MLFLOW_ARTIFACTS": str(self.mlflow_artifact_root),
             "RECSYS_MODEL_NAME": self.model_name,
             "RECSYS_TEXT_MODEL": self.text_model,
+            "RECSYS_PSEUDONYM_KEY_FILE": str(self.pseudonym_key_file),
         }

@@ -33,7 +33,8 @@ def recsys_env(tmp_path, monkeypatch, tiny_encoder_dir):
     from rec_pipelines.settings import Settings
 
     monkeypatch.chdir(tmp_path)
-    for name in ("RECSYS_LANDING_ZONE", "RECSYS_LAKE", "RECSYS_MLFLOW_ARTIFACTS", "RECSYS_MODEL_NAME"):
+    for name in ("RECSYS_LANDING_ZONE", "RECSYS_LAKE", "RECSYS_MLFLOW_ARTIFACTS", "RECSYS_MODEL_NAME",
+                 "RECSYS_PSEUDONYM_KEY_FILE", "RECSYS_PSEUDONYM_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))

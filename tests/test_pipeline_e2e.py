@@ -8,7 +8,9 @@ import mlflow
 import pandas as pd
 from conftest import TINY_RUN_CONFIG
 
+from rec_models.data import interactions
 from rec_pipelines.definitions import defs as load_defs
+from rec_pipelines.feedback_store import FeedbackStore
 from rec_pipelines.registry import ModelRegistry
 
 
@@ -46,6 +48,15 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator):
         assert recs.groupby("user_id").size().to_dict() == {u: 10 for u in users}
         catalog_titles = set(small_simulator.catalog()["title"])
         assert set(recs["title"]) <= catalog_titles and recs["title"].str.len().min() > 0
+        # raw ids reach the user's stored history (the server holds the pseudonym key), the
+        # pseudonym the lake knows them by gives the same answer, and history is never repeated
+        store = FeedbackStore(settings.landing_zone, settings.lake)
+        pseudonyms = store.pseudonymizer()(users)
+        by_pseudonym = model.predict(pd.DataFrame({"user_id": pseudonyms, "k": [10, 10]}))
+        assert by_pseudonym["item_id"].tolist() == recs["item_id"].tolist()
+        assert recs["explanation"].str.startswith("because you liked").all()  # not the popularity fallback
+        seen = interactions(small_simulator.events(0)).groupby("user_id")["item_id"].agg(set)  # positives
+        assert all(item not in seen[user] for user, item in zip(recs["user_id"], recs["item_id"]))
         run = registry.client.get_run(champion.run_id)
         assert "val_ndcg_at_10" in run.data.metrics and "test_ndcg_at_10" in run.data.metrics
         assert len(registry.client.get_metric_history(champion.run_id, "val_ndcg_at_10")) >= 1

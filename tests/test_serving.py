@@ -200,3 +200,30 @@ def test_pyfunc_maps_bad_requests_to_400_and_hides_internal_errors(bundle, monke
     assert internal.value.get_http_status_code() == 500
     assert "disk on fire" not in internal.value.serialize_as_json()
     assert "Traceback" not in internal.value.serialize_as_json()
+
+
+def test_raw_user_ids_are_pseudonymised_with_the_servers_key_and_a_wrong_key_is_refused(bundle, tmp_path, monkeypatch):
+    from rec_models.privacy import key_id, pseudonymize
+    from rec_models.serving import KEY_FILE_ENV, serving_pseudonym_key
+
+    key = b"k" * 32
+    raw = bundle.sequences.user_ids[:3]
+    pseudonyms = pseudonymize(raw, key)
+    histories = {p: (items, types) for p, items, types in
+                 zip(pseudonyms, bundle.sequences.items, bundle.sequences.event_types)}
+    backbone = Recommender(bundle.path).backbone
+    titles = bundle.catalog.set_index("item_id")["title"]
+    path = write_bundle(tmp_path / "b", backbone, bundle.vocab, titles, histories, bundle.popularity, key_id(key))
+
+    by_pseudonym = Recommender(path).recommend(pd.DataFrame({"user_id": [pseudonyms[1]], "k": [5]}))
+    assert Recommender(path).recommend(pd.DataFrame({"user_id": [raw[1]], "k": [5]}))["item_id"].tolist() \
+        == popular(bundle, 5)  # without the key a raw id is a stranger
+    key_file = tmp_path / "pseudonym.key"
+    key_file.write_text(key.hex())
+    monkeypatch.delenv("RECSYS_PSEUDONYM_KEY", raising=False)
+    monkeypatch.setenv(KEY_FILE_ENV, str(key_file))
+    with_key = Recommender(path, serving_pseudonym_key())
+    by_raw = with_key.recommend(pd.DataFrame({"user_id": [raw[1]], "k": [5]}))
+    assert by_raw["item_id"].tolist() == by_pseudonym["item_id"].tolist()
+    with pytest.raises(ValueError, match="not the one"):
+        Recommender(path, b"another key, long enough")

@@ -1,5 +1,6 @@
-"""``recsys serve`` for real: the champion registered in a temp MLflow store, served by MLflow's
-scoring server in its own process on a free loopback port, queried over HTTP."""
+"""``recsys serve`` for real: the champion registered in a temp MLflow store, served in its own
+process on a free loopback port, queried over HTTP: good and bad requests, concurrent requests
+answered together, and a newly promoted version picked up without a restart."""
 
 import contextlib
 import json
@@ -48,7 +49,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME}
     log = root / "server.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port)],
+        process = subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port),
+                                    "--reload-interval", "1"],
                                    cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -61,7 +63,8 @@ def server(tmp_path_factory):
                     break
             except OSError:
                 time.sleep(0.5)
-        yield SimpleNamespace(url=url, bundle=bundle, log=log, tracking_uri=tracking_uri)
+        yield SimpleNamespace(url=url, bundle=bundle, log=log, tracking_uri=tracking_uri, registry=registry,
+                              model_uri=info.model_uri, run_id=run.info.run_id)
     finally:  # the whole group: `recsys serve` execs `mlflow models serve`, which starts uvicorn
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -71,6 +74,11 @@ def server(tmp_path_factory):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def get(url: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{url}{path}", timeout=10) as response:
+        return json.loads(response.read())
 
 
 def post(url: str, body: bytes | dict) -> tuple[int, dict]:
@@ -90,8 +98,8 @@ def records(*rows: dict) -> dict:
 def test_cli_defaults_serve_the_champion_on_loopback(monkeypatch):
     monkeypatch.setenv("RECSYS_MODEL_NAME", "my-model")
     args = parse_args([], Settings.from_env())
-    assert (args.model_uri, args.host) == ("models:/my-model@champion", "127.0.0.1")
-    command, env = serve_command(parse_args(["--port", "6123"], Settings.from_env()))
+    assert (args.model_uri, args.host, args.engine) == ("models:/my-model@champion", "127.0.0.1", "recsys")
+    command, env = serve_command(parse_args(["--port", "6123", "--engine", "mlflow"], Settings.from_env()))
     assert command[1:5] == ["-m", "mlflow", "models", "serve"]
     assert ["--env-manager", "local"] == command[command.index("--env-manager"):][:2]
     assert command[command.index("--port") + 1] == "6123"
@@ -142,9 +150,48 @@ def test_unknown_items_are_ignored_with_a_warning_and_strangers_get_popular_item
     (records({"user_id": "u1", "recent_item_ids": "i00001"}), "recent_item_ids must be a list"),
     (records({"user_id": "u1", "recent_item_ids": ["i00001", None]}), "recent_item_ids must hold item ids"),
     ({"rows": [{"user_id": "u1"}]}, "dataframe_records"),
+    ({"dataframe_split": {"columns": ["user_id", "k"], "data": [["u1"]]}}, "dataframe_split row 0"),
+    ({"dataframe_records": [{"user_id": "u1"}, "u2"]}, "row 1"),
 ])
 def test_malformed_requests_get_400_with_a_message(server, body, mentions):
     status, answer = post(server.url, body)
     assert status == 400
     assert mentions in answer["message"]
     assert "stack_trace" not in answer and "Traceback" not in answer["message"]
+
+
+def test_dataframe_split_and_inputs_give_the_same_answer_as_records(server):
+    user = server.bundle.sequences.user_ids[3]
+    _, by_records = post(server.url, records({"user_id": user, "k": 3}))
+    _, by_split = post(server.url, {"dataframe_split": {"columns": ["user_id", "k"], "data": [[user, 3]]}})
+    _, by_inputs = post(server.url, {"inputs": {"user_id": [user], "k": [3]}})
+    assert by_records == by_split == by_inputs and len(by_records["predictions"]) == 3
+
+
+def test_concurrent_requests_are_answered_together_and_each_gets_its_own_answer(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    users = server.bundle.sequences.user_ids[:20]
+    alone = {user: post(server.url, records({"user_id": user, "k": 5}))[1]["predictions"] for user in users}
+    before = get(server.url, "/model")
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda u: post(server.url, records({"user_id": u, "k": 5})), users * 5))
+    after = get(server.url, "/model")
+    for user, (status, body) in zip(users * 5, answers):
+        assert status == 200
+        assert [r["item_id"] for r in body["predictions"]] == [r["item_id"] for r in alone[user]]
+        assert {r["user_id"] for r in body["predictions"]} == {user}
+    assert after["rows"] - before["rows"] == 100
+    assert after["batches"] - before["batches"] < 100  # some requests shared a forward pass
+
+
+def test_a_newly_promoted_champion_is_served_without_a_restart(server):
+    assert get(server.url, "/model")["version"] == "1"
+    version = server.registry.register(server.model_uri, server.run_id, tags={})
+    server.registry.apply_decision(version.version, decide_promotion({"ndcg@10": 0.0}, None))
+    deadline = time.monotonic() + 60
+    while get(server.url, "/model")["version"] != str(version.version):
+        assert time.monotonic() < deadline, f"still serving the old version:\n{server.log.read_text()[-2000:]}"
+        time.sleep(0.5)
+    assert post(server.url, records({"user_id": "anyone", "k": 2}))[0] == 200
+    assert f"now serving models:/{MODEL_NAME}@champion (version {version.version}" in server.log.read_text()

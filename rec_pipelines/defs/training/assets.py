@@ -20,6 +20,7 @@ from rec_models.data import (
     interactions,
     leave_last_out,
 )
+from rec_models.privacy import key_id
 from rec_models.sasrec import SASRecConfig, load_backbone, train_sasrec
 from rec_models.serving import example_request, write_bundle
 from rec_pipelines.plots import figure_to_md, new_figure
@@ -179,12 +180,14 @@ def candidate_model(
         mlf.log_figure(curves, "plots/training_curves.png")
         mlf.log_dict({"batches": data.batches, "new_batches": new_batches}, "batches.json")
 
-        bundle_dir = lake.store().lake / "models" / run.info.run_id / "bundle"
+        store = lake.store()
+        bundle_dir = store.lake / "models" / run.info.run_id / "bundle"
         titles = item_catalog.set_index("item_id")["title"]
         histories = dict(zip(data.sequences.user_ids, zip(data.sequences.items, data.sequences.event_types)))
         popularity = np.bincount(np.concatenate(data.split.train.items) if len(data.split.train) else [],
                                  minlength=len(data.vocab) + 1).astype(np.float32)
-        write_bundle(bundle_dir, backbone, data.vocab, titles, histories, popularity)
+        write_bundle(bundle_dir, backbone, data.vocab, titles, histories, popularity,
+                     pseudonym_key_id=key_id(store.pseudonym_key()))
         example_users = data.sequences.user_ids[:2]
         info = registry.log_recommender(bundle_dir, example_request(example_users, data.vocab.ids[:2]))
 
