@@ -66,9 +66,11 @@ class RankingMetrics:
         k: int = 10,
         item_embeddings: np.ndarray | torch.Tensor | None = None,
         item_popularity: np.ndarray | None = None,
+        keep_per_user: bool = False,
     ) -> None:
         self.n_items = n_items
         self.k = k
+        self.keep_per_user = keep_per_user
         self._embeddings = None
         if item_embeddings is not None:
             embeddings = torch.as_tensor(item_embeddings, dtype=torch.float32)
@@ -90,6 +92,7 @@ class RankingMetrics:
         self._recommended = torch.zeros(self.n_items + 1, dtype=torch.bool)
         self._ild_sum, self._ild_users = 0.0, 0
         self._novelty_sum, self._novelty_items = 0.0, 0
+        self._per_user: list[np.ndarray] = []
 
     def update(
         self,
@@ -118,6 +121,8 @@ class RankingMetrics:
 
         self._hits += hit.any(dim=1).float().sum().item()
         self._ndcg += gains.sum().item()
+        if self.keep_per_user:
+            self._per_user.append(gains.sum(dim=1).numpy().astype(np.float64))
         self._n_users += len(targets)
         self._recommended[top_items[valid]] = True
         if self._embeddings is not None:
@@ -136,6 +141,12 @@ class RankingMetrics:
         per_user = (distance * pairs).sum(dim=(1, 2))[has_pairs] / n_pairs[has_pairs]
         self._ild_sum += per_user.sum().item()
         self._ild_users += int(has_pairs.sum())
+
+    def per_user_ndcg(self) -> np.ndarray:
+        """NDCG@k of every user so far, in update order (needs ``keep_per_user=True``)."""
+        if not self.keep_per_user:
+            raise RuntimeError("construct RankingMetrics(keep_per_user=True) to keep per-user NDCG")
+        return np.concatenate(self._per_user) if self._per_user else np.zeros(0)
 
     def compute(self) -> dict:
         """``{"hr@k", "ndcg@k", "coverage@k", "n_users", "n_items"}`` (+ ``ild@k`` /
@@ -164,16 +175,19 @@ def evaluate_ranking(
     k: int = 10,
     batch_size: int = 512,
     event_types: Sequence[np.ndarray] | None = None,
+    per_user: bool = False,
 ) -> dict:
     """Full-ranking HR@k / NDCG@k / coverage@k of ``score_fn`` for the given users.
 
     ``score_fn(batch_histories)`` returns scores [B, n_items + 1] (column 0 = padding). When
     ``event_types`` (aligned with ``histories``) is given, it is called as
-    ``score_fn(batch_histories, batch_event_types)``. Works for any subset of users.
+    ``score_fn(batch_histories, batch_event_types)``. Works for any subset of users. With
+    ``per_user`` the result also holds ``per_user_ndcg@k``: each user's NDCG, in input order
+    (for paired comparisons of two models on the same users, see ``paired_difference``).
     """
     if len(histories) != len(targets):
         raise ValueError("histories and targets must have the same length")
-    metrics = RankingMetrics(n_items, k)
+    metrics = RankingMetrics(n_items, k, keep_per_user=per_user)
     for start in range(0, len(histories), batch_size):
         batch = histories[start : start + batch_size]
         if event_types is None:
@@ -181,7 +195,23 @@ def evaluate_ranking(
         else:
             scores = score_fn(batch, event_types[start : start + batch_size])
         metrics.update(scores, batch, targets[start : start + batch_size])
-    return metrics.compute()
+    result = metrics.compute()
+    if per_user:
+        result[f"per_user_ndcg@{k}"] = metrics.per_user_ndcg()
+    return result
+
+
+def paired_difference(candidate: np.ndarray, baseline: np.ndarray) -> dict:
+    """Mean per-user difference ``candidate - baseline`` of a metric measured on the same users,
+    with its standard error: ``{"diff", "se", "users"}``. Pairing removes the between-user
+    variance, so a small real difference shows as one, and a small noisy one as noise."""
+    candidate, baseline = np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if candidate.shape != baseline.shape:
+        raise ValueError("both models must be measured on the same users")
+    diff = candidate - baseline
+    n = len(diff)
+    se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    return {"diff": float(diff.mean()) if n else math.nan, "se": se, "users": n}
 
 
 class PopularityRecommender:

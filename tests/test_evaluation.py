@@ -152,3 +152,18 @@ def test_popularity_recommender_ranks_by_training_counts():
     # Most popular unseen item first: user 0 has seen item 1 (masked), so 3 then 2.
     result = evaluate_ranking(pop.score, [np.array([3]), np.array([])], np.array([2, 3]), 5, k=1)
     assert result["hr@1"] == 1.0
+
+
+def test_paired_difference_of_per_user_ndcg():
+    from rec_models.evaluation import paired_difference
+
+    histories = [np.array([1]), np.array([2]), np.array([3])]
+    targets = np.array([2, 3, 4])
+    perfect = lambda h: np.eye(5)[targets]  # noqa: E731 - every target ranked first
+    half = lambda h: np.eye(5)[[2, 1, 4]]  # noqa: E731 - users 0 and 2 hit at rank 1, user 1 misses
+    a = evaluate_ranking(perfect, histories, targets, 4, per_user=True)["per_user_ndcg@10"]
+    b = evaluate_ranking(half, histories, targets, 4, k=1, per_user=True)["per_user_ndcg@1"]
+    assert a.tolist() == [1.0, 1.0, 1.0] and b.tolist() == [1.0, 0.0, 1.0]
+    paired = paired_difference(b, a)
+    assert paired["users"] == 3 and paired["diff"] == pytest.approx(-1 / 3)
+    assert paired["se"] == pytest.approx(np.std([0, -1, 0], ddof=1) / np.sqrt(3))

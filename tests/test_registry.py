@@ -29,6 +29,23 @@ def test_gate_compares_with_the_champion(candidate, promoted, why):
     assert decision.tags()["champion.ndcg_at_10"] == "0.1"
 
 
+@pytest.mark.parametrize(
+    "paired, ndcg, promoted, why",
+    [
+        ({"diff": -0.005, "se": 0.004, "users": 2000}, 0.095, True, "not significant"),  # noise
+        ({"diff": -0.005, "se": 0.002, "users": 2000}, 0.095, False, "paired difference -0.0050"),  # truly worse
+        ({"diff": -0.02, "se": 0.05, "users": 60}, 0.08, False, "worse than champion"),  # 20 % worse: never excused
+        (None, 0.095, False, "worse than champion"),  # no paired numbers: the plain tolerance rule
+    ],
+)
+def test_a_shortfall_beyond_tolerance_rejects_only_when_significant(paired, ndcg, promoted, why):
+    decision = decide_promotion({**GOOD, "ndcg@10": ndcg}, GOOD, tolerance=0.002, paired=paired)
+    assert decision.promoted is promoted and why in decision.reason
+    if paired:
+        assert decision.tags()["paired.ndcg_se"] == f"{paired['se']:.6g}"
+    assert not decide_promotion({**GOOD, "ndcg@10": ndcg}, GOOD, paired=paired, significance_z=0).promoted
+
+
 class Echo(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         return model_input

@@ -124,3 +124,23 @@ def test_many_small_files_go_into_one_run_and_wait_while_a_retrain_is_active(env
                       if e.asset_key.to_user_string() == "validated_feedback")["batch_accounting"].value
     assert len(accounting) == 20 and all(a["rows_in"] == a["rows_valid"] == 2 for a in accounting)
     assert tick(defs, instance, batched.cursor).run_requests == []
+
+
+def test_files_of_a_run_that_failed_before_ingesting_are_asked_for_again(env):
+    settings, defs, instance = env
+    land(settings.landing_zone / "events", "a.jsonl")
+    first = tick(defs, instance)
+    request = first.run_requests[0]
+    # The daemon creates the run under the request's run key; it dies before ingesting.
+    run = instance.create_run_for_job(defs.resolve_job_def("microbatch_retrain_job"),
+                                      tags={**request.tags, "dagster/run_key": request.run_key})
+    waiting = tick(defs, instance, first.cursor)
+    assert waiting.run_requests == [] and "wait for their run" in waiting.skip_message  # still running
+    instance.report_run_failed(run)
+
+    again = tick(defs, instance, waiting.cursor)
+    assert len(again.run_requests) == 1 and again.run_requests[0].tags["recsys/files"] == "1"
+    assert again.run_requests[0].run_key != request.run_key  # a new key: Dagster would drop the old one
+    assert tick(defs, instance, again.cursor).run_requests == []  # asked once, not at every tick
+    run_ingestion(defs, instance, again.run_requests[0])
+    assert json.loads(tick(defs, instance, again.cursor).cursor) == {"requested": {}}

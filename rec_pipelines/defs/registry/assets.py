@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from rec_models.data import UserSequences
-from rec_models.evaluation import PopularityRecommender, evaluate_ranking
+from rec_models.evaluation import PopularityRecommender, evaluate_ranking, paired_difference
 from rec_models.sasrec import SASRecBackbone, load_backbone
 from rec_pipelines.defs.training.assets import TrainedModel, TrainingData, text_matrix
 from rec_pipelines.plots import figure_to_md, new_figure
@@ -22,9 +22,10 @@ GROUP = "registry"
 def evaluate_backbone(backbone: SASRecBackbone, histories: UserSequences, targets: np.ndarray,
                       cold: np.ndarray) -> dict:
     """Protocol metrics on all users, plus NDCG@10 on the cold-start users (``cold`` marks
-    users whose test item never occurs in training, e.g. items that arrived with new batches)."""
+    users whose test item never occurs in training, e.g. items that arrived with new batches),
+    and each user's NDCG@10 (``per_user_ndcg@10``) for the paired comparison."""
     metrics = evaluate_ranking(backbone.score_histories, histories.items, targets, backbone.config.n_items,
-                               event_types=histories.event_types)
+                               event_types=histories.event_types, per_user=True)
     positions = np.flatnonzero(cold)
     metrics["cold_users"] = len(positions)
     metrics["cold_ndcg@10"] = float("nan")
@@ -58,6 +59,8 @@ class PromotionConfig(dg.Config):
     coverage_tolerance: float = 0.2  # relative coverage@10 loss allowed
     cold_tolerance: float = 0.01  # absolute cold-start NDCG@10 loss allowed
     min_cold_users: int = 20  # below this many cold-start users the cold guard is not applied
+    significance_z: float = 1.645  # an NDCG shortfall rejects only if significant (one-sided); 0: plain rule
+    max_relative_shortfall: float = 0.1  # ... and never when NDCG@10 is this share below the champion's
 
 
 @dg.asset(group_name=GROUP, kinds={"mlflow"})
@@ -84,6 +87,9 @@ def model_evaluation(
         champion = load_backbone(bundle / "backbone.pt")
         champion.grow(text_matrix(training_data.vocab, item_text_embeddings))  # new items scored from text
         results["champion"] = evaluate_backbone(champion, histories, targets, cold)
+        results["paired"] = paired_difference(results["candidate"].pop("per_user_ndcg@10"),
+                                              results["champion"].pop("per_user_ndcg@10"))
+    results["candidate"].pop("per_user_ndcg@10", None)
     popularity = PopularityRecommender().fit(split.train, len(training_data.vocab))
     results["popularity"] = evaluate_ranking(popularity.score, histories.items, targets, len(training_data.vocab))
 
@@ -93,9 +99,11 @@ def model_evaluation(
     if "champion" in results:
         client.log_metric(candidate_model.run_id, f"champion_test_{metric_key('ndcg@10')}",
                           float(results["champion"]["ndcg@10"]))
+        client.log_metric(candidate_model.run_id, "paired_ndcg_diff", results["paired"]["diff"])
+        client.log_metric(candidate_model.run_id, "paired_ndcg_diff_se", results["paired"]["se"])
     comparison = comparison_figure(results)
     client.log_figure(candidate_model.run_id, comparison, "plots/champion_vs_challenger.png")
-    table = pd.DataFrame(results).T.reindex(columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
+    table = pd.DataFrame({k: v for k, v in results.items() if k != "paired"}).T.reindex(columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
     context.log.info(f"held-out evaluation:\n{table}")
     return dg.Output(
         {**results, "champion_version": champion_version.version if champion_version else None},
@@ -105,6 +113,7 @@ def model_evaluation(
             "popularity_ndcg@10": float(results["popularity"]["ndcg@10"]),
             "users": int(results["candidate"]["n_users"]),
             "cold_users": int(cold.sum()),
+            "paired_ndcg_diff": dg.MetadataValue.json(results.get("paired")),
             "comparison": dg.MetadataValue.md(table.to_markdown(floatfmt=".4f")),
             "comparison_plot": dg.MetadataValue.md(figure_to_md(comparison, alt="champion vs challenger")),
         },
@@ -129,7 +138,8 @@ def champion_model(
     candidate = {m: float(model_evaluation["candidate"][m]) for m in metrics}
     champion = {m: float(model_evaluation["champion"][m]) for m in metrics} if "champion" in model_evaluation else None
     decision = decide_promotion(candidate, champion, config.ndcg_tolerance, config.coverage_tolerance,
-                                config.cold_tolerance, config.min_cold_users)
+                                config.cold_tolerance, config.min_cold_users, model_evaluation.get("paired"),
+                                config.significance_z, config.max_relative_shortfall)
     version = registry.register(
         candidate_model.model_uri,
         candidate_model.run_id,

@@ -12,6 +12,7 @@ import json
 import os
 
 import dagster as dg
+from dagster._core.storage.tags import RUN_KEY_TAG
 
 from rec_pipelines.defs.training.assets import RETRAIN_TAG
 from rec_pipelines.feedback_store import KINDS, fingerprint
@@ -76,27 +77,50 @@ def landing_zone_sensor(context: dg.SensorEvaluationContext, lake: LakeResource)
     * Many small files are batched: every file that is new at a tick goes into one run, and
       while a retrain is queued or running the sensor waits, so the files landing meanwhile
       go together into the next run. A run that fails before ingesting leaves its files
-      pending; the next run (or ``recsys ingest``) takes them along.
+      pending, and the next tick asks for them again under a new run key, so no batch is
+      skipped.
     """
     store = lake.store()
     pending = {p.relative_to(store.landing_zone).as_posix(): fingerprint(p)
                for kind in KINDS for p in store.pending_files(kind)}
-    requested = json.loads(context.cursor).get("requested", {}) if context.cursor else {}
-    # Forget what the ledger has ingested (or what vanished); keep what still waits for its run.
-    requested = {name: fp for name, fp in requested.items() if pending.get(name) == fp}
-    new = {name: fp for name, fp in sorted(pending.items()) if requested.get(name) != fp}
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    # name -> {"fp": size:mtime, "run_key": the request that asked for it}. Forget what the
+    # ledger has ingested (or what vanished or changed); keep what still waits for its run.
+    requested = {name: entry for name, entry in cursor.get("requested", {}).items()
+                 if isinstance(entry, dict) and pending.get(name) == entry["fp"]}
+    # A run that ended without ingesting its files (failed or canceled before ingestion) does
+    # not keep them waiting forever: they are asked for again, under a new run key.
+    ended = {key for key in {entry["run_key"] for entry in requested.values()}
+             if _run_ended(context.instance, key)}
+    retried = sorted(name for name, entry in requested.items() if entry["run_key"] in ended)
+    new = {name: fp for name, fp in sorted(pending.items()) if name not in requested or name in retried}
+
+    def save(extra: dict) -> None:
+        keep = {name: entry for name, entry in requested.items() if name not in retried}
+        context.update_cursor(json.dumps({"requested": {**keep, **extra}}, sort_keys=True))
+
     if not new:
-        context.update_cursor(json.dumps({"requested": requested}, sort_keys=True))
+        save({})
         waiting = f"; {len(requested)} requested files wait for their run" if requested else ""
         return dg.SkipReason(f"no new files in the landing zone{waiting}")
     active = context.instance.get_run_records(
         dg.RunsFilter(statuses=ACTIVE_STATUSES, tags=RETRAIN_TAGS), limit=1
     )
     if active:
-        context.update_cursor(json.dumps({"requested": requested}, sort_keys=True))
+        save({})
         return dg.SkipReason(f"{len(new)} new files wait for retrain run {active[0].dagster_run.run_id} to finish")
-    # The same set of files always maps to the same run key, so a file never starts two runs.
-    run_key = hashlib.sha256("\n".join(f"{name}:{fp}" for name, fp in new.items()).encode()).hexdigest()[:16]
-    context.update_cursor(json.dumps({"requested": {**requested, **new}}, sort_keys=True))
+    # The same files (and, for a retry, the same failed requests) always map to the same run
+    # key, so a file never starts two runs for one reason.
+    lines = [f"{name}:{fp}" for name, fp in new.items()] + [f"retry:{key}" for key in sorted(ended)]
+    run_key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    save({name: {"fp": fp, "run_key": run_key} for name, fp in new.items()})
+    if retried:
+        context.log.warning(f"asking again for {len(retried)} files whose run ended without ingesting them: {retried[:10]}")
     context.log.info(f"{len(new)} new files: {list(new)[:10]}")
     return dg.RunRequest(run_key=run_key, tags={**RETRAIN_TAGS, "recsys/files": str(len(new))})
+
+
+def _run_ended(instance: dg.DagsterInstance, run_key: str) -> bool:
+    """Whether the run this sensor requested under ``run_key`` exists and has finished."""
+    runs = instance.get_runs(dg.RunsFilter(tags={RUN_KEY_TAG: run_key}), limit=1)
+    return bool(runs) and runs[0].is_finished
