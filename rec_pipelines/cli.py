@@ -37,7 +37,7 @@ def prepare_environment(settings: Settings | None = None) -> Settings:
     target = settings.dagster_home / "dagster.yaml"
     if source is not None and (not target.exists() or target.read_bytes() != source.read_bytes()):
         shutil.copyfile(source, target)
-    for folder in (settings.landing_zone, settings.lake, settings.mlflow_artifact_root):
+    for folder in (settings.landing_zone, settings.lake, settings.mlflow_artifact_root):  # (a remote zone's mirror)
         folder.mkdir(parents=True, exist_ok=True)
     return settings
 
@@ -46,8 +46,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from rec_models.simulator import FeedbackSimulator, next_batch_index
 
     settings = prepare_environment()
-    batch = args.batch if args.batch is not None else next_batch_index(settings.landing_zone)
-    for path in FeedbackSimulator().write_batch(settings.landing_zone, batch):
+    landing = settings.local_landing_zone("simulate")
+    batch = args.batch if args.batch is not None else next_batch_index(landing)
+    for path in FeedbackSimulator().write_batch(landing, batch):
         print(path)
     return 0
 
@@ -55,7 +56,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rec_pipelines.demo import run_demo
 
-    return run_demo(prepare_environment(), full=args.full, n_users=args.users)
+    settings = prepare_environment()
+    settings.local_landing_zone("demo")
+    return run_demo(settings, full=args.full, n_users=args.users)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -11,6 +11,13 @@ two ways:
 * **marker file**: create ``<name>.writing`` *before* creating ``<name>``, delete it after
   closing ``<name>``. While the marker exists the file is invisible.
 
+The landing zone is a local folder, or any fsspec URL (``s3://bucket/prefix``, ``gs://...``,
+``memory://...``; the filesystem's package, e.g. s3fs, must be installed). A remote zone is
+mirrored: each complete remote file is downloaded once (tracked by its size and modification
+time or ETag) into ``<lake>/landing-mirror/`` and everything below works on the mirror; the
+same completeness rules apply to the remote names (hidden/temporary names and ``.writing``
+markers hide a file), and the remote files stay where they are for replay.
+
 Formats: JSON Lines (``.jsonl``, ``.ndjson``; ``.json`` may also hold one JSON array of
 objects), CSV (UTF-8, header row) and Parquet, each optionally gzipped (``.gz``). Any other
 complete file is quarantined whole as "unsupported file type", so nothing lies in the landing
@@ -79,6 +86,7 @@ from rec_models.privacy import (
     scrub_texts,
 )
 from rec_models.schema import CATALOG_COLUMNS, EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS
+from rec_pipelines.settings import is_remote_url
 from rec_pipelines.validation import (
     DEFAULT_MIN_TIMESTAMP,
     MAX_CLOCK_SKEW_S,
@@ -111,13 +119,64 @@ class LakeError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+def is_final_name(name: str) -> bool:
+    """Whether a file name is a final one (not hidden, no ``.tmp``/``.part`` suffix, not a marker)."""
+    return not (name.startswith(".") or name.endswith(IN_PROGRESS_SUFFIXES))
+
+
 def is_ready(path: Path) -> bool:
-    """Whether a landing-zone file is complete: a regular file with its final name (not
-    hidden, no ``.tmp``/``.part`` suffix, not a marker) and no ``<name>.writing`` marker."""
-    name = path.name
-    if name.startswith(".") or name.endswith(IN_PROGRESS_SUFFIXES):
-        return False
-    return path.is_file() and not path.with_name(name + MARKER_SUFFIX).exists()
+    """Whether a landing-zone file is complete: a regular file with its final name and no
+    ``<name>.writing`` marker."""
+    return is_final_name(path.name) and path.is_file() and not path.with_name(path.name + MARKER_SUFFIX).exists()
+
+
+class RemoteLandingZone:
+    """An fsspec landing zone, mirrored file by file into a local folder.
+
+    ``sync(kind)`` downloads every complete remote file of ``kind`` that is new or changed
+    (size and modification time / ETag differ from the last download) to the mirror, under a
+    hidden temporary name first, so the mirror only ever holds complete files.
+    """
+
+    def __init__(self, url: str, mirror: Path):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.mirror = Path(mirror)
+        self.index_path = self.mirror / ".remote-index.json"
+
+    @staticmethod
+    def _version(info: dict) -> str:
+        stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified", "ETag", "etag", "created", "updated")
+                      if info.get(k) is not None), "")
+        return f"{info.get('size')}:{stamp}"
+
+    def sync(self, kind: str) -> list[str]:
+        """Download what is new in ``<url>/<kind>``; returns the mirrored names it fetched."""
+        try:
+            listing = self.fs.ls(f"{self.root}/{kind}", detail=True)
+        except FileNotFoundError:
+            return []
+        files = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in listing if info.get("type") == "file"}
+        index = json.loads(self.index_path.read_text()) if self.index_path.exists() else {}
+        fetched = []
+        folder = self.mirror / kind
+        for name, info in sorted(files.items()):
+            if not is_final_name(name) or name + MARKER_SUFFIX in files:
+                continue
+            key, version = f"{kind}/{name}", self._version(info)
+            if index.get(key) == version and (folder / name).exists():
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{name}.download"
+            self.fs.get_file(info["name"], str(tmp))
+            os.replace(tmp, folder / name)
+            index[key] = version
+            fetched.append(key)
+        if fetched:
+            _write_json_atomic(self.index_path, index)
+        return fetched
 
 
 def is_supported(path: Path) -> bool:
@@ -533,8 +592,9 @@ class FeedbackStore:
 
     def __init__(self, landing_zone: Path | str, lake: Path | str, pseudonym_key: bytes | str | None = None,
                  key_file: Path | str | None = None):
-        self.landing_zone = Path(landing_zone)
         self.lake = Path(lake)
+        self.remote = RemoteLandingZone(str(landing_zone), self.lake / "landing-mirror") if is_remote_url(str(landing_zone)) else None
+        self.landing_zone = self.remote.mirror if self.remote else Path(str(landing_zone).removeprefix("file://"))
         self.ledger_path = self.lake / "ledger.jsonl"
         self.key_file = Path(key_file) if key_file else key_file_of(self.lake)
         self._configured_key = pseudonym_key
@@ -594,6 +654,9 @@ class FeedbackStore:
 
     # -- landing zone --------------------------------------------------------------------
     def ready_files(self, kind: str) -> list[Path]:
+        """Complete landing files of ``kind`` (a remote zone is mirrored first)."""
+        if self.remote is not None:
+            self.remote.sync(kind)
         folder = self.landing_zone / kind
         if not folder.is_dir():
             return []

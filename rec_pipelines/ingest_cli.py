@@ -139,6 +139,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
+    settings.local_landing_zone("ingest")
     store = FeedbackStore(settings.landing_zone, settings.lake, key_file=settings.pseudonym_key_file)
     placed: list[Path] = []
     try:

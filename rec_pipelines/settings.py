@@ -8,7 +8,7 @@ directory, i.e. the checkout):
 variable                   meaning                                      default
 =========================  ===========================================  =========================
 ``RECSYS_HOME``            root of all local state                      current directory
-``RECSYS_LANDING_ZONE``    folder new feedback files are dropped into   ``$RECSYS_HOME/var/landing``
+``RECSYS_LANDING_ZONE``    folder (or fsspec URL) new files land in     ``$RECSYS_HOME/var/landing``
 ``RECSYS_LAKE``            ingested, validated data and asset outputs   ``$RECSYS_HOME/var/lake``
 ``DAGSTER_HOME``           Dagster instance folder (holds dagster.yaml) ``$RECSYS_HOME/var/dagster_home``
 ``MLFLOW_TRACKING_URI``    MLflow tracking + registry store             ``sqlite:///$RECSYS_HOME/mlflow/mlflow.db``
@@ -30,10 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def is_remote_url(location: str) -> bool:
+    """Whether a landing-zone location is an fsspec URL other than a local ``file://`` one."""
+    return "://" in location and not location.startswith("file://")
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
-    landing_zone: Path
+    landing_zone: Path  # a remote zone's local mirror (see feedback_store.RemoteLandingZone)
     lake: Path
     dagster_home: Path
     mlflow_tracking_uri: str
@@ -41,6 +46,7 @@ class Settings:
     model_name: str
     text_model: str  # "" means the bundled default encoder
     pseudonym_key_file: Path
+    landing_zone_url: str = ""  # set when the landing zone is an fsspec URL such as s3://bucket/prefix
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -48,9 +54,11 @@ class Settings:
         home = Path(env.get("RECSYS_HOME") or os.getcwd()).resolve()
         mlflow_dir = home / "mlflow"
         lake = Path(env.get("RECSYS_LAKE") or home / "var" / "lake")
+        landing = env.get("RECSYS_LANDING_ZONE") or ""
+        remote = landing if is_remote_url(landing) else ""
         return cls(
             home=home,
-            landing_zone=Path(env.get("RECSYS_LANDING_ZONE") or home / "var" / "landing"),
+            landing_zone=lake / "landing-mirror" if remote else Path(landing.removeprefix("file://") or home / "var" / "landing"),
             lake=lake,
             dagster_home=Path(env.get("DAGSTER_HOME") or home / "var" / "dagster_home"),
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
@@ -58,14 +66,27 @@ class Settings:
             model_name=env.get("RECSYS_MODEL_NAME") or "recsys-sasrec",
             text_model=env.get("RECSYS_TEXT_MODEL") or "",
             pseudonym_key_file=Path(env.get("RECSYS_PSEUDONYM_KEY_FILE") or lake / "secrets" / "pseudonym.key"),
+            landing_zone_url=remote,
         )
+
+    @property
+    def landing_location(self) -> str:
+        """What the pipeline reads: the fsspec URL of a remote landing zone, else the folder."""
+        return self.landing_zone_url or str(self.landing_zone)
+
+    def local_landing_zone(self, command: str) -> Path:
+        """The landing folder for a command that writes into it; a remote zone is refused."""
+        if self.landing_zone_url:
+            raise SystemExit(f"recsys {command}: the landing zone is {self.landing_zone_url}; this command writes into "
+                             "a local one. Upload files there with your storage's tools and the sensor picks them up.")
+        return self.landing_zone
 
     def export(self) -> dict[str, str]:
         """Environment variables that make child processes (webserver, daemon, runs) agree."""
         return {
 
             "RECSYS_HOME": str(self.home),
-            "RECSYS_LANDING_ZONE": str(self.landing_zone),
+            "RECSYS_LANDING_ZONE": self.landing_location,
             "RECSYS_LAKE": str(self.lake),
             "DAGSTER_HOME": str(self.dagster_home),
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,

@@ -144,3 +144,46 @@ def test_files_of_a_run_that_failed_before_ingesting_are_asked_for_again(env):
     assert tick(defs, instance, again.cursor).run_requests == []  # asked once, not at every tick
     run_ingestion(defs, instance, again.run_requests[0])
     assert json.loads(tick(defs, instance, again.cursor).cursor) == {"requested": {}}
+
+
+def test_a_remote_fsspec_landing_zone_is_read_through_its_mirror(recsys_env, monkeypatch):
+    """Any fsspec URL can be the landing zone (memory:// stands in for s3://bucket/prefix)."""
+    import fsspec
+
+    from rec_pipelines.definitions import defs as load_defs
+    from rec_pipelines.settings import Settings
+
+    monkeypatch.setenv("RECSYS_LANDING_ZONE", "memory://recsys-test/landing")
+    settings = Settings.from_env()
+    assert settings.landing_location == "memory://recsys-test/landing"
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/recsys-test/landing/events/a.jsonl", "".join(event_line("remote-u", i) for i in range(3)).encode())
+    fs.pipe("/recsys-test/landing/events/.b.jsonl.tmp", event_line("remote-u", 9).encode())  # still being written
+    fs.pipe("/recsys-test/landing/events/c.jsonl.writing", b"")  # marker: c is not complete
+    fs.pipe("/recsys-test/landing/events/c.jsonl", event_line("remote-u", 5)[:10].encode())
+    try:
+        defs = load_defs()
+        with dg.DagsterInstance.get() as instance:
+            first = tick(defs, instance)
+            assert [r.tags["recsys/files"] for r in first.run_requests] == ["1"]
+            run_ingestion(defs, instance, first.run_requests[0])
+            fs.rm("/recsys-test/landing/events/c.jsonl.writing")  # the producer finished c
+            fs.pipe("/recsys-test/landing/events/c.jsonl", event_line("remote-u", 5).encode())
+            second = tick(defs, instance, first.cursor)
+            assert [r.tags["recsys/files"] for r in second.run_requests] == ["1"]
+            run_ingestion(defs, instance, second.run_requests[0])
+            assert tick(defs, instance, second.cursor).run_requests == []
+        store = FeedbackStore(settings.landing_location, settings.lake)
+        assert sorted(a["file"] for a in store.accounts()) == ["events/a.jsonl", "events/c.jsonl"]
+        assert [a["rows_valid"] for a in store.accounts()] == [3, 1]
+        assert fs.exists("/recsys-test/landing/events/a.jsonl")  # the raw file stays for replay
+    finally:
+        fs.rm("/recsys-test", recursive=True)
+
+
+def test_commands_that_write_into_the_landing_zone_refuse_a_remote_one(monkeypatch):
+    from rec_pipelines.settings import Settings
+
+    monkeypatch.setenv("RECSYS_LANDING_ZONE", "s3://bucket/prefix")
+    with pytest.raises(SystemExit, match="s3://bucket/prefix"):
+        Settings.from_env().local_landing_zone("simulate")

@@ -14,7 +14,7 @@ def resources() -> dg.Definitions:
         # beats a process per step.
         executor=dg.in_process_executor,
         resources={
-            "lake": LakeResource(landing_zone=str(settings.landing_zone), lake=str(settings.lake),
+            "lake": LakeResource(landing_zone=settings.landing_location, lake=str(settings.lake),
                                  pseudonym_key_file=str(settings.pseudonym_key_file)),
             "text_encoder": TextEncoderResource(model_path=settings.text_model),
             "mlflow": MlflowResource(
