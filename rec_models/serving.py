@@ -232,7 +232,7 @@ class Recommender:
         """The stored (items, event types) of a user named by pseudonym or, with the key, by
         raw id; empty arrays for a user the model does not know."""
         found = self.histories.get(user_id)
-        if found is None and self.pseudonym_key is not None and not user_id.startswith(USER_PREFIX):
+        if found is None and self.pseudonym_key is not None:
             found = self.histories.get(pseudonymize([user_id], self.pseudonym_key, USER_PREFIX)[0])
         return found if found is not None else (np.empty(0, np.int64), np.empty(0, np.int64))
 
