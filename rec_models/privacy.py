@@ -147,7 +147,22 @@ def load_or_create_key(path: Path | str) -> tuple[bytes, bool]:
             tmp.unlink()
     else:
         created = False
-    return bytes.fromhex(path.read_text().strip()), created
+    return _read_key_file(path), created
+
+
+def _read_key_file(path: Path) -> bytes:
+    return bytes.fromhex(Path(path).read_text().strip())
+
+
+def existing_pseudonym_key(key_file: Path | str | None, env: dict[str, str] | None = None) -> bytes | None:
+    """The key ``$RECSYS_PSEUDONYM_KEY`` or ``key_file`` holds, or None; never creates one
+    (for readers such as servers, which must not invent a key the lake does not use)."""
+    env = os.environ if env is None else env
+    if env.get(KEY_ENV):
+        return _as_key(env[KEY_ENV])
+    if key_file and Path(key_file).is_file():
+        return _read_key_file(Path(key_file))
+    return None
 
 
 def resolve_pseudonym_key(key_file: Path | str, configured: bytes | str | None = None,

@@ -63,7 +63,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from rec_models.data import ItemVocab
-from rec_models.privacy import KEY_ENV, USER_PREFIX, key_id, pseudonymize
+from rec_models.privacy import USER_PREFIX, existing_pseudonym_key, key_id, pseudonymize
 from rec_models.sasrec import DEFAULT_EVENT_TYPE, SASRecBackbone, left_pad, load_backbone, save_backbone
 
 INPUT_COLUMNS = ["user_id", "recent_item_ids", "k", "exclude"]
@@ -110,12 +110,7 @@ def serving_pseudonym_key(env: dict[str, str] | None = None) -> bytes | None:
     """The pseudonym key a server may use to map raw user ids: ``$RECSYS_PSEUDONYM_KEY``, else
     the file named by ``$RECSYS_PSEUDONYM_KEY_FILE`` if it exists, else None."""
     env = os.environ if env is None else env
-    if env.get(KEY_ENV):
-        return env[KEY_ENV].encode("utf-8")
-    key_file = env.get(KEY_FILE_ENV)
-    if key_file and Path(key_file).is_file():
-        return bytes.fromhex(Path(key_file).read_text().strip())
-    return None
+    return existing_pseudonym_key(env.get(KEY_FILE_ENV), env)
 
 
 class InvalidRequest(ValueError):

@@ -80,6 +80,7 @@ from rec_models.privacy import (
     KEY_ENV,
     SESSION_PREFIX,
     USER_PREFIX,
+    existing_pseudonym_key,
     key_id,
     pseudonymize,
     resolve_pseudonym_key,
@@ -889,10 +890,11 @@ def load_pseudonym_key(lake: Path | str) -> bytes:
     key file): ``rec_models.privacy.pseudonymize(raw_ids, load_pseudonym_key(lake))`` gives the
     ids the lake, the training data and the served model know users by. Never creates a key:
     a lake without one has ingested nothing (LakeError)."""
-    key_file = key_file_of(lake)
-    if not os.environ.get(KEY_ENV) and not key_file.exists():
-        raise LakeError(f"no pseudonym key: {KEY_ENV} is not set and {key_file} does not exist (nothing ingested yet)")
-    return resolve_pseudonym_key(key_file)[0]
+    key = existing_pseudonym_key(key_file_of(lake))
+    if key is None:
+        raise LakeError(f"no pseudonym key: {KEY_ENV} is not set and {key_file_of(lake)} does not exist "
+                        "(nothing ingested yet)")
+    return key
 
 
 def _empty_events() -> pd.DataFrame:
