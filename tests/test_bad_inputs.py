@@ -84,7 +84,8 @@ def corpus_run(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("corpus-home")
     mp = pytest.MonkeyPatch()
-    for name in ("RECSYS_LANDING_ZONE", "RECSYS_LAKE", "RECSYS_MLFLOW_ARTIFACTS", "RECSYS_PSEUDONYM_KEY"):
+    for name in ("RECSYS_LANDING_ZONE", "RECSYS_LAKE", "RECSYS_MLFLOW_ARTIFACTS", "RECSYS_PSEUDONYM_KEY",
+                 "RECSYS_PSEUDONYM_KEY_FILE"):
         mp.delenv(name, raising=False)
     mp.setenv("RECSYS_HOME", str(home))
     mp.setenv("DAGSTER_HOME", str(home / "dagster_home"))
