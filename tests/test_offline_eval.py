@@ -301,5 +301,8 @@ def test_training_with_a_blend_partner_picks_alpha_with_the_epoch():
     assert evaluate_split(hybrid.score, split, N_ITEMS, "val")["ndcg@10"] == pytest.approx(
         history["best_val_hybrid_ndcg@10"], abs=1e-6
     )
-    with pytest.raises(ValueError, match="blend_with"):
-        train_sasrec(split, config, init_backbone=backbone, blend_with=content.score)
+    # A fine-tune keeps its alpha and never returns a blend worse on validation than its start.
+    alpha = history["best_alpha"]
+    tuned, again = train_sasrec(split, config, init_backbone=backbone, blend_with=content.score, alphas=(alpha,))
+    assert set(again["blend_val_ndcg@10"]) == {alpha}
+    assert again["best_val_hybrid_ndcg@10"] >= history["best_val_hybrid_ndcg@10"] - 1e-9

@@ -11,8 +11,17 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from rec_models.data import ItemVocab, UserSequences, build_sequences, collapse_repeats, interactions, leave_last_out
-from rec_models.sasrec import SASRecBackbone, SASRecConfig, recommend, train_sasrec
+from rec_models.data import (
+    ItemVocab,
+    LeaveLastOutSplit,
+    UserSequences,
+    build_sequences,
+    collapse_repeats,
+    interactions,
+    leave_last_out,
+)
+from rec_models.evaluation import evaluate_split
+from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
 from rec_models.serving import (
     EXPLANATION_PREFIX,
     OUTPUT_COLUMNS,
@@ -32,10 +41,18 @@ class TinyBundle:
     catalog: pd.DataFrame
     popularity: np.ndarray
     text: torch.Tensor  # [n_items + 1, 16] unit text vectors, row 0 = padding
+    model: HybridRecommender
+    split: LeaveLastOutSplit
 
 
-def make_bundle(path: Path, max_epochs: int = 2) -> TinyBundle:
-    """A real bundle over a 100-item simulated catalog (``max_epochs=0``: untrained weights)."""
+# One EASE weight: pure EASE ranks with ties, where served lists and the pessimistic protocol differ.
+TINY = dict(d_model=16, max_len=20, batch_size=32, loss="ce", id_init="default", ease_lambdas=(10.0, 100.0),
+            ease_weights=(0.5,))
+
+
+def make_bundle(path: Path, max_epochs: int = 2, **settings) -> TinyBundle:
+    """A real bundle over a 100-item simulated catalog: the recommender trained by
+    ``train_recommender`` (SASRec + content + EASE) for ``max_epochs``."""
     from rec_models.simulator import FeedbackSimulator, SimulatorConfig
 
     simulator = FeedbackSimulator(SimulatorConfig(n_items=100, n_users=60, events_per_user=20))
@@ -45,12 +62,11 @@ def make_bundle(path: Path, max_epochs: int = 2) -> TinyBundle:
     split = leave_last_out(sequences)
     text = torch.nn.functional.normalize(torch.randn(len(vocab) + 1, 16, generator=torch.Generator().manual_seed(0)), dim=1)
     text[0] = 0
-    config = SASRecConfig(n_items=len(vocab), text_dim=16, d_model=16, max_len=20, max_epochs=max(max_epochs, 1))
-    backbone = train_sasrec(split, config, text)[0] if max_epochs else SASRecBackbone(config, text).eval()
-    popularity = np.bincount(np.concatenate(split.train.items), minlength=len(vocab) + 1).astype(np.float32)
+    config = RecommenderConfig(**{**TINY, "max_epochs": max_epochs, **settings})
+    model, _ = train_recommender(split, text, config)
     histories = dict(zip(sequences.user_ids, zip(sequences.items, sequences.event_types)))
-    write_bundle(path, backbone, vocab, catalog.set_index("item_id")["title"], histories, popularity)
-    return TinyBundle(path, sequences, vocab, catalog, popularity, text)
+    write_bundle(path, model, vocab, catalog.set_index("item_id")["title"], histories)
+    return TinyBundle(path, sequences, vocab, catalog, model.item_counts.astype(np.float32), text, model, split)
 
 
 @pytest.fixture(scope="module")
@@ -137,23 +153,42 @@ def test_a_batch_answers_each_row_as_if_alone(bundle, recommender):
         np.testing.assert_allclose(mine["score"], alone["score"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("item_bias", [False, True])
-def test_answers_match_the_models_own_ranking(bundle, tmp_path, item_bias):
-    config = SASRecConfig(n_items=len(bundle.vocab), text_dim=16, d_model=16, max_len=20, item_bias=item_bias)
-    torch.manual_seed(1)
-    backbone = SASRecBackbone(config, bundle.text).eval()
-    backbone.init_item_bias(bundle.popularity)
-    histories = dict(zip(bundle.sequences.user_ids, zip(bundle.sequences.items, bundle.sequences.event_types)))
-    titles = bundle.catalog.set_index("item_id")["title"]
-    served = Recommender(write_bundle(tmp_path, backbone, bundle.vocab, titles, histories, bundle.popularity))
-    users = bundle.sequences.user_ids[:5]
-    answer = served.recommend(pd.DataFrame({"user_id": users, "k": [7] * 5}))
-    expected, scores = recommend(backbone, [bundle.sequences.items[i][-20:] for i in range(5)],
-                                 [bundle.sequences.event_types[i][-20:] for i in range(5)], k=7)
-    for row, user in enumerate(users):
-        mine = answer[answer["user_id"] == user]
-        assert mine["item_id"].tolist() == [bundle.vocab.ids[i - 1] for i in expected[row]]
-        np.testing.assert_allclose(mine["score"], scores[row], rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("diversity", [0.0, 0.3])
+def test_served_pyfunc_scores_held_out_users_as_the_offline_scorer_does(bundle, tmp_path, diversity):
+    """Serving is the model that was measured: the pyfunc's lists for the held-out users give the
+    NDCG@10 the offline evaluation gives (blend, EASE and MMR included)."""
+    split = bundle.split
+    test = split.test_histories()
+    histories = dict(zip(test.user_ids, zip(test.items, test.event_types)))  # what the test ranks from
+    path = write_bundle(tmp_path / "b", bundle.model, bundle.vocab, bundle.catalog.set_index("item_id")["title"], histories)
+    pyfunc = RecommenderPyfunc()
+    pyfunc.load_context(SimpleNamespace(artifacts={"bundle": str(path)}))
+    answer = pyfunc.predict(None, pd.DataFrame({"user_id": test.user_ids, "k": 10, "diversity": diversity}))
+    targets = dict(zip(test.user_ids, [bundle.vocab.ids[t - 1] for t in split.test_targets]))
+    hits = answer[answer["item_id"] == answer["user_id"].map(targets)]
+    served_ndcg = float((1.0 / np.log2(hits["rank"] + 1.0)).sum() / len(test.user_ids))
+    offline = evaluate_split(bundle.model.ranker(diversity), split, len(bundle.vocab), "test")["ndcg@10"]
+    assert len(hits) > 0
+    assert served_ndcg == pytest.approx(offline, abs=1e-6)
+    assert answer.groupby("user_id").size().eq(10).all()
+
+
+def test_diversity_knob_changes_the_list_and_lowers_its_similarity(bundle, recommender):
+    users = bundle.sequences.user_ids[:20]
+    plain = recommender.recommend(pd.DataFrame({"user_id": users, "k": 10, "diversity": 0.0}))
+    diverse = recommender.recommend(pd.DataFrame({"user_id": users, "k": 10, "diversity": 0.9}))
+    text = torch.nn.functional.normalize(bundle.text, dim=1).numpy()
+
+    def mean_similarity(answer):
+        sims = []
+        for _, rows in answer.groupby("user_id"):
+            vectors = text[bundle.vocab.index(rows["item_id"])]
+            similarity = vectors @ vectors.T
+            sims.append((similarity.sum() - np.trace(similarity)) / (len(rows) * (len(rows) - 1)))
+        return float(np.mean(sims))
+
+    assert plain["item_id"].tolist() != diverse["item_id"].tolist()
+    assert mean_similarity(diverse) < mean_similarity(plain)
 
 
 def test_optional_fields_may_be_left_out_per_row():
@@ -211,9 +246,8 @@ def test_raw_user_ids_are_pseudonymised_with_the_servers_key_and_a_wrong_key_is_
     pseudonyms = pseudonymize(raw, key)
     histories = {p: (items, types) for p, items, types in
                  zip(pseudonyms, bundle.sequences.items, bundle.sequences.event_types)}
-    backbone = Recommender(bundle.path).backbone
     titles = bundle.catalog.set_index("item_id")["title"]
-    path = write_bundle(tmp_path / "b", backbone, bundle.vocab, titles, histories, bundle.popularity, key_id(key))
+    path = write_bundle(tmp_path / "b", bundle.model, bundle.vocab, titles, histories, key_id(key))
 
     by_pseudonym = Recommender(path).recommend(pd.DataFrame({"user_id": [pseudonyms[1]], "k": [5]}))
     assert Recommender(path).recommend(pd.DataFrame({"user_id": [raw[1]], "k": [5]}))["item_id"].tolist() \

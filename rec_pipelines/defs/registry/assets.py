@@ -10,7 +10,7 @@ import pandas as pd
 
 from rec_models.data import UserSequences
 from rec_models.evaluation import PopularityRecommender, evaluate_ranking, paired_difference
-from rec_models.sasrec import SASRecBackbone, load_backbone
+from rec_models.recommender import HybridRecommender
 from rec_pipelines.defs.training.assets import TrainedModel, TrainingData, text_matrix
 from rec_pipelines.plots import figure_to_md, new_figure
 from rec_pipelines.registry import decide_promotion, metric_key
@@ -19,21 +19,19 @@ from rec_pipelines.resources import MlflowResource
 GROUP = "registry"
 
 
-def evaluate_backbone(backbone: SASRecBackbone, histories: UserSequences, targets: np.ndarray,
-                      cold: np.ndarray) -> dict:
-    """Protocol metrics on all users, plus NDCG@10 on the cold-start users (``cold`` marks
-    users whose test item never occurs in training, e.g. items that arrived with new batches),
-    and each user's NDCG@10 (``per_user_ndcg@10``) for the paired comparison."""
-    metrics = evaluate_ranking(backbone.score_histories, histories.items, targets, backbone.config.n_items,
+def evaluate_model(model: HybridRecommender, histories: UserSequences, targets: np.ndarray, cold: np.ndarray) -> dict:
+    """Protocol metrics of what serving answers by default (``model.ranker()``) on all users,
+    plus NDCG@10 on the cold-start users (``cold`` marks users whose test item never occurs in
+    training, e.g. items that arrived with new batches), and each user's NDCG@10
+    (``per_user_ndcg@10``) for the paired comparison."""
+    ranker = model.ranker()
+    metrics = evaluate_ranking(ranker, histories.items, targets, model.n_items,
                                event_types=histories.event_types, per_user=True)
     positions = np.flatnonzero(cold)
     metrics["cold_users"] = len(positions)
     metrics["cold_ndcg@10"] = float("nan")
     if len(positions):
-        cold_metrics = evaluate_ranking(
-            backbone.score_histories, [histories.items[i] for i in positions], targets[positions],
-            backbone.config.n_items, event_types=[histories.event_types[i] for i in positions])
-        metrics["cold_ndcg@10"] = cold_metrics["ndcg@10"]
+        metrics["cold_ndcg@10"] = float(metrics["per_user_ndcg@10"][positions].mean())
     return metrics
 
 
@@ -78,15 +76,15 @@ def model_evaluation(
     histories, targets = split.test_histories(), split.test_targets
     trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
     cold = ~np.isin(targets, trained_items)
-    candidate = load_backbone(Path(candidate_model.bundle_dir) / "backbone.pt")
-    results = {"candidate": evaluate_backbone(candidate, histories, targets, cold)}
+    candidate = HybridRecommender.load(candidate_model.bundle_dir)
+    results = {"candidate": evaluate_model(candidate, histories, targets, cold)}
 
     champion_version = registry.version_by_alias("champion")
     if champion_version is not None:
         bundle = registry.download_bundle("champion", dst=Path(tempfile.mkdtemp(prefix="champion-")))
-        champion = load_backbone(bundle / "backbone.pt")
+        champion = HybridRecommender.load(bundle)
         champion.grow(text_matrix(training_data.vocab, item_text_embeddings))  # new items scored from text
-        results["champion"] = evaluate_backbone(champion, histories, targets, cold)
+        results["champion"] = evaluate_model(champion, histories, targets, cold)
         results["paired"] = paired_difference(results["candidate"].pop("per_user_ndcg@10"),
                                               results["champion"].pop("per_user_ndcg@10"))
     results["candidate"].pop("per_user_ndcg@10", None)

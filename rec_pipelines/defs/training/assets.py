@@ -1,10 +1,12 @@
 """Training data and the Lightning-trained sequential recommender (full or micro-batch)."""
 
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -15,17 +17,19 @@ from rec_models.data import (
     ItemVocab,
     LeaveLastOutSplit,
     UserSequences,
-    build_sequences,
     collapse_repeats,
     interactions,
     leave_last_out,
 )
+from rec_models.evaluation import protocol_sequences
+from rec_models.features import FeedbackFeatures
 from rec_models.privacy import key_id
-from rec_models.sasrec import SASRecConfig, load_backbone, train_sasrec
+from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
+from rec_models.sasrec import event_features
 from rec_models.serving import example_request, write_bundle
 from rec_pipelines.plots import figure_to_md, new_figure
 from rec_pipelines.registry import MlflowEpochMetrics, ModelRegistry
-from rec_pipelines.resources import LakeResource, MlflowResource
+from rec_pipelines.resources import LakeResource, MlflowResource, TextEncoderResource
 
 GROUP = "training"
 RETRAIN_TAG = "recsys/model"  # dagster.yaml limits runs per value of this tag to one
@@ -55,20 +59,31 @@ def text_matrix(vocab: ItemVocab, embeddings: pd.DataFrame) -> torch.Tensor:
     return torch.from_numpy(matrix)
 
 
+class TrainingDataConfig(dg.Config):
+    exclude_bots: bool = True  # users flagged bot-like by feedback_features stay out of training and evaluation
+
+
 @dg.asset(group_name=GROUP, kinds={"pandas"})
 def training_data(
     context: dg.AssetExecutionContext,
+    config: TrainingDataConfig,
     lake: LakeResource,
     validated_feedback: pd.DataFrame,
     item_catalog: pd.DataFrame,
+    feedback_features: FeedbackFeatures,
 ) -> dg.Output[TrainingData]:
-    """User sequences and the leave-last-out split. The item vocabulary is append-only and kept
-    in the lake, so any earlier model's tables are a prefix of today's and can grow."""
+    """User sequences and the leave-last-out split under the evaluation protocol (every rating
+    row kept, its value as a feature; stable time order). The item vocabulary is append-only and
+    kept in the lake, so any earlier model's tables are a prefix of today's and can grow."""
     vocab_path = lake.store().lake / "item_vocab.json"
     vocab = ItemVocab.from_dict(json.loads(vocab_path.read_text())) if vocab_path.exists() else ItemVocab()
     added = vocab.extend(item_catalog["item_id"].astype(str))
-    positives = collapse_repeats(interactions(validated_feedback))
-    sequences = build_sequences(positives, vocab)  # extends vocab with items seen only in feedback
+    positives = collapse_repeats(interactions(validated_feedback, min_rating=None))
+    bots = set(feedback_features.users.loc[feedback_features.users["bot_like"], "user_id"].astype(str))
+    is_bot = positives["user_id"].astype(str).isin(bots) if config.exclude_bots else np.zeros(len(positives), bool)
+    positives = positives[~np.asarray(is_bot)]
+    # extends vocab with items seen only in feedback
+    sequences = protocol_sequences(positives, vocab, event_features)
     vocab_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = vocab_path.with_name(".item_vocab.json.tmp")
     tmp.write_text(json.dumps(vocab.to_dict()))
@@ -86,25 +101,42 @@ def training_data(
             "users": len(sequences),
             "users_in_split": len(split.train),
             "interactions": len(positives),
+            "bot_users_excluded": len(bots) if config.exclude_bots else 0,
+            "bot_interactions_excluded": int(np.sum(is_bot)),
             "median_sequence_length": float(np.median(lengths)),
             "batches": len(batches),
         },
     )
 
 
+_DEFAULTS = RecommenderConfig()
+FINETUNE_SETTINGS = ("finetune_max_epochs", "finetune_patience", "finetune_lr", "max_time_s", "diversity")
+
+
 class TrainConfig(dg.Config):
+    """How ``candidate_model`` trains. Model settings default to ``RecommenderConfig``'s (the
+    model ``recsys evaluate`` reports as ``main``); ``model`` overrides any of them by name."""
+
     mode: str = "auto"  # "full", "incremental", or "auto" (incremental when a champion exists)
-    max_epochs: int = 30
-    patience: int = 3  # epochs without a better validation NDCG@10 before stopping early
-    max_time_s: float = 150.0
-    incremental_max_epochs: int = 4
-    incremental_max_time_s: float = 40.0
-    lr: float = 1e-3
-    incremental_lr: float = 3e-4  # gentler steps when fine-tuning the champion
-    replay_users: int = 300
-    d_model: int = 64
-    max_len: int = 50
-    seed: int = 0
+    replay_users: int = 300  # micro-batch: users without new feedback replayed so the model does not forget them
+    max_epochs: int = _DEFAULTS.max_epochs
+    patience: int = _DEFAULTS.patience  # epochs without a better validation NDCG@10 before stopping
+    finetune_max_epochs: int = _DEFAULTS.finetune_max_epochs
+    d_model: int = _DEFAULTS.d_model
+    max_len: int = _DEFAULTS.max_len
+    diversity: float = _DEFAULTS.diversity  # served MMR diversity default (0 = off); requests may override
+    seed: int = _DEFAULTS.seed
+    max_time_s: float = _DEFAULTS.max_time_s  # safety net only; a run that hits it says so
+    model: dict[str, Any] = {}  # any other RecommenderConfig field, e.g. {"ease": false}
+    bundle_text_encoder: bool = False  # ship the text encoder in the model so requests may send context_text
+
+    def recommender_config(self) -> RecommenderConfig:
+        typed = {name: getattr(self, name) for name in (
+            "max_epochs", "patience", "finetune_max_epochs", "d_model", "max_len", "diversity", "seed", "max_time_s")}
+        try:
+            return RecommenderConfig.from_dict({**typed, **self.model})
+        except (TypeError, ValueError) as error:
+            raise dg.Failure(f"invalid model settings: {error}") from error
 
 
 @dataclass
@@ -125,18 +157,22 @@ def candidate_model(
     config: TrainConfig,
     training_data: TrainingData,
     item_text_embeddings: pd.DataFrame,
+    user_context_embeddings: pd.DataFrame,
     item_catalog: pd.DataFrame,
     lake: LakeResource,
     mlflow: MlflowResource,
+    text_encoder: TextEncoderResource,
 ) -> dg.Output[TrainedModel]:
-    """A Lightning-trained SASRec whose items are ID embeddings plus projected text
-    embeddings. ``incremental`` fine-tunes the champion on users with new feedback plus a
-    replay sample; ``full`` trains from scratch. Logged to MLflow as a pyfunc model."""
+    """The recommender of ``rec_models.recommender`` (SASRec blended with the content model and
+    EASE), trained by ``train_recommender``. ``incremental`` fine-tunes the champion on users
+    with new feedback plus a replay sample; ``full`` trains from scratch. Logged to MLflow as a
+    pyfunc model that carries its code."""
     import mlflow as mlf
 
     registry: ModelRegistry = mlflow.registry()
     data = training_data
     text = text_matrix(data.vocab, item_text_embeddings)
+    model_config = config.recommender_config()
     champion = registry.version_by_alias("champion")
     mode = config.mode
     if mode not in ("auto", "full", "incremental"):
@@ -147,35 +183,40 @@ def candidate_model(
         context.log.warning("no champion to fine-tune from: running a full retrain instead")
         mode = "full"
 
-    init_backbone, users_subset, consumed = None, None, []
+    init, users_subset, consumed = None, None, []
+    if mode == "incremental":
+        bundle = registry.download_bundle("champion", dst=Path(tempfile.mkdtemp(prefix="champion-")))
+        try:
+            init = HybridRecommender.load(bundle)
+        except (OSError, KeyError, ValueError, RuntimeError) as error:
+            context.log.warning(f"champion v{champion.version} cannot be fine-tuned ({error}): full retrain instead")
+            mode = "full"
     if mode == "incremental":
         consumed = json.loads(champion.tags.get("batches", "[]"))
-        bundle = registry.download_bundle("champion", dst=Path(tempfile.mkdtemp(prefix="champion-")))
-        init_backbone = load_backbone(bundle / "backbone.pt")
-        init_backbone.grow(text)
-        users_subset = _microbatch_users(data, set(consumed), config.replay_users, config.seed)
+        init.grow(text)
+        # A fine-tune keeps the champion's model settings; how long it trains comes from this run.
+        model_config = dataclasses.replace(init.config, **{name: getattr(model_config, name) for name in FINETUNE_SETTINGS})
+        users_subset = _microbatch_users(data, set(consumed), config.replay_users, model_config.seed)
         context.log.info(f"micro-batch: fine-tuning champion v{champion.version} on {len(users_subset)} users")
     new_batches = [b for b in data.batches if b not in set(consumed)]
 
-    model_config = SASRecConfig(
-        n_items=len(data.vocab), text_dim=text.shape[1], d_model=config.d_model, max_len=config.max_len,
-        max_epochs=config.incremental_max_epochs if mode == "incremental" else config.max_epochs,
-        lr=config.incremental_lr if mode == "incremental" else config.lr,
-        patience=config.patience, seed=config.seed,
-    )
-    max_time = config.incremental_max_time_s if mode == "incremental" else config.max_time_s
     with registry.start_run(
         run_name=f"{mode}-{context.run_id[:8]}",
         tags={"dagster.run_id": context.run_id, "mode": mode, "parent_version": champion.version if champion else ""},
     ) as run:
         mlf.log_params({**model_config.to_dict(), "mode": mode, "users": len(data.split.train),
                         "train_users": len(users_subset) if users_subset is not None else len(data.split.train),
-                        "new_batches": len(new_batches), "max_time_s": max_time})
-        backbone, history = train_sasrec(
-            data.split, model_config, text, init_backbone=init_backbone, max_time_s=max_time,
-            callbacks=[MlflowEpochMetrics()], users_subset=users_subset,
+                        "new_batches": len(new_batches)})
+        mlf.log_dict(model_config.to_dict(), "recommender_config.json")
+        model, history = train_recommender(
+            data.split, text, model_config, init=init, users_subset=users_subset, callbacks=[MlflowEpochMetrics()],
         )
-        mlf.log_metrics({"train_s": history["train_s"], "sequences_per_s": history["sequences_per_s"]})
+        mlf.log_metrics({"train_s": history["train_s"], "sequences_per_s": history["sequences_per_s"],
+                         "alpha": model.alpha, "ease_weight": model.ease_weight,
+                         "hit_time_limit": float(history["stopped_by"] == "max_time")})
+        mlf.set_tag("stopped_by", history["stopped_by"])
+        if history["stopped_by"] == "max_time":
+            context.log.warning(f"training hit the {model_config.max_time_s}s safety limit: accuracy depends on machine speed")
         curves = training_curves_figure(history, mode)
         mlf.log_figure(curves, "plots/training_curves.png")
         mlf.log_dict({"batches": data.batches, "new_batches": new_batches}, "batches.json")
@@ -184,14 +225,15 @@ def candidate_model(
         bundle_dir = store.lake / "models" / run.info.run_id / "bundle"
         titles = item_catalog.set_index("item_id")["title"]
         histories = dict(zip(data.sequences.user_ids, zip(data.sequences.items, data.sequences.event_types)))
-        popularity = np.bincount(np.concatenate(data.split.train.items) if len(data.split.train) else [],
-                                 minlength=len(data.vocab) + 1).astype(np.float32)
-        write_bundle(bundle_dir, backbone, data.vocab, titles, histories, popularity,
-                     pseudonym_key_id=key_id(store.pseudonym_key()))
+        contexts = user_context_embeddings[~user_context_embeddings["user_id"].astype(str).isin(histories)]
+        write_bundle(bundle_dir, model, data.vocab, titles, histories, pseudonym_key_id=key_id(store.pseudonym_key()),
+                     user_contexts=contexts,
+                     text_encoder_dir=text_encoder.encoder().model_path if config.bundle_text_encoder else None)
         example_users = data.sequences.user_ids[:2]
         info = registry.log_recommender(bundle_dir, example_request(example_users, data.vocab.ids[:2]))
 
-    context.log.info(f"trained {mode} model in {history['train_s']:.1f}s; MLflow run {run.info.run_id}")
+    context.log.info(f"trained {mode} model in {history['train_s']:.1f}s (stopped by {history['stopped_by']}); "
+                     f"MLflow run {run.info.run_id}")
     return dg.Output(
         TrainedModel(run.info.run_id, info.model_uri, str(bundle_dir), mode,
                      champion.version if champion else None, data.batches, new_batches, history),
@@ -201,11 +243,16 @@ def candidate_model(
             "model_uri": info.model_uri,
             "parent_version": champion.version if champion else "none",
             "epochs": len(history["epochs"]),
+            "stopped_by": history["stopped_by"],
+            "alpha": model.alpha,
+            "ease_weight": model.ease_weight,
             "best_val_ndcg@10": float(history["best_val_ndcg@10"]),
+            "best_val_hybrid_ndcg@10": float(history.get("best_val_hybrid_ndcg@10", float("nan"))),
             "warm_start_val_ndcg@10": float(history["warm_start_val_ndcg@10"] or float("nan")),
             "train_s": float(history["train_s"]),
             "sequences_per_s": float(history["sequences_per_s"]),
             "new_batches": dg.MetadataValue.json(new_batches),
+            "config": dg.MetadataValue.json(model_config.to_dict()),
             "training_curves": dg.MetadataValue.md(figure_to_md(curves, alt="training curves")),
         },
     )
