@@ -13,8 +13,9 @@ EXPECTED_ASSETS = {
     "feedback_features": ("ingestion", {"validated_feedback"}),
     "item_text_embeddings": ("embeddings", {"item_catalog", "validated_feedback"}),
     "user_context_embeddings": ("embeddings", {"validated_feedback", "item_catalog", "item_text_embeddings"}),
-    "training_data": ("training", {"validated_feedback", "item_catalog"}),
-    "candidate_model": ("training", {"training_data", "item_text_embeddings", "item_catalog"}),
+    "training_data": ("training", {"validated_feedback", "item_catalog", "feedback_features"}),
+    "candidate_model": ("training", {"training_data", "item_text_embeddings", "user_context_embeddings",
+                                     "item_catalog"}),
     "model_evaluation": ("registry", {"candidate_model", "training_data", "item_text_embeddings"}),
     "champion_model": ("registry", {"candidate_model", "model_evaluation"}),
 }

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_RUN_CONFIG
 
-from rec_models.sasrec import load_backbone, save_backbone
+from rec_models.recommender import HybridRecommender
 from rec_pipelines.definitions import defs as load_defs
 from rec_pipelines.registry import CHAMPION, ModelRegistry, decide_promotion
 from rec_pipelines.rollback import main as rollback_main
@@ -47,17 +47,18 @@ def trained(recsys_env, small_simulator):
 
 
 def plant_degraded_candidate(settings, registry):
-    """Replace the materialised candidate_model with a model whose item tables are scrambled."""
+    """Replace the materialised candidate_model with a model whose network is scrambled."""
     path = settings.lake / "assets" / "candidate_model"
     candidate = pickle.loads(path.read_bytes())
     bundle = settings.lake / "degraded" / "bundle"
     shutil.copytree(candidate.bundle_dir, bundle)
-    backbone = load_backbone(bundle / "backbone.pt")
+    model = HybridRecommender.load(bundle)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
-        for parameter in backbone.parameters():
+        for parameter in model.backbone.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    save_backbone(backbone, bundle / "backbone.pt")
+    model.alpha, model.ease_weight = 1.0, 0.0  # the scrambled network alone decides
+    model.save(bundle)
     with registry.start_run("planted-degraded") as run:
         info = registry.log_recommender(bundle, None)
     candidate.run_id, candidate.model_uri, candidate.bundle_dir = run.info.run_id, info.model_uri, str(bundle)
