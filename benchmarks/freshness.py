@@ -142,8 +142,8 @@ def main() -> int:
         return stats[step].end_time - stats[step].start_time
 
     from rec_models.evaluation import paired_difference
-    from rec_models.sasrec import load_backbone
-    from rec_pipelines.defs.registry.assets import evaluate_backbone
+    from rec_models.recommender import HybridRecommender
+    from rec_pipelines.defs.registry.assets import evaluate_model
     from rec_pipelines.defs.training.assets import text_matrix
 
     with dg.DagsterInstance.get() as instance:
@@ -164,11 +164,11 @@ def main() -> int:
     split = data.split
     histories, targets = split.test_histories(), split.test_targets
     cold = np.zeros(len(targets), dtype=bool)
-    micro_model = load_backbone(settings.lake / "models" / micro_mlflow_run.info.run_id / "bundle" / "backbone.pt")
+    micro_model = HybridRecommender.load(settings.lake / "models" / micro_mlflow_run.info.run_id / "bundle")
     micro_model.grow(text)
-    full_model = load_backbone(Path(full.output_for_node("candidate_model").bundle_dir) / "backbone.pt")
-    micro_metrics = evaluate_backbone(micro_model, histories, targets, cold)
-    full_metrics = evaluate_backbone(full_model, histories, targets, cold)
+    full_model = HybridRecommender.load(full.output_for_node("candidate_model").bundle_dir)
+    micro_metrics = evaluate_model(micro_model, histories, targets, cold)
+    full_metrics = evaluate_model(full_model, histories, targets, cold)
     micro_ndcg, full_ndcg = micro_metrics["ndcg@10"], full_metrics["ndcg@10"]
     paired = paired_difference(micro_metrics["per_user_ndcg@10"], full_metrics["per_user_ndcg@10"])
     print(f"micro-batch: train {micro_train:.1f}s (run {micro_run:.1f}s), NDCG@10 {micro_ndcg:.4f}")

@@ -50,9 +50,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rec_models.data import ItemVocab, build_sequences, collapse_repeats, interactions, leave_last_out  # noqa: E402
+from rec_models.data import ItemVocab, leave_last_out  # noqa: E402
+from rec_models.evaluation import protocol_sequences  # noqa: E402
 from rec_models.movielens import MOVIELENS_TEMPLATE, load_movielens  # noqa: E402
-from rec_models.sasrec import SASRecConfig, train_sasrec  # noqa: E402
+from rec_models.recommender import RecommenderConfig, train_recommender  # noqa: E402
+from rec_models.sasrec import event_features  # noqa: E402
 from rec_models.serving import example_request, write_bundle  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
@@ -89,16 +91,17 @@ def build_champion(root: Path, args: argparse.Namespace) -> tuple[list[pd.DataFr
 
     data = load_movielens(DATA)
     vocab = ItemVocab(data.catalog["item_id"])
-    sequences = build_sequences(collapse_repeats(interactions(data.events)), vocab)
+    sequences = protocol_sequences(data.events, vocab, event_features)
     split = leave_last_out(sequences)
     text = text_vectors(data.catalog, vocab, args.encode_text)
-    config = SASRecConfig(n_items=len(vocab), text_dim=text.shape[1], d_model=64, max_len=50, max_epochs=args.epochs)
+    # The served model's default configuration; fewer epochs only (latency does not depend on them).
+    config = RecommenderConfig(max_epochs=args.epochs, patience=args.epochs)
     started = time.perf_counter()
-    backbone, _ = train_sasrec(split, config, text, max_time_s=120)
-    print(f"trained SASRec ({len(vocab)} items, {len(sequences)} users) in {time.perf_counter() - started:.0f}s", flush=True)
-    popularity = np.bincount(np.concatenate(split.train.items), minlength=len(vocab) + 1).astype(np.float32)
+    model, _ = train_recommender(split, text, config)
+    print(f"trained the recommender ({len(vocab)} items, {len(sequences)} users) in {time.perf_counter() - started:.0f}s",
+          flush=True)
     histories = dict(zip(sequences.user_ids, zip(sequences.items, sequences.event_types)))
-    bundle = write_bundle(root / "bundle", backbone, vocab, data.catalog.set_index("item_id")["title"], histories, popularity)
+    bundle = write_bundle(root / "bundle", model, vocab, data.catalog.set_index("item_id")["title"], histories)
 
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     registry = ModelRegistry(tracking_uri, root / "artifacts", MODEL_NAME)

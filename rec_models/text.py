@@ -382,8 +382,10 @@ def latest_texts(events: pd.DataFrame, key: str, per_key: int, event_type: str =
 def add_reviews(catalog: pd.DataFrame, events: pd.DataFrame, per_item: int = 3) -> pd.DataFrame:
     """The catalog with a ``reviews`` column: each item's ``per_item`` latest review texts,
     newest first, joined by " / " ("" for items without reviews)."""
-    reviews = latest_texts(events, "item_id", per_item).map(REVIEW_SEPARATOR.join)
-    return catalog.assign(reviews=catalog["item_id"].map(reviews).fillna("").astype(str).to_numpy())
+    reviews = latest_texts(events, "item_id", per_item).map(REVIEW_SEPARATOR.join).to_dict()
+    # A plain dict lookup: mapping through an empty Series gives a float (Arrow) column
+    # that cannot hold "" (MovieLens has no reviews at all).
+    return catalog.assign(reviews=[reviews.get(item, "") for item in catalog["item_id"]])
 
 
 def build_user_contexts(

@@ -230,6 +230,14 @@ def test_add_reviews_keeps_the_latest_reviews_per_item_newest_first() -> None:
     assert catalog.columns.tolist() == make_catalog(1).columns.tolist()  # input untouched
 
 
+def test_add_reviews_without_any_review_keeps_every_item_with_empty_reviews() -> None:
+    """MovieLens has ratings only: no item has a review (an Arrow-typed catalog once failed here)."""
+    catalog = make_catalog(3).assign(item_id=pd.array(["a", "b", "c"], dtype="string[pyarrow]"))
+    ratings = make_events([("u1", "a", "rating", 4.0, 10, None)]).astype({"item_id": "string[pyarrow]",
+                                                                          "text": "string[pyarrow]"})
+    assert text_module.add_reviews(catalog, ratings)["reviews"].tolist() == ["", "", ""]
+
+
 def test_user_contexts_describe_users_with_few_interactions() -> None:
     catalog = pd.DataFrame(
         {
