@@ -81,6 +81,18 @@ def test_per_batch_accounting_features_and_catalog_lag(env, small_simulator):
     assert users.loc[v1, "engagement"] == 5.0 and features.weights["skip"] == -3.0  # configured weights
     assert features.items.set_index("item_id").loc["brand-new-item", "events"] == 1
 
+    # Flagged users stay out of training and evaluation (counted), unless configured otherwise.
+    training = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("training_data")])
+    assert bot_id not in training.output_for_node("training_data").sequences.user_ids
+    assert metadata(training, "training_data")["bot_users_excluded"] == 1
+    assert metadata(training, "training_data")["bot_interactions_excluded"] == 40  # 40 items, each clicked 4 times
+    kept = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("training_data")],
+        run_config={"ops": {"training_data": {"config": {"exclude_bots": False}}}})
+    assert bot_id in kept.output_for_node("training_data").sequences.user_ids
+    assert metadata(kept, "training_data")["bot_interactions_excluded"] == 0
+
     catalog_check = check(first, "events_with_catalog_entry")  # kept and reported, not quarantined
     assert catalog_check.metadata["events_without_catalog_entry"].value == 1
     assert "brand-new-item" in first.output_for_node("validated_feedback")["item_id"].tolist()

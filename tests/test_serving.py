@@ -191,6 +191,54 @@ def test_diversity_knob_changes_the_list_and_lowers_its_similarity(bundle, recom
     assert mean_similarity(diverse) < mean_similarity(plain)
 
 
+@pytest.fixture(scope="module")
+def text_bundle(tmp_path_factory, tiny_encoder_dir):
+    """A bundle whose item vectors come from a (tiny) text encoder that travels in the bundle,
+    with one stored user-context vector for a user the model has no history of."""
+    from rec_models.text import DEFAULT_ITEM_TEMPLATE, TextEncoder, as_matrix, embed_catalog
+
+    small = make_bundle(tmp_path_factory.mktemp("plain"), max_epochs=1)
+    encoder = TextEncoder(str(tiny_encoder_dir))
+    frame, _ = embed_catalog(small.catalog, encoder, DEFAULT_ITEM_TEMPLATE)
+    text = torch.zeros(len(small.vocab) + 1, encoder.dim)
+    text[torch.from_numpy(small.vocab.index(frame["item_id"]))] = torch.from_numpy(as_matrix(frame))
+    model, _ = train_recommender(small.split, text, RecommenderConfig(**{**TINY, "max_epochs": 1}))
+    histories = dict(zip(small.sequences.user_ids, zip(small.sequences.items, small.sequences.event_types)))
+    newcomer = encoder.encode(["Loves quiet jazz records and poetry"])[0]
+    path = write_bundle(tmp_path_factory.mktemp("text"), model, small.vocab, small.catalog.set_index("item_id")["title"],
+                        histories, user_contexts=pd.DataFrame({"user_id": ["newcomer"], "embedding": [newcomer]}),
+                        text_encoder_dir=tiny_encoder_dir)
+    return SimpleNamespace(path=path, model=model, encoder=encoder, newcomer=newcomer, vocab=small.vocab)
+
+
+def expected_cold(bundle, vector, k):
+    scores = bundle.model.cold_scores(torch.from_numpy(np.asarray(vector))[None], 1)
+    return [bundle.vocab.ids[i - 1] for i in scores[0].topk(k).indices.tolist()]
+
+
+def test_a_user_without_history_is_served_from_context_text(text_bundle):
+    served = Recommender(text_bundle.path)
+    popular_only = served.recommend(pd.DataFrame({"user_id": ["stranger"], "k": [8]}))["item_id"].tolist()
+    jazz, cooking = "Loves quiet jazz records and poetry", "Into cooking shows and camping gear"
+    answer = served.recommend(pd.DataFrame({"user_id": ["stranger", "stranger"], "k": 8, "context_text": [jazz, cooking]}))
+    lists = [rows["item_id"].tolist() for _, rows in answer.groupby(answer.index // 8)]
+    assert lists[0] == expected_cold(text_bundle, text_bundle.encoder.encode([jazz])[0], 8)
+    assert lists[1] == expected_cold(text_bundle, text_bundle.encoder.encode([cooking])[0], 8)
+    assert lists[0] != popular_only and lists[0] != lists[1]
+    assert answer["warnings"].map(len).eq(0).all()
+
+
+def test_a_user_known_by_a_stored_context_vector_gets_it(text_bundle):
+    answer = Recommender(text_bundle.path).recommend(pd.DataFrame({"user_id": ["newcomer"], "k": [6]}))
+    assert answer["item_id"].tolist() == expected_cold(text_bundle, text_bundle.newcomer, 6)
+
+
+def test_context_text_without_a_bundled_encoder_is_ignored_with_a_warning(bundle, recommender):
+    answer = recommender.recommend(pd.DataFrame({"user_id": ["stranger"], "k": [5], "context_text": ["jazz"]}))
+    assert answer["item_id"].tolist() == popular(bundle, 5)
+    assert "without a text encoder" in answer["warnings"][0][0]
+
+
 def test_optional_fields_may_be_left_out_per_row():
     parsed = parse_requests(pd.DataFrame({"user_id": ["a", "b"], "k": [np.nan, 3.0],
                                           "recent_item_ids": [None, ["x", 7]]}))
@@ -210,6 +258,10 @@ def test_optional_fields_may_be_left_out_per_row():
     ({"user_id": "u1", "recent_item_ids": "i00001"}, "recent_item_ids"),
     ({"user_id": "u1", "recent_item_ids": ["i00001", None]}, "recent_item_ids"),
     ({"user_id": "u1", "exclude": {"i00001": 1}}, "exclude"),
+    ({"user_id": "u1", "diversity": 1.5}, "diversity"),
+    ({"user_id": "u1", "diversity": "high"}, "diversity"),
+    ({"user_id": "u1", "context_text": ["jazz"]}, "context_text"),
+    ({"user_id": "u1", "context_text": "x" * 5000}, "context_text"),
 ])
 def test_malformed_rows_are_rejected_with_the_field_named(request_row, field):
     with pytest.raises(InvalidRequest, match=field):
