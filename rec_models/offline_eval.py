@@ -63,6 +63,7 @@ from rec_models.evaluation import (
 from rec_models.movielens import MOVIELENS_TEMPLATE, MovieLensData, load_movielens
 from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
 from rec_models.sasrec import event_features
+from rec_models.settings import ModelSettings
 from rec_models.text import USER_CONTEXT_TEMPLATE, EmbeddingCache, TextEncoder, as_matrix, embed_catalog
 
 K = 10
@@ -79,7 +80,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="JSON file to write")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="text-embedding cache folder (default: beside --out)")
-    parser.add_argument("--text-model", default=os.environ.get("RECSYS_TEXT_MODEL") or None,
+    parser.add_argument("--text-model", default=ModelSettings().text_model or None,
                         help="local transformers folder (default: $RECSYS_TEXT_MODEL, else the bundled MiniLM)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="save the main model (a folder: HybridRecommender.save) here")
     parser.add_argument("--seed", type=int, default=0)

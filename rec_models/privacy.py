@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+
 import hashlib
 import hmac
 import logging
@@ -31,7 +32,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-KEY_ENV = "RECSYS_PSEUDONYM_KEY"
+from rec_models.settings import ModelSettings
+
+KEY_ENV = "RECSYS_PSEUDONYM_KEY"  # read through rec_models.settings.ModelSettings
 USER_PREFIX = "p_"
 SESSION_PREFIX = "s_"
 PSEUDONYM_HEX = 16
@@ -157,9 +160,9 @@ def _read_key_file(path: Path) -> bytes:
 def existing_pseudonym_key(key_file: Path | str | None, env: dict[str, str] | None = None) -> bytes | None:
     """The key ``$RECSYS_PSEUDONYM_KEY`` or ``key_file`` holds, or None; never creates one
     (for readers such as servers, which must not invent a key the lake does not use)."""
-    env = os.environ if env is None else env
-    if env.get(KEY_ENV):
-        return _as_key(env[KEY_ENV])
+    from_env = ModelSettings.from_env(env).key_secret()
+    if from_env:
+        return _as_key(from_env)
     if key_file and Path(key_file).is_file():
         return _read_key_file(Path(key_file))
     return None
@@ -169,11 +172,11 @@ def resolve_pseudonym_key(key_file: Path | str, configured: bytes | str | None =
                           env: dict[str, str] | None = None) -> tuple[bytes, str]:
     """(key, where it came from): ``configured``, else ``$RECSYS_PSEUDONYM_KEY``, else the key
     file (generated on first use, which is logged)."""
-    env = os.environ if env is None else env
+    from_env = ModelSettings.from_env(env).key_secret()
     if configured:
         return _as_key(configured), "config"
-    if env.get(KEY_ENV):
-        return _as_key(env[KEY_ENV]), f"${KEY_ENV}"
+    if from_env:
+        return _as_key(from_env), f"${KEY_ENV}"
     key, created = load_or_create_key(key_file)
     if created:
         log.warning("generated a new pseudonym key in %s (mode 0600); keep it, or set %s: "

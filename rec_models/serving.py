@@ -68,6 +68,7 @@ from rec_models.privacy import USER_PREFIX, existing_pseudonym_key, key_id, pseu
 from rec_models.recommender import HybridRecommender
 from rec_models.rerank import MMRReranker
 from rec_models.sasrec import DEFAULT_EVENT_TYPE
+from rec_models.settings import ModelSettings
 
 INPUT_COLUMNS = ["user_id", "recent_item_ids", "k", "exclude", "diversity", "context_text"]
 OUTPUT_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "explanation", "warnings"]
@@ -76,7 +77,7 @@ MAX_K = 1000
 MAX_CONTEXT_CHARS = 2000
 EXPLANATION_PREFIX = "because you liked "
 _MAX_LISTED_IDS = 10  # unknown ids quoted in one warning
-KEY_FILE_ENV = "RECSYS_PSEUDONYM_KEY_FILE"
+KEY_FILE_ENV = "RECSYS_PSEUDONYM_KEY_FILE"  # read through rec_models.settings.ModelSettings
 USERS_FILE, ITEMS_FILE, VOCAB_FILE = "users.parquet", "items.parquet", "vocab.json"
 USER_CONTEXT_FILE, ENCODER_DIR, IDENTITY_FILE = "user_context.parquet", "text_encoder", "identity.json"
 
@@ -122,11 +123,10 @@ def write_bundle(
     return path
 
 
-def serving_pseudonym_key(env: dict[str, str] | None = None) -> bytes | None:
+def serving_pseudonym_key(env: Mapping[str, str] | None = None) -> bytes | None:
     """The pseudonym key a server may use to map raw user ids: ``$RECSYS_PSEUDONYM_KEY``, else
     the file named by ``$RECSYS_PSEUDONYM_KEY_FILE`` if it exists, else None."""
-    env = os.environ if env is None else env
-    return existing_pseudonym_key(env.get(KEY_FILE_ENV), env)
+    return existing_pseudonym_key(ModelSettings.from_env(env).pseudonym_key_file, env)
 
 
 class InvalidRequest(ValueError):

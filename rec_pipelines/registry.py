@@ -51,7 +51,7 @@ SIGNATURE = ModelSignature(
 )
 # What the pyfunc imports at load time (rec_models' serving path), pinned to the versions it
 # was trained with; given explicitly so MLflow does not re-import the model to infer them.
-SERVING_PACKAGES = ["mlflow", "torch", "lightning", "pandas", "pyarrow", "numpy"]
+SERVING_PACKAGES = ["mlflow", "torch", "lightning", "pandas", "pyarrow", "numpy", "pydantic", "pydantic-settings"]
 TEXT_ENCODER_PACKAGES = ["transformers", "tokenizers", "safetensors"]  # bundles that carry the encoder
 MODEL_CODE = Path(__file__).resolve().parents[1] / "rec_models" / "pyfunc_model.py"
 

@@ -1,33 +1,15 @@
-"""The one place that decides the environment: where things live and what they are called.
-
-Every path and name the pipeline uses comes from here, read from environment variables with
-laptop-friendly defaults under one home folder (``RECSYS_HOME``, default: the current
-directory, i.e. the checkout):
-
-=========================  ===========================================  =========================
-variable                   meaning                                      default
-=========================  ===========================================  =========================
-``RECSYS_HOME``            root of all local state                      current directory
-``RECSYS_LANDING_ZONE``    folder (or fsspec URL) new files land in     ``$RECSYS_HOME/var/landing``
-``RECSYS_LAKE``            ingested, validated data and asset outputs   ``$RECSYS_HOME/var/lake``
-``DAGSTER_HOME``           Dagster instance folder (holds dagster.yaml) ``$RECSYS_HOME/var/dagster_home``
-``MLFLOW_TRACKING_URI``    MLflow tracking + registry store             ``sqlite:///$RECSYS_HOME/mlflow/mlflow.db``
-``RECSYS_MLFLOW_ARTIFACTS`` artifact root for new experiments            ``$RECSYS_HOME/mlflow/artifacts``
-``RECSYS_MODEL_NAME``      registered model name                        ``recsys-sasrec``
-``RECSYS_TEXT_MODEL``      transformers encoder folder or name          bundled all-MiniLM-L6-v2
-``RECSYS_PSEUDONYM_KEY_FILE`` file holding the user-id pseudonym key  ``$RECSYS_LAKE/secrets/pseudonym.key``
-=========================  ===========================================  =========================
-
-The pseudonym key itself may come from ``RECSYS_PSEUDONYM_KEY`` instead (a secret store's
-environment variable); otherwise it is generated into its file on first ingest. Serving reads
-the same variables, so requests may name users by their raw ids.
-"""
+"""The one place that decides the environment: every path, name and schedule the project
+uses, read from environment variables (``Settings``, a pydantic-settings object extending
+``rec_models.settings.ModelSettings``) with laptop-friendly defaults under ``RECSYS_HOME``.
+The README's configuration table is ``Settings.table()`` (``tests/test_settings.py``)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import model_validator
+
+from rec_models.settings import ModelSettings, env_field
 
 
 def is_remote_url(location: str) -> bool:
@@ -35,39 +17,47 @@ def is_remote_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
-@dataclass(frozen=True)
-class Settings:
-    home: Path
-    landing_zone: Path  # a remote zone's local mirror (see feedback_store.RemoteLandingZone)
-    lake: Path
-    dagster_home: Path
-    mlflow_tracking_uri: str
-    mlflow_artifact_root: Path
-    model_name: str
-    text_model: str  # "" means the bundled default encoder
-    pseudonym_key_file: Path
-    landing_zone_url: str = ""  # set when the landing zone is an fsspec URL such as s3://bucket/prefix
+class Settings(ModelSettings):
+    """Every setting of the project; paths left unset derive from ``home``."""
 
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
-        env = dict(os.environ if env is None else env)
-        home = Path(env.get("RECSYS_HOME") or os.getcwd()).resolve()
-        mlflow_dir = home / "mlflow"
-        lake = Path(env.get("RECSYS_LAKE") or home / "var" / "lake")
-        landing = env.get("RECSYS_LANDING_ZONE") or ""
-        remote = landing if is_remote_url(landing) else ""
-        return cls(
-            home=home,
-            landing_zone=lake / "landing-mirror" if remote else Path(landing.removeprefix("file://") or home / "var" / "landing"),
-            lake=lake,
-            dagster_home=Path(env.get("DAGSTER_HOME") or home / "var" / "dagster_home"),
-            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-            mlflow_artifact_root=Path(env.get("RECSYS_MLFLOW_ARTIFACTS") or mlflow_dir / "artifacts"),
-            model_name=env.get("RECSYS_MODEL_NAME") or "recsys-sasrec",
-            text_model=env.get("RECSYS_TEXT_MODEL") or "",
-            pseudonym_key_file=Path(env.get("RECSYS_PSEUDONYM_KEY_FILE") or lake / "secrets" / "pseudonym.key"),
-            landing_zone_url=remote,
-        )
+    home: Path = env_field("RECSYS_HOME", Path.cwd, "root of all local state", "current directory")
+    landing: str = env_field(
+        "RECSYS_LANDING_ZONE", "", "folder new files land in, or any fsspec URL (e.g. `s3://bucket/prefix`; "
+        "install its filesystem package, e.g. `s3fs`)", "`$RECSYS_HOME/var/landing`")
+    lake: Path | None = env_field("RECSYS_LAKE", None, "ingested, validated data and asset outputs",
+                                  "`$RECSYS_HOME/var/lake`")
+    dagster_home: Path | None = env_field("DAGSTER_HOME", None, "Dagster instance folder (holds dagster.yaml)",
+                                          "`$RECSYS_HOME/var/dagster_home`")
+    mlflow_tracking_uri: str = env_field("MLFLOW_TRACKING_URI", "", "MLflow tracking and registry store",
+                                         "`sqlite:///$RECSYS_HOME/mlflow/mlflow.db`")
+    mlflow_artifact_root: Path | None = env_field("RECSYS_MLFLOW_ARTIFACTS", None, "artifact root of new experiments",
+                                                  "`$RECSYS_HOME/mlflow/artifacts`")
+    model_name: str = env_field("RECSYS_MODEL_NAME", "recsys-sasrec", "registered model name")
+    full_retrain_cron: str = env_field("RECSYS_FULL_RETRAIN_CRON", "0 2 * * *", "schedule of the full retrain")
+    sensor_interval_s: int = env_field("RECSYS_SENSOR_INTERVAL_S", 10, "seconds between landing-zone sensor ticks")
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        self.home = Path(self.home).resolve()
+        mlflow_dir = self.home / "mlflow"
+        self.lake = Path(self.lake or self.home / "var" / "lake")
+        self.dagster_home = Path(self.dagster_home or self.home / "var" / "dagster_home")
+        self.mlflow_tracking_uri = self.mlflow_tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+        self.mlflow_artifact_root = Path(self.mlflow_artifact_root or mlflow_dir / "artifacts")
+        self.pseudonym_key_file = Path(self.pseudonym_key_file or self.lake / "secrets" / "pseudonym.key")
+        return self
+
+    @property
+    def landing_zone_url(self) -> str:
+        """The fsspec URL of a remote landing zone (such as ``s3://bucket/prefix``), else ""."""
+        return self.landing if is_remote_url(self.landing) else ""
+
+    @property
+    def landing_zone(self) -> Path:
+        """The local landing folder: a remote zone's mirror (see feedback_store.RemoteLandingZone)."""
+        if self.landing_zone_url:
+            return self.lake / "landing-mirror"
+        return Path(self.landing.removeprefix("file://") or self.home / "var" / "landing")
 
     @property
     def landing_location(self) -> str:
@@ -84,7 +74,6 @@ class Settings:
     def export(self) -> dict[str, str]:
         """Environment variables that make child processes (webserver, daemon, runs) agree."""
         return {
-
             "RECSYS_HOME": str(self.home),
             "RECSYS_LANDING_ZONE": self.landing_location,
             "RECSYS_LAKE": str(self.lake),
@@ -94,4 +83,14 @@ class Settings:
             "RECSYS_MODEL_NAME": self.model_name,
             "RECSYS_TEXT_MODEL": self.text_model,
             "RECSYS_PSEUDONYM_KEY_FILE": str(self.pseudonym_key_file),
+            "RECSYS_FULL_RETRAIN_CRON": self.full_retrain_cron,
+            "RECSYS_SENSOR_INTERVAL_S": str(self.sensor_interval_s),
         }
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The README's configuration table."""
+        rows = ["| variable | meaning | default |", "|---|---|---|"]
+        own = [row for row in cls.table() if row[0] not in {name for name, _, _ in ModelSettings.table()}]
+        rows += [f"| `{name}` | {meaning} | {default} |" for name, meaning, default in own + ModelSettings.table()]
+        return "\n".join(rows)

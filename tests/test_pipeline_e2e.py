@@ -6,6 +6,7 @@ import json
 import dagster as dg
 import mlflow
 import pandas as pd
+import pytest
 from conftest import TINY_RUN_CONFIG
 
 from rec_models.data import interactions
@@ -83,8 +84,19 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator):
         assert len(trained.new_batches) == 1 and trained.new_batches[0].startswith("events-00001")
         second = micro.output_for_node("champion_model")
         version = registry.client.get_model_version(settings.model_name, second["version"])
-        assert version.aliases == ["challenger"] or "challenger" in version.aliases or second["promoted"]
-        assert version.tags["promotion.decision"] in {"promoted", "rejected"}
+        # The gate compared the fine-tune with the champion on the same users and says so.
+        evaluation = micro.output_for_node("model_evaluation")
+        assert evaluation["champion_version"] == first["version"]
+        assert evaluation["paired"]["users"] == evaluation["candidate"]["n_users"] > 0
+        assert version.tags["promotion.decision"] == ("promoted" if second["promoted"] else "rejected")
+        assert "challenger" in version.aliases and ("champion" in version.aliases) == second["promoted"]
+        champion_ndcg = f"{evaluation['champion']['ndcg@10']:.4f}"
+        if second["promoted"]:
+            assert f"vs champion {champion_ndcg}" in second["reason"]
+        else:
+            assert "than champion" in second["reason"]  # which rule rejected it: NDCG, coverage or cold start
+        assert float(version.tags["paired.ndcg_diff"]) == pytest.approx(evaluation["paired"]["diff"], abs=1e-5)
+        assert registry.version_by_alias("champion").version == (second["version"] if second["promoted"] else first["version"])
         assert json.loads(version.tags["batches"])[-1] == trained.new_batches[0]
 
         # 5. re-running ingests nothing twice

@@ -9,7 +9,6 @@ are batched into the next run.
 
 import hashlib
 import json
-import os
 
 import dagster as dg
 from dagster._core.storage.tags import RUN_KEY_TAG
@@ -19,7 +18,8 @@ from rec_pipelines.feedback_store import KINDS, fingerprint
 from rec_pipelines.resources import LakeResource
 from rec_pipelines.settings import Settings
 
-MODEL_NAME = Settings.from_env().model_name
+SETTINGS = Settings.from_env()
+MODEL_NAME = SETTINGS.model_name
 RETRAIN_TAGS = {RETRAIN_TAG: MODEL_NAME}
 ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -51,7 +51,7 @@ full_retrain_job = dg.define_asset_job(
 full_retrain_schedule = dg.ScheduleDefinition(
     name="full_retrain_schedule",
     job=full_retrain_job,
-    cron_schedule=os.environ.get("RECSYS_FULL_RETRAIN_CRON", "0 2 * * *"),
+    cron_schedule=SETTINGS.full_retrain_cron,
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Nightly full retrain (cron from RECSYS_FULL_RETRAIN_CRON).",
 )
@@ -59,7 +59,7 @@ full_retrain_schedule = dg.ScheduleDefinition(
 
 @dg.sensor(
     job=microbatch_retrain_job,
-    minimum_interval_seconds=int(os.environ.get("RECSYS_SENSOR_INTERVAL_S", "10")),
+    minimum_interval_seconds=SETTINGS.sensor_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Starts a micro-batch retrain when new files land in the landing zone.",
 )
