@@ -6,10 +6,14 @@ extends this class with everything else; together they are the project's one set
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+_ONLY_GIVEN: ContextVar[bool] = ContextVar("settings_from_a_mapping", default=False)
 
 
 def env_field(name: str, default, description: str, default_text: str | None = None, **kwargs):
@@ -39,12 +43,21 @@ class ModelSettings(BaseSettings):
         "`$RECSYS_LAKE/secrets/pseudonym.key`")
 
     @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings,) if _ONLY_GIVEN.get() else (init_settings, env_settings)
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None):
         """The settings from ``os.environ``, or from the mapping ``env`` alone."""
         if env is None:
             return cls()
         names = {field.json_schema_extra["env"] for field in cls.model_fields.values()}
-        return cls.model_validate({name: value for name, value in env.items() if name in names and value != ""})
+        token = _ONLY_GIVEN.set(True)
+        try:
+            return cls(**{name: value for name, value in env.items() if name in names and value != ""})
+        finally:
+            _ONLY_GIVEN.reset(token)
 
     def key_secret(self) -> str | None:
         return None if self.pseudonym_key is None else self.pseudonym_key.get_secret_value()
