@@ -44,7 +44,6 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import dagster as dg
-    import numpy as np
     import pandas as pd
 
     from rec_models.baselines import tune_content, tune_ease

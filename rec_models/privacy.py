@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 from collections.abc import Iterable
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from rec_models.files import write_text_atomic
 from rec_models.settings import ModelSettings
 
 KEY_ENV = "RECSYS_PSEUDONYM_KEY"  # read through rec_models.settings.ModelSettings
@@ -85,21 +85,14 @@ def pseudonymize(ids: Iterable | pd.Series, key: bytes | str, prefix: str = USER
 
 
 def _hmac_sha256_hex(values: list[str], key: bytes, chars: int) -> list[str]:
-    """The first ``chars`` hex digits of HMAC-SHA256(key, value) for each value (RFC 2104,
-    from the key's padded inner and outer hash states computed once: about twice as fast as
-    ``hmac.digest`` per value, which redoes the key schedule every call)."""
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(64, b"\0")
-    inner_start = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    outer_start = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    """The first ``chars`` hex digits of HMAC-SHA256(key, value) for each value. The keyed
+    state is built once and copied per value (``hmac`` objects copy their key schedule)."""
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
     out = []
     for value in values:
-        inner = inner_start.copy()
-        inner.update(value.encode("utf-8"))
-        outer = outer_start.copy()
-        outer.update(inner.digest())
-        out.append(outer.hexdigest()[:chars])
+        mac = keyed.copy()
+        mac.update(value.encode("utf-8"))
+        out.append(mac.hexdigest()[:chars])
     return out
 
 
@@ -135,19 +128,11 @@ def load_or_create_key(path: Path | str) -> tuple[bytes, bool]:
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)  # fails if another process won the race: use its key
+        try:  # exclusive: fails if another process won the race, then its key is used
+            write_text_atomic(path, secrets.token_hex(32) + "\n", exclusive=True, mode=0o600)
             created = True
         except FileExistsError:
             created = False
-        finally:
-            tmp.unlink()
     else:
         created = False
     return _read_key_file(path), created

@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rec_models.data import LeaveLastOutSplit
-from rec_models.evaluation import RankingMetrics, evaluate_ranking, pad_histories
+from rec_models.evaluation import RankingMetrics, pad_histories
 from rec_models.schema import EVENT_TYPE_INDEX, EVENT_TYPES
 
 VAL_K = 10

@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import numbers
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

@@ -33,9 +33,7 @@ which batches are requested.
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
@@ -43,6 +41,7 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
+from rec_models.files import write_bytes_atomic
 from rec_models.schema import CATALOG_COLUMNS, EVENT_COLUMNS, EVENT_DTYPES, EVENT_TYPES, RATING_RANGE
 
 
@@ -1008,15 +1007,4 @@ def _write_if_changed(path: Path, content: str) -> Path:
     data = content.encode("utf-8")
     if path.is_file() and path.read_bytes() == data:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, data)

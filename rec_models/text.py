@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import string
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertM
 from transformers.utils import cached_file  # noqa: E402
 
 from rec_models.data import collapse_repeats, interactions  # noqa: E402
+from rec_models.files import atomic_path  # noqa: E402
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -514,15 +514,8 @@ class EmbeddingCache:
             },
             schema=self._SCHEMA,
         )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            pq.write_table(table, temp_name)
-            os.replace(temp_name, self.path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.path) as tmp:
+            pq.write_table(table, tmp)
 
 
 # --- embedding -------------------------------------------------------------------------------

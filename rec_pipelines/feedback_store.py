@@ -86,6 +86,7 @@ from rec_models.privacy import (
     resolve_pseudonym_key,
     scrub_texts,
 )
+from rec_models.files import atomic_path, write_json_atomic
 from rec_models.schema import CATALOG_COLUMNS, EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS
 from rec_pipelines.settings import is_remote_url
 from rec_pipelines.validation import (
@@ -176,7 +177,7 @@ class RemoteLandingZone:
             index[key] = version
             fetched.append(key)
         if fetched:
-            _write_json_atomic(self.index_path, index)
+            write_json_atomic(self.index_path, index)
         return fetched
 
 
@@ -187,11 +188,8 @@ def is_supported(path: Path) -> bool:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def fingerprint(path: Path) -> str:
@@ -724,7 +722,7 @@ class FeedbackStore:
         except UnreadableFile as exc:
             reason = str(exc)
             report.quarantined_files.append({"file": rel, "reason": reason})
-            _write_json_atomic(self.lake / "quarantine" / "files" / f"{rel}.{sha[:8]}.json",
+            write_json_atomic(self.lake / "quarantine" / "files" / f"{rel}.{sha[:8]}.json",
                                {**entry, "reason": reason, "replay_from": str(path)})
             self._append_ledger({**entry, "status": "quarantined", "reason": reason})
             return
@@ -802,7 +800,7 @@ class FeedbackStore:
                     "min_timestamp": int(min_timestamp), "max_clock_skew_s": int(max_clock_skew_s),
                     "validated_at": time.time(), "run_id": run_id,
                 }
-                _write_json_atomic(self._account_path(batch_id), account)
+                write_json_atomic(self._account_path(batch_id), account)
                 accounts.append(account)
             return accounts
 
@@ -828,7 +826,7 @@ class FeedbackStore:
                 self._write_quarantined_rows(batch_id, rows)
                 account.update(rows_valid=0, rows_quarantined=account["rows_in"], rejected=reason,
                                reasons={**account["reasons"], reason: len(valid)})
-                _write_json_atomic(self._account_path(batch_id), account)
+                write_json_atomic(self._account_path(batch_id), account)
                 path.unlink()
                 rejected.append(batch_id)
         return rejected
@@ -903,16 +901,6 @@ def _empty_events() -> pd.DataFrame:
 
 
 def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Hidden temp file, then ``os.replace``. LZ4: as small as the default Snappy here, and
-    reads back about twice as fast."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False, compression="lz4")
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    """LZ4: as small as the default Snappy here, and reads back about twice as fast."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False, compression="lz4")

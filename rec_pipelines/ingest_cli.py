@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
+from rec_models.files import atomic_path
 from rec_pipelines.feedback_store import FeedbackStore, file_sha256, is_supported
 from rec_pipelines.settings import Settings
 
@@ -53,12 +52,8 @@ def place(source: Path, folder: Path) -> Path:
         target = folder / f"{stem}-{file_sha256(source)[:8]}.{suffix}" if suffix else folder / f"{stem}-{file_sha256(source)[:8]}"
         if target.exists():
             return target
-    tmp = folder / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(source, "rb") as reader, open(tmp, "wb") as writer:
-        shutil.copyfileobj(reader, writer, 1 << 20)
-        writer.flush()
-        os.fsync(writer.fileno())
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
     return target
 
 

@@ -23,6 +23,7 @@ from rec_models.data import (
 )
 from rec_models.evaluation import protocol_sequences
 from rec_models.features import FeedbackFeatures
+from rec_models.files import write_json_atomic
 from rec_models.privacy import key_id
 from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
 from rec_models.sasrec import event_features
@@ -84,10 +85,7 @@ def training_data(
     positives = positives[~np.asarray(is_bot)]
     # extends vocab with items seen only in feedback
     sequences = protocol_sequences(positives, vocab, event_features)
-    vocab_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = vocab_path.with_name(".item_vocab.json.tmp")
-    tmp.write_text(json.dumps(vocab.to_dict()))
-    tmp.replace(vocab_path)
+    write_json_atomic(vocab_path, vocab.to_dict())
 
     split = leave_last_out(sequences)
     user_batches = positives.groupby("user_id", sort=False)["batch_id"].unique().map(list).to_dict()
