@@ -55,7 +55,7 @@ def main() -> int:
     import pandas as pd
 
     from rec_models.simulator import FeedbackSimulator
-    from rec_pipelines.cli import prepare_environment
+    from rec_pipelines.settings import prepare_environment
     from rec_pipelines.definitions import defs as load_defs
     from rec_pipelines.registry import CHAMPION, ModelRegistry
 
@@ -84,7 +84,6 @@ def main() -> int:
         time.sleep(8)  # let the daemon load the code location before the first drop
         for batch in range(1, args.batches + 1):
             versions_before = {v.version for v in registry.client.search_model_versions(f"name = '{settings.model_name}'")}
-            champion_before = registry.version_by_alias(CHAMPION).version
             dropped = time.perf_counter()
             simulator.write_batch(settings.landing_zone, batch)
             outcome = None
@@ -115,7 +114,7 @@ def main() -> int:
             os.killpg(daemon.pid, 9)
 
     # -- 2. in-request path --------------------------------------------------------------
-    from rec_pipelines.feedback_store import FeedbackStore
+    from rec_pipelines.lake import FeedbackStore
 
     import torch
 
@@ -143,8 +142,7 @@ def main() -> int:
 
     from rec_models.evaluation import paired_difference
     from rec_models.recommender import HybridRecommender
-    from rec_pipelines.defs.registry.assets import evaluate_model
-    from rec_pipelines.defs.training.assets import text_matrix
+    from rec_pipelines.training import evaluate_model, text_matrix
 
     with dg.DagsterInstance.get() as instance:
         micro_record = next(r for r in instance.get_run_records(dg.RunsFilter(job_name="microbatch_retrain_job"))

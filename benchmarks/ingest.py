@@ -39,8 +39,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rec_models.schema import EVENT_TYPES  # noqa: E402
-from rec_pipelines.feedback_store import FeedbackStore  # noqa: E402
-from rec_pipelines.validation import GE_MAX_ROWS, run_expectations  # noqa: E402
+from rec_pipelines.lake import FeedbackStore  # noqa: E402
+from rec_pipelines.lake.validation import GE_MAX_ROWS, run_expectations  # noqa: E402
 
 START = 1_700_000_000
 

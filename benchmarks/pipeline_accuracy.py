@@ -59,9 +59,9 @@ def main() -> int:
     )
     from rec_models.movielens import load_movielens
     from rec_models.recommender import HybridRecommender, train_recommender
-    from rec_pipelines.cli import prepare_environment
+    from rec_pipelines.settings import prepare_environment
     from rec_pipelines.definitions import defs as load_defs
-    from rec_pipelines.ingest_cli import place_movielens
+    from rec_pipelines.lake.landing import place_movielens
     from rec_pipelines.registry import CHAMPION, ModelRegistry
 
     started = time.perf_counter()

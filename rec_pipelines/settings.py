@@ -5,11 +5,16 @@ The README's configuration table is ``Settings.table()`` (``tests/test_settings.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from pydantic import model_validator
 
 from rec_models.settings import ModelSettings, env_field
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def is_remote_url(location: str) -> bool:
@@ -54,7 +59,7 @@ class Settings(ModelSettings):
 
     @property
     def landing_zone(self) -> Path:
-        """The local landing folder: a remote zone's mirror (see feedback_store.RemoteLandingZone)."""
+        """The local landing folder: a remote zone's mirror (see lake.RemoteLandingZone)."""
         if self.landing_zone_url:
             return self.lake / "landing-mirror"
         return Path(self.landing.removeprefix("file://") or self.home / "var" / "landing")
@@ -94,3 +99,20 @@ class Settings(ModelSettings):
         own = [row for row in cls.table() if row[0] not in {name for name, _, _ in ModelSettings.table()}]
         rows += [f"| `{name}` | {meaning} | {default} |" for name, meaning, default in own + ModelSettings.table()]
         return "\n".join(rows)
+
+
+def prepare_environment(settings: Settings | None = None) -> Settings:
+    """Export the settings so every Dagster process agrees, and give DAGSTER_HOME its
+    dagster.yaml (copied from the repository root, the one source of truth)."""
+    settings = settings or Settings.from_env()
+    os.environ.update(settings.export())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    settings.dagster_home.mkdir(parents=True, exist_ok=True)
+    source = next((p for p in (settings.home / "dagster.yaml", REPO_ROOT / "dagster.yaml") if p.exists()), None)
+    target = settings.dagster_home / "dagster.yaml"
+    if source is not None and (not target.exists() or target.read_bytes() != source.read_bytes()):
+        shutil.copyfile(source, target)
+    for folder in (settings.landing_zone, settings.lake, settings.mlflow_artifact_root):  # (a remote zone's mirror)
+        folder.mkdir(parents=True, exist_ok=True)
+    return settings

@@ -29,7 +29,7 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def recsys_env(tmp_path, monkeypatch, tiny_encoder_dir):
     """Point every setting at a temp folder; returns the resulting Settings."""
-    from rec_pipelines.cli import prepare_environment
+    from rec_pipelines.settings import prepare_environment
     from rec_pipelines.settings import Settings
 
     monkeypatch.chdir(tmp_path)

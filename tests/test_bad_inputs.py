@@ -17,7 +17,7 @@ import pytest
 
 from rec_models.privacy import PSEUDONYM_PATTERN
 from rec_pipelines.defs.ingestion.assets import INGESTION_ASSETS
-from rec_pipelines.feedback_store import FeedbackStore
+from rec_pipelines.lake import FeedbackStore
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 GOOD = [{"user_id": f"good-u{i}", "item_id": f"i{i}", "event_type": "click", "value": None,
@@ -78,7 +78,7 @@ def test_the_table_covers_the_corpus():
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory):
     """Corpus + a good file in a fresh landing zone; one sensor tick; its run's ingestion assets."""
-    from rec_pipelines.cli import prepare_environment
+    from rec_pipelines.settings import prepare_environment
     from rec_pipelines.definitions import defs as load_defs
     from rec_pipelines.settings import Settings
 

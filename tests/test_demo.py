@@ -3,8 +3,8 @@ batch without duplicating any data."""
 
 from conftest import TINY_RUN_CONFIG
 
-from rec_pipelines.demo import run_demo
-from rec_pipelines.feedback_store import FeedbackStore
+from rec_pipelines.cli.demo import run_demo
+from rec_pipelines.lake import FeedbackStore
 
 
 def test_demo_runs_twice_without_duplicating_data(recsys_env, small_simulator, capsys):

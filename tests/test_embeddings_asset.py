@@ -23,7 +23,7 @@ from rec_models.text import as_matrix, make_tiny_encoder_dir
 from rec_pipelines.defs.embeddings.assets import item_text_embeddings, user_context_embeddings
 from rec_pipelines.defs.ingestion.assets import item_catalog, raw_feedback, validated_feedback
 from rec_pipelines.plots import figure_to_md, markdown_table, new_figure, sample_rows, top_labels
-from rec_pipelines.resources import LakeResource, TextEncoderResource
+from rec_pipelines.defs.resources import LakeResource, TextEncoderResource
 
 INGESTION = [item_catalog, raw_feedback, validated_feedback]
 INLINE_PNG = re.compile(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/]+=*)\)")

@@ -15,7 +15,7 @@ from dagster._core.test_utils import in_process_test_workspace
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from rec_pipelines.defs.training.automation import RETRAIN_TAGS
-from rec_pipelines.feedback_store import FeedbackStore
+from rec_pipelines.lake import FeedbackStore
 from rec_pipelines.registry import CHAMPION
 
 SLOW_RETRAIN = """

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from rec_models.privacy import KEY_ENV, PSEUDONYM_PATTERN, pseudonymize, scrub_text
-from rec_pipelines.feedback_store import FeedbackStore, LakeError, is_ready, load_pseudonym_key
+from rec_pipelines.lake import FeedbackStore, LakeError, is_ready, load_pseudonym_key
 
 ROWS = [
     {"user_id": "u1", "item_id": "i1", "event_type": "view", "value": 12.0, "timestamp": 1_700_000_000},

@@ -11,7 +11,7 @@ from conftest import TINY_RUN_CONFIG
 
 from rec_models.privacy import pseudonymize
 from rec_pipelines.defs.ingestion.assets import INGESTION_ASSETS
-from rec_pipelines.feedback_store import FeedbackStore
+from rec_pipelines.lake import FeedbackStore
 
 T = 1_700_000_040  # a minute boundary
 
@@ -116,7 +116,7 @@ def test_a_failed_expectation_suite_stops_training_on_that_batch(env, small_simu
     small_simulator.write_batch(settings.landing_zone, 0)
     # A defect upstream: ids reach the lake without their pseudonym. Every row rule still
     # passes, the Great Expectations suite (stricter: the pseudonym pattern) does not.
-    monkeypatch.setattr("rec_pipelines.feedback_store.pseudonymize", lambda ids, key, prefix: ids)
+    monkeypatch.setattr("rec_pipelines.lake.store.pseudonymize", lambda ids, key, prefix: ids)
     result = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, run_config=TINY_RUN_CONFIG, raise_on_error=False)
 
@@ -138,7 +138,7 @@ def test_a_failed_expectation_suite_stops_training_on_that_batch(env, small_simu
 
 
 def test_recsys_ingest_prints_one_json_line(recsys_env, tmp_path, capsys):
-    from rec_pipelines.ingest_cli import main, place
+    from rec_pipelines.cli.ingest import main, place
 
     settings = recsys_env
     good, bad = tmp_path / "in" / "good.csv", tmp_path / "in" / "garbage.jsonl"
@@ -165,7 +165,7 @@ def test_recsys_ingest_prints_one_json_line(recsys_env, tmp_path, capsys):
 
 
 def test_recsys_ingest_movielens_folder(recsys_env, tmp_path, capsys):
-    from rec_pipelines.ingest_cli import main
+    from rec_pipelines.cli.ingest import main
 
     folder = tmp_path / "ml-100k"
     folder.mkdir()

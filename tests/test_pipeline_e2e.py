@@ -11,7 +11,7 @@ from conftest import TINY_RUN_CONFIG
 
 from rec_models.data import interactions
 from rec_pipelines.definitions import defs as load_defs
-from rec_pipelines.feedback_store import FeedbackStore
+from rec_pipelines.lake import FeedbackStore
 from rec_pipelines.registry import ModelRegistry
 
 

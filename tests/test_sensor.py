@@ -10,7 +10,7 @@ import pytest
 
 from rec_pipelines.defs.ingestion.assets import INGESTION_ASSETS
 from rec_pipelines.defs.training.automation import RETRAIN_TAGS
-from rec_pipelines.feedback_store import FeedbackStore
+from rec_pipelines.lake import FeedbackStore
 
 
 def event_line(user: str, i: int) -> str:

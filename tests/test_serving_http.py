@@ -20,7 +20,7 @@ from test_serving import make_bundle
 
 from rec_models.serving import EXPLANATION_PREFIX, OUTPUT_COLUMNS, example_request
 from rec_pipelines.registry import ModelRegistry, decide_promotion
-from rec_pipelines.serve import missing_model, parse_args, serve_command
+from rec_pipelines.cli.serve import missing_model, parse_args, serve_command
 from rec_pipelines.settings import Settings
 
 MODEL_NAME = "serving-test"
@@ -129,7 +129,7 @@ def test_known_user_with_fresh_history(server):
 
 
 def test_unknown_items_are_ignored_with_a_warning_and_strangers_get_popular_items(server):
-    url, bundle = server.url, server.bundle
+    url = server.url
     status, body = post(url, records({"user_id": "stranger", "recent_item_ids": ["nope-1", "nope-2"], "k": 3},
                                      {"user_id": "stranger-2"}))  # k left out in one row: default 10
     assert status == 200

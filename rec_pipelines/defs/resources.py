@@ -1,9 +1,70 @@
-"""Binds every resource to the environment decided in ``rec_pipelines.settings``."""
+"""The resources: small, configurable handles on the lake, the text encoder and MLflow, bound
+to the environment decided in ``rec_pipelines.settings``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
 
 import dagster as dg
 
-from rec_pipelines.resources import LakeResource, MlflowResource, TextEncoderResource
+from rec_pipelines.lake import FeedbackStore
+from rec_pipelines.registry import ModelRegistry
 from rec_pipelines.settings import Settings
+
+
+class LakeResource(dg.ConfigurableResource):
+    """Where feedback lands, where ingested data lives, and which file keeps the pseudonym key
+    (empty: ``<lake>/secrets/pseudonym.key``)."""
+
+    landing_zone: str
+    lake: str
+    pseudonym_key_file: str = ""
+
+    def store(self) -> FeedbackStore:
+        return FeedbackStore(self.landing_zone, self.lake, key_file=self.pseudonym_key_file or None)
+
+
+class TextEncoderResource(dg.ConfigurableResource):
+    """A transformers sentence encoder (``rec_models.text.TextEncoder``).
+
+    Empty ``model_path`` means the bundled all-MiniLM-L6-v2 (``RECSYS_TEXT_MODEL`` sets it);
+    ``max_length`` 0 means the model's own limit; empty ``device`` picks cuda when present,
+    else cpu; ``bf16`` None decides by hardware (native bf16 CPUs and GPUs).
+    """
+
+    model_path: str = ""
+    batch_size: int = 256
+    max_batch_tokens: int = 4096
+    max_length: int = 0
+    device: str = ""
+    bf16: Optional[bool] = None
+
+    def encoder(self):
+        return _load_encoder(
+            self.model_path or None, self.batch_size, self.max_batch_tokens, self.max_length or None,
+            self.device or None, self.bf16,
+        )
+
+
+@lru_cache(maxsize=2)
+def _load_encoder(model_path: str | None, batch_size: int, max_batch_tokens: int, max_length: int | None,
+                  device: str | None, bf16: bool | None):
+    from rec_models.text import TextEncoder  # transformers import is slow: only when needed
+
+    return TextEncoder(model_path, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                       max_length=max_length, device=device, bf16=bf16)
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking + registry for one registered model."""
+
+    tracking_uri: str
+    artifact_root: str
+    model_name: str
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.tracking_uri, self.artifact_root, self.model_name)
 
 
 @dg.definitions

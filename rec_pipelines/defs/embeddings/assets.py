@@ -22,7 +22,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from rec_pipelines.resources import LakeResource, TextEncoderResource
+from rec_pipelines.defs.resources import LakeResource, TextEncoderResource
 
 if TYPE_CHECKING:  # transformers import is slow: at run time only inside the assets
     from rec_models.text import TextEncoder, TextTemplate

@@ -15,8 +15,8 @@ from pydantic import Field
 
 from rec_models.features import FeedbackFeatures, compute_features
 from rec_models.schema import DEFAULT_EVENT_WEIGHTS
-from rec_pipelines.resources import LakeResource
-from rec_pipelines.validation import DEFAULT_MIN_TIMESTAMP, GE_MAX_ROWS, MAX_CLOCK_SKEW_S, run_expectations
+from rec_pipelines.defs.resources import LakeResource
+from rec_pipelines.lake.validation import DEFAULT_MIN_TIMESTAMP, GE_MAX_ROWS, MAX_CLOCK_SKEW_S, run_expectations
 
 GROUP = "ingestion"
 INGESTION_ASSETS = ["item_catalog", "raw_feedback", "validated_feedback", "feedback_features"]

@@ -1,55 +1,15 @@
-"""Evaluation on held-out data and the MLflow registration + promotion gate."""
-
-
-import tempfile
-from pathlib import Path
+"""Held-out evaluation and the MLflow registration + promotion gate: thin assets over
+``rec_pipelines.training`` and ``rec_pipelines.registry``."""
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
-from rec_models.data import UserSequences
-from rec_models.evaluation import PopularityRecommender, evaluate_ranking, paired_difference
-from rec_models.recommender import HybridRecommender
-from rec_pipelines.defs.training.assets import TrainedModel, TrainingData, text_matrix
-from rec_pipelines.plots import figure_to_md, new_figure
-from rec_pipelines.registry import decide_promotion, metric_key
-from rec_pipelines.resources import MlflowResource
+from rec_pipelines.defs.resources import MlflowResource
+from rec_pipelines.plots import figure_to_md
+from rec_pipelines.registry import decide_promotion
+from rec_pipelines.training import TrainedModel, TrainingData, held_out_comparison, text_matrix
 
 GROUP = "registry"
-
-
-def evaluate_model(model: HybridRecommender, histories: UserSequences, targets: np.ndarray, cold: np.ndarray) -> dict:
-    """Protocol metrics of what serving answers by default (``model.ranker()``) on all users,
-    plus NDCG@10 on the cold-start users (``cold`` marks users whose test item never occurs in
-    training, e.g. items that arrived with new batches), and each user's NDCG@10
-    (``per_user_ndcg@10``) for the paired comparison."""
-    ranker = model.ranker()
-    metrics = evaluate_ranking(ranker, histories.items, targets, model.n_items,
-                               event_types=histories.event_types, per_user=True)
-    positions = np.flatnonzero(cold)
-    metrics["cold_users"] = len(positions)
-    metrics["cold_ndcg@10"] = float("nan")
-    if len(positions):
-        metrics["cold_ndcg@10"] = float(metrics["per_user_ndcg@10"][positions].mean())
-    return metrics
-
-
-def comparison_figure(results: dict):
-    """Grouped bars: each model's held-out metrics side by side."""
-    metrics = ["hr@10", "ndcg@10", "cold_ndcg@10"]
-    names = [n for n in ("candidate", "champion", "popularity") if n in results]
-    figure = new_figure(6.0, 3.5)
-    axis = figure.add_subplot(1, 1, 1)
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        values = [float(results[name].get(m, np.nan)) for m in metrics]
-        axis.bar(np.arange(len(metrics)) + i * width, np.nan_to_num(values), width, label=name)
-    axis.set_xticks(np.arange(len(metrics)) + width * (len(names) - 1) / 2, metrics)
-    axis.set_title("held-out metrics (same users)")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
 
 
 class PromotionConfig(dg.Config):
@@ -71,46 +31,19 @@ def model_evaluation(
 ) -> dg.Output[dict]:
     """Protocol metrics (full ranking, history masked, leave-last-out test target) for the
     candidate, the current champion and a popularity baseline, all on the same users."""
-    registry = mlflow.registry()
-    split = training_data.split
-    histories, targets = split.test_histories(), split.test_targets
-    trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
-    cold = ~np.isin(targets, trained_items)
-    candidate = HybridRecommender.load(candidate_model.bundle_dir)
-    results = {"candidate": evaluate_model(candidate, histories, targets, cold)}
-
-    champion_version = registry.version_by_alias("champion")
-    if champion_version is not None:
-        bundle = registry.download_bundle("champion", dst=Path(tempfile.mkdtemp(prefix="champion-")))
-        champion = HybridRecommender.load(bundle)
-        champion.grow(text_matrix(training_data.vocab, item_text_embeddings))  # new items scored from text
-        results["champion"] = evaluate_model(champion, histories, targets, cold)
-        results["paired"] = paired_difference(results["candidate"].pop("per_user_ndcg@10"),
-                                              results["champion"].pop("per_user_ndcg@10"))
-    results["candidate"].pop("per_user_ndcg@10", None)
-    popularity = PopularityRecommender().fit(split.train, len(training_data.vocab))
-    results["popularity"] = evaluate_ranking(popularity.score, histories.items, targets, len(training_data.vocab))
-
-    client = registry.client
-    for name, value in results["candidate"].items():
-        client.log_metric(candidate_model.run_id, f"test_{metric_key(name)}", float(value))
-    if "champion" in results:
-        client.log_metric(candidate_model.run_id, f"champion_test_{metric_key('ndcg@10')}",
-                          float(results["champion"]["ndcg@10"]))
-        client.log_metric(candidate_model.run_id, "paired_ndcg_diff", results["paired"]["diff"])
-        client.log_metric(candidate_model.run_id, "paired_ndcg_diff_se", results["paired"]["se"])
-    comparison = comparison_figure(results)
-    client.log_figure(candidate_model.run_id, comparison, "plots/champion_vs_challenger.png")
-    table = pd.DataFrame({k: v for k, v in results.items() if k != "paired"}).T.reindex(columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
+    results, comparison = held_out_comparison(candidate_model, training_data,
+                                  text_matrix(training_data.vocab, item_text_embeddings), mlflow.registry())
+    table = pd.DataFrame({k: results[k] for k in ("candidate", "champion", "popularity") if k in results}).T.reindex(
+        columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
     context.log.info(f"held-out evaluation:\n{table}")
     return dg.Output(
-        {**results, "champion_version": champion_version.version if champion_version else None},
+        results,
         metadata={
             "candidate_ndcg@10": float(results["candidate"]["ndcg@10"]),
             "champion_ndcg@10": float(results["champion"]["ndcg@10"]) if "champion" in results else float("nan"),
             "popularity_ndcg@10": float(results["popularity"]["ndcg@10"]),
             "users": int(results["candidate"]["n_users"]),
-            "cold_users": int(cold.sum()),
+            "cold_users": results["cold_users"],
             "paired_ndcg_diff": dg.MetadataValue.json(results.get("paired")),
             "comparison": dg.MetadataValue.md(table.to_markdown(floatfmt=".4f")),
             "comparison_plot": dg.MetadataValue.md(figure_to_md(comparison, alt="champion vs challenger")),

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from rec_pipelines.resources import MlflowResource
+from rec_pipelines.defs.resources import MlflowResource
 
 
 class RollbackConfig(dg.Config):

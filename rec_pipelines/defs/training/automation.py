@@ -14,8 +14,8 @@ import dagster as dg
 from dagster._core.storage.tags import RUN_KEY_TAG
 
 from rec_pipelines.defs.training.assets import RETRAIN_TAG
-from rec_pipelines.feedback_store import KINDS, fingerprint
-from rec_pipelines.resources import LakeResource
+from rec_pipelines.lake import KINDS, fingerprint
+from rec_pipelines.defs.resources import LakeResource
 from rec_pipelines.settings import Settings
 
 SETTINGS = Settings.from_env()
@@ -67,7 +67,7 @@ def landing_zone_sensor(context: dg.SensorEvaluationContext, lake: LakeResource)
     """Requests one ``microbatch_retrain_job`` run for all files that landed since the last
     request, exactly once per file.
 
-    * A file is visible only when complete (``feedback_store.is_ready``: final name after an
+    * A file is visible only when complete (``lake.is_ready``: final name after an
       atomic rename, and no ``<name>.writing`` marker), so a file being written is never read.
     * The cursor remembers the files already requested (name -> size:mtime) until the ledger
       shows them ingested, so a file starts one run however often the sensor ticks; the run key

@@ -13,33 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from rec_pipelines.settings import Settings
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def prepare_environment(settings: Settings | None = None) -> Settings:
-    """Export the settings so every Dagster process agrees, and give DAGSTER_HOME its
-    dagster.yaml (copied from the repository root, the one source of truth)."""
-    settings = settings or Settings.from_env()
-    os.environ.update(settings.export())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    settings.dagster_home.mkdir(parents=True, exist_ok=True)
-    source = next((p for p in (settings.home / "dagster.yaml", REPO_ROOT / "dagster.yaml") if p.exists()), None)
-    target = settings.dagster_home / "dagster.yaml"
-    if source is not None and (not target.exists() or target.read_bytes() != source.read_bytes()):
-        shutil.copyfile(source, target)
-    for folder in (settings.landing_zone, settings.lake, settings.mlflow_artifact_root):  # (a remote zone's mirror)
-        folder.mkdir(parents=True, exist_ok=True)
-    return settings
+from rec_pipelines.settings import prepare_environment
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -54,7 +34,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rec_pipelines.demo import run_demo
+    from rec_pipelines.cli.demo import run_demo
 
     settings = prepare_environment()
     settings.local_landing_zone("demo")
@@ -104,9 +84,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 # Commands whose arguments their own module parses: name -> (module, help).
 DELEGATED = {
-    "ingest": ("rec_pipelines.ingest_cli", "ingest feedback files through the pipeline's own code path"),
-    "rollback": ("rec_pipelines.rollback", "restore the previous champion"),
-    "serve": ("rec_pipelines.serve", "serve models:/<name>@champion over HTTP"),
+    "ingest": ("rec_pipelines.cli.ingest", "ingest feedback files through the pipeline's own code path"),
+    "rollback": ("rec_pipelines.cli.rollback", "restore the previous champion"),
+    "serve": ("rec_pipelines.cli.serve", "serve models:/<name>@champion over HTTP"),
     "evaluate": ("rec_models.offline_eval", "compare every model on a MovieLens-layout folder"),
 }
 

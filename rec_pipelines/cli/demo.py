@@ -118,7 +118,7 @@ class FeedbackCatalog:
     """Item titles from the lake, for printing what users just interacted with."""
 
     def __init__(self, settings: Settings):
-        from rec_pipelines.feedback_store import FeedbackStore
+        from rec_pipelines.lake import FeedbackStore
 
         catalog = FeedbackStore(settings.landing_zone, settings.lake, key_file=settings.pseudonym_key_file).catalog()
         self.titles = dict(zip(catalog["item_id"], catalog["title"]))

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from rec_models.files import atomic_path
-from rec_pipelines.feedback_store import FeedbackStore, file_sha256, is_supported
+from rec_pipelines.lake.landing import place, place_movielens
+from rec_pipelines.lake import FeedbackStore, is_supported
 from rec_pipelines.settings import Settings
 
 
@@ -38,39 +37,6 @@ def _files_under(path: Path) -> list[Path]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file or folder: {path}")
     return [path]
-
-
-def place(source: Path, folder: Path) -> Path:
-    """Copy ``source`` into ``folder`` atomically (hidden temp name, then ``os.replace``);
-    returns the final path. Identical content already there is left as it is."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / source.name
-    if target.exists():
-        if file_sha256(target) == file_sha256(source):
-            return target
-        stem, _, suffix = source.name.partition(".")
-        target = folder / f"{stem}-{file_sha256(source)[:8]}.{suffix}" if suffix else folder / f"{stem}-{file_sha256(source)[:8]}"
-        if target.exists():
-            return target
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
-    return target
-
-
-def place_movielens(folder: Path, landing_zone: Path) -> list[Path]:
-    """Land a MovieLens folder: ratings as an events Parquet file, movies as a catalog one."""
-    import tempfile
-
-    from rec_models.movielens import load_movielens
-
-    data = load_movielens(folder)
-    placed = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind, frame in (("catalog", data.catalog), ("events", data.events)):
-            path = Path(tmp) / f"movielens-{folder.resolve().name}.parquet"
-            frame.to_parquet(path, index=False)
-            placed.append(place(path, landing_zone / kind))
-    return placed
 
 
 def _metadata(result, asset: str) -> dict:

@@ -1,0 +1,5 @@
+import sys
+
+from rec_pipelines.cli import main
+
+sys.exit(main())

@@ -1,0 +1,15 @@
+"""Landing zone → lake: reading feedback files exactly once, validating them batch by batch,
+and keeping what was read (``docs/lake.md`` has the producers' contract and the layout)."""
+
+from rec_pipelines.lake.landing import (
+           KINDS,
+           RemoteLandingZone,
+           file_sha256,
+           fingerprint,
+           is_ready,
+           is_supported,
+)
+from rec_pipelines.lake.store import FeedbackStore, LakeError, load_pseudonym_key
+
+__all__ = ["KINDS", "FeedbackStore", "LakeError", "RemoteLandingZone", "file_sha256", "fingerprint", "is_ready",
+           "is_supported", "load_pseudonym_key"]

@@ -1,0 +1,388 @@
+"""Reading one landing file (JSON Lines, JSON, CSV, Parquet; gzipped or not) into records, and
+coercing them to the event or catalog schema, every record kept with its problem if any."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from rec_models.privacy import (
+    scrub_texts,
+)
+from rec_models.schema import CATALOG_COLUMNS, EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS
+from rec_pipelines.lake.validation import (
+    MAX_TEXT_CHARS,
+)
+
+ROW_COLUMNS = ["batch_id", "source_row", *EVENT_COLUMNS]
+TEXT_COLUMNS = ["user_id", "item_id", "event_type", "session_id", "text", "title", "description", "category", "tags"]
+_TEXT_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # control characters except tab/newline/CR
+
+
+class UnreadableFile(ValueError):
+    """A landing file that cannot be turned into rows at all; the message is the reason."""
+
+
+
+@dataclass
+class ParsedFile:
+    """The records of one file: ``frame`` holds those that parsed (``source_row`` = 1-based
+    position among the file's non-blank records), ``bad`` the (source_row, reason) of those
+    that did not."""
+
+    frame: pd.DataFrame
+    bad: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def records(self) -> int:
+        return len(self.frame) + len(self.bad)
+
+
+def _format(path: Path) -> tuple[str, bool]:
+    gz = path.name.endswith(".gz")
+    name = (path.name[:-3] if gz else path.name).lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet", gz
+    if name.endswith(".csv"):
+        return "csv", gz
+    return ("json" if name.endswith(".json") else "jsonl"), gz
+
+
+def _arrow_frame(table: pa.Table) -> pd.DataFrame:
+    frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    frame.insert(0, "source_row", np.arange(1, len(frame) + 1))
+    return frame
+
+
+def read_table(path: Path) -> ParsedFile:
+    """Parse one landing file by its suffix; raise UnreadableFile with a clear reason when no
+    record can be read. Fast path: Arrow's readers; on any error, a careful pure-Python pass
+    that finds the precise reason and keeps the records that do parse."""
+    fmt, gz = _format(path)
+    if path.stat().st_size == 0:
+        raise UnreadableFile("empty file (0 bytes)")
+    if fmt == "parquet":
+        return _read_parquet(path)
+    try:
+        if fmt == "csv":
+            table = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(
+                strings_can_be_null=True, column_types=dict.fromkeys(TEXT_COLUMNS, pa.string())))
+        elif fmt == "jsonl" or not _starts_with(path, gz, b"["):
+            table = pa_json.read_json(path)
+        else:
+            raise pa.ArrowInvalid("a JSON array: parsed by the careful path")
+        if any(pa.types.is_binary(t) or pa.types.is_large_binary(t) for t in table.schema.types):
+            raise pa.ArrowInvalid("bytes that are not UTF-8: the careful path says where")
+        parsed = ParsedFile(_arrow_frame(table))
+    except (pa.ArrowException, OSError, EOFError, zlib.error, ValueError):
+        parsed = _read_text_carefully(path, fmt, gz)
+    duplicated = sorted({str(c) for c in parsed.frame.columns[parsed.frame.columns.duplicated()]})
+    if duplicated:
+        raise UnreadableFile(f"duplicate column names: {duplicated}")
+    if not parsed.records:
+        raise UnreadableFile("no rows (only a header or whitespace)" if fmt == "csv" else "no rows (only whitespace)")
+    if not len(parsed.frame):
+        raise UnreadableFile(f"no record could be read; first problem: {parsed.bad[0][1]}")
+    return parsed
+
+
+def _starts_with(path: Path, gz: bool, prefix: bytes) -> bool:
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(4096)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(prefix)
+
+
+def _read_parquet(path: Path) -> ParsedFile:
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # Arrow raises several types for corrupt files; all mean "unreadable"
+        message = str(exc).replace(f"'{path}'", path.name)
+        raise UnreadableFile(f"not a readable Parquet file: {type(exc).__name__}: {message}"[:300]) from exc
+    if table.num_rows == 0:
+        raise UnreadableFile("no rows")
+    return ParsedFile(_arrow_frame(table))
+
+
+def _decode(data: bytes) -> str:
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise UnreadableFile("UTF-16 text (byte-order mark found): re-encode the file as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UnreadableFile(
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}; binary data, or "
+            "another encoding such as latin-1): re-encode the file as UTF-8"
+        ) from exc
+
+
+def _read_bytes(path: Path, gz: bool) -> bytes:
+    data = path.read_bytes()
+    if not gz:
+        return data
+    try:
+        return gzip.decompress(data)
+    except EOFError as exc:
+        raise UnreadableFile("truncated gzip stream (the file ends before the compressed data does)") from exc
+    except (OSError, zlib.error) as exc:
+        raise UnreadableFile(f"not a valid gzip file: {exc}") from exc
+
+
+def _read_text_carefully(path: Path, fmt: str, gz: bool) -> ParsedFile:
+    text = _decode(_read_bytes(path, gz))
+    if fmt == "csv":
+        return _parse_csv(text)
+    return _parse_json(text, array_allowed=fmt == "json")
+
+
+def _parse_json(text: str, array_allowed: bool) -> ParsedFile:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        if not array_allowed:
+            raise UnreadableFile("a JSON array, not JSON Lines: write one object per line (or name the file .json)")
+        try:
+            records = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise UnreadableFile(f"invalid JSON array: {exc}") from exc
+        return _records_frame([(i, r) for i, r in enumerate(records, 1)])
+    numbered, source_row = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        source_row += 1
+        try:
+            numbered.append((source_row, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            numbered.append((source_row, f"invalid JSON ({exc.msg})"))
+    return _records_frame(numbered)
+
+
+def _records_frame(numbered: list[tuple[int, object]]) -> ParsedFile:
+    """Objects become rows; anything else (a parse error message, a non-object) a bad record."""
+    rows, positions, bad = [], [], []
+    for source_row, record in numbered:
+        if isinstance(record, dict):
+            rows.append(record)
+            positions.append(source_row)
+        elif isinstance(record, str) and record.startswith("invalid JSON"):
+            bad.append((source_row, record))
+        else:
+            bad.append((source_row, f"record is a JSON {type(record).__name__}, not an object"))
+    frame = pd.DataFrame.from_records(rows) if rows else pd.DataFrame()
+    frame.insert(0, "source_row", np.asarray(positions, dtype=np.int64))
+    return ParsedFile(frame, bad)
+
+
+def _parse_csv(text: str) -> ParsedFile:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return ParsedFile(pd.DataFrame({"source_row": []}))
+        header = [h.strip() for h in header]
+        rows, positions, bad, source_row = [], [], [], 0
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            source_row += 1
+            if len(row) != len(header):
+                bad.append((source_row, f"{len(row)} fields where the header has {len(header)}"))
+            else:
+                rows.append(row)
+                positions.append(source_row)
+    except csv.Error as exc:
+        raise UnreadableFile(f"malformed CSV: {exc}") from exc
+    frame = pd.DataFrame(rows, columns=header, dtype=object).replace("", None)
+    frame.insert(0, "source_row", np.asarray(positions, dtype=np.int64))
+    return ParsedFile(frame, bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion: records → event / catalog schema
+# --------------------------------------------------------------------------------------------
+
+
+def _missing_columns_reason(frame: pd.DataFrame, required: list[str], what: str) -> str:
+    found = sorted(map(str, (c for c in frame.columns if c != "source_row")))
+    reason = f"missing required columns {[c for c in required if c not in frame.columns]}; found {found}"
+    for delimiter in (";", "\t", "|"):
+        if any(delimiter in c and set(required) <= set(c.split(delimiter)) for c in found):
+            reason += f" (the header looks {delimiter!r}-separated: {what} must be comma-separated)"
+    return reason
+
+
+def _nested(raw: pd.Series) -> np.ndarray:
+    """Rows holding a list or mapping where a scalar belongs."""
+    if isinstance(raw.dtype, pd.ArrowDtype):
+        nested = pa.types.is_nested(raw.dtype.pyarrow_dtype)
+        return raw.notna().to_numpy(dtype=bool) if nested else np.zeros(len(raw), dtype=bool)
+    if raw.dtype == object:
+        return raw.map(lambda v: isinstance(v, (dict, list, tuple, np.ndarray))).to_numpy(dtype=bool)
+    return np.zeros(len(raw), dtype=bool)
+
+
+def _as_text(raw: pd.Series, lower: bool = False) -> pd.Series:
+    """Strings, stripped; empty strings become missing."""
+    if raw.dtype == object:  # careful path: mixed types; bool/float ids read as written
+        raw = raw.map(lambda v: v if v is None or isinstance(v, str) or v is pd.NA else
+                      (None if isinstance(v, float) and np.isnan(v) else str(v)))
+    text = raw.astype("string").str.strip()
+    if lower:
+        text = text.str.lower()
+    return text.mask(text == "")
+
+
+def _is_number_dtype(raw: pd.Series) -> bool:
+    dtype = raw.dtype
+    if isinstance(dtype, pd.ArrowDtype):
+        kind = dtype.pyarrow_dtype
+        return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+    return pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+
+
+def _is_datetime_dtype(raw: pd.Series) -> bool:
+    dtype = raw.dtype
+    if isinstance(dtype, pd.ArrowDtype):
+        return pa.types.is_timestamp(dtype.pyarrow_dtype) or pa.types.is_date(dtype.pyarrow_dtype)
+    return pd.api.types.is_datetime64_any_dtype(dtype)
+
+
+def _as_number(raw: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """(float64 values, rows that held something that is not a number)."""
+    if _is_number_dtype(raw):
+        return raw.astype("float64[pyarrow]").astype("float64"), np.zeros(len(raw), dtype=bool)
+    text = _as_text(raw)
+    number = pd.to_numeric(text, errors="coerce").astype("float64")
+    bad = (text.notna() & number.isna()).to_numpy(dtype=bool) | _nested(raw)
+    return number.mask(pd.Series(bad, index=number.index)), bad
+
+
+def _epoch_seconds(moments: pd.Series) -> pd.Series:
+    """UTC datetimes → Int64 epoch seconds (naive ones are taken as UTC)."""
+    moments = pd.to_datetime(moments, utc=True)
+    seconds = (moments - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    return seconds.astype("Int64")
+
+
+def _as_timestamp(raw: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """(Int64 epoch seconds, rows that are neither a number nor an ISO 8601 date-time)."""
+    if _is_datetime_dtype(raw):
+        return _epoch_seconds(raw.astype(object)), np.zeros(len(raw), dtype=bool)
+    number, bad = _as_number(raw)
+    out_of_range = number.abs() > 9e18  # would overflow int64
+    seconds = number.mask(out_of_range).round().astype("Int64")
+    bad = bad | out_of_range.to_numpy(dtype=bool)
+    if bad.any() and not _is_number_dtype(raw):
+        text = _as_text(raw)[bad]
+        parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+        ok = parsed.notna()
+        if ok.any():
+            seconds.loc[ok[ok].index] = _epoch_seconds(parsed[ok]).to_numpy()
+            bad[np.flatnonzero(bad)[ok.to_numpy()]] = False
+    return seconds, bad
+
+
+def _clean_text(raw: pd.Series) -> tuple[pd.Series, int]:
+    """Free text without control characters, at most MAX_TEXT_CHARS, scrubbed of contact
+    data; returns (text, how many were truncated)."""
+    text = _as_text(raw)
+    if not text.notna().any():
+        return text, 0
+    text = text.str.replace(_TEXT_CONTROL, "", regex=True)
+    too_long = (text.str.len() > MAX_TEXT_CHARS).fillna(False)
+    if too_long.any():
+        text = text.mask(too_long, text.str.slice(0, MAX_TEXT_CHARS))
+    return scrub_texts(text), int(too_long.sum())
+
+
+def coerce_events(parsed: ParsedFile) -> tuple[pd.DataFrame, dict]:
+    """Shape parsed records to the event schema plus ``source_row`` and ``problem``.
+
+    Values that do not convert get a ``problem`` (row validation then quarantines the row);
+    missing required columns fail the whole file. Ids and event types are stripped, event
+    types lower-cased, ``timestamp`` accepts epoch seconds (rounded) and ISO 8601 date-times.
+    Returns (events, stats) where stats counts truncated texts.
+    """
+    frame = parsed.frame
+    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UnreadableFile(_missing_columns_reason(frame, REQUIRED_EVENT_COLUMNS, "CSV files"))
+    index = frame.index
+    problem = np.full(len(frame), None, dtype=object)
+
+    def note(mask: np.ndarray, text: str) -> None:
+        problem[mask & (problem == None)] = text  # noqa: E711  (elementwise on an object array)
+
+    def column(name: str) -> pd.Series:
+        return frame[name] if name in frame.columns else pd.Series(None, index=index, dtype=object)
+
+    out = pd.DataFrame({"source_row": frame["source_row"].astype("int64")}, index=index)
+    for name in ("user_id", "item_id", "event_type", "session_id"):
+        raw = column(name)
+        note(_nested(raw), f"{name} is not a string or number")
+        out[name] = _as_text(raw, lower=name == "event_type")
+    out["value"], bad = _as_number(column("value"))
+    note(bad, "value is not a number")
+    out["timestamp"], bad = _as_timestamp(column("timestamp"))
+    note(bad, "timestamp is neither epoch seconds nor an ISO 8601 date-time")
+    note(_nested(column("text")), "text is not a string")
+    out["text"], truncated = _clean_text(column("text"))
+    out["problem"] = pd.array(problem, dtype="string")
+
+    if parsed.bad:
+        rows, reasons = zip(*parsed.bad)
+        bad_rows = pd.DataFrame({"source_row": np.asarray(rows, dtype=np.int64), "problem": list(reasons)})
+        out = pd.concat([out, bad_rows.astype({"problem": "string"})], ignore_index=True)
+        out = out.sort_values("source_row", kind="stable")
+    out = out.astype({"user_id": "string", "item_id": "string", "event_type": "string", "session_id": "string",
+                      "text": "string", "value": "float64", "timestamp": "Int64", "problem": "string"})
+    return out[["source_row", *EVENT_COLUMNS, "problem"]].reset_index(drop=True), {"texts_truncated": truncated}
+
+
+def coerce_catalog(parsed: ParsedFile) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(catalog rows, rows without an item id or that failed to parse, with a ``reason``).
+    Titles and descriptions are scrubbed of contact data like event texts."""
+    frame = parsed.frame
+    if "item_id" not in frame.columns or "title" not in frame.columns:
+        raise UnreadableFile(_missing_columns_reason(frame, ["item_id", "title"], "catalog CSV files"))
+    out = pd.DataFrame({"source_row": frame["source_row"].astype("int64")}, index=frame.index)
+    for name in CATALOG_COLUMNS:
+        raw = frame[name] if name in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+        if name == "tags":
+            out[name] = [as_tag_list(value) for value in raw]
+        elif name in ("title", "description"):
+            out[name] = _clean_text(raw)[0]
+        else:
+            out[name] = _as_text(raw)
+    bad = out["item_id"].isna() | pd.Series(_nested(frame["item_id"]), index=frame.index)
+    rejected = out[bad].assign(reason="missing item_id")
+    if parsed.bad:
+        rows, reasons = zip(*parsed.bad)
+        rejected = pd.concat([rejected, pd.DataFrame({"source_row": list(rows), "reason": list(reasons)})],
+                             ignore_index=True)
+    return out[~bad].drop(columns="source_row").reset_index(drop=True), rejected.reset_index(drop=True)
+
+
+def as_tag_list(value) -> list[str]:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [str(v) for v in value if v is not None and str(v)]
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return [t.strip() for t in str(value).split("|") if t.strip()]
+
+

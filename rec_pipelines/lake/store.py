@@ -1,0 +1,410 @@
+"""The lake: exactly-once ingestion of landing files into per-file batches (content-hash
+ledger, pseudonymised ids, quarantine with reasons), per-batch validation, and reading the
+validated feedback back. See docs/lake.md for the contract and the on-disk layout."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from rec_models.files import atomic_path, write_json_atomic
+from rec_models.privacy import (
+    KEY_ENV,
+    SESSION_PREFIX,
+    USER_PREFIX,
+    existing_pseudonym_key,
+    key_id,
+    pseudonymize,
+    resolve_pseudonym_key,
+)
+from rec_models.schema import CATALOG_COLUMNS
+from rec_pipelines.lake.landing import (
+    KINDS,
+    SUFFIXES,
+    RemoteLandingZone,
+    file_sha256,
+    is_ready,
+    is_supported,
+)
+from rec_pipelines.lake.parsing import (
+    ROW_COLUMNS,
+    UnreadableFile,
+    as_tag_list,
+    coerce_catalog,
+    coerce_events,
+    read_table,
+)
+from rec_pipelines.lake.validation import (
+    DEFAULT_MIN_TIMESTAMP,
+    MAX_CLOCK_SKEW_S,
+    event_keys,
+    split_valid_rows,
+)
+from rec_pipelines.settings import is_remote_url
+
+LAKE_FORMAT = 2  # 1: before pseudonymisation and per-batch validation
+
+
+class LakeError(RuntimeError):
+    """The lake cannot be used as it is (written by an older version, or another key)."""
+
+
+
+
+@dataclass
+class IngestReport:
+    """What one ``ingest`` call did."""
+
+    kind: str
+    files: list[str] = field(default_factory=list)
+    batches: list[str] = field(default_factory=list)
+    rows_in: int = 0
+    duplicate_files: list[str] = field(default_factory=list)
+    quarantined_files: list[dict] = field(default_factory=list)
+    texts_truncated: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "files": len(self.files),
+            "batches": self.batches,
+            "rows_in": self.rows_in,
+            "duplicate_files": self.duplicate_files,
+            "quarantined_files": self.quarantined_files,
+            "texts_truncated": self.texts_truncated,
+        }
+
+
+class FeedbackStore:
+    """Reads the landing zone into the lake and keeps the ledger of what was read.
+
+    ``pseudonym_key`` overrides the key otherwise taken from ``$RECSYS_PSEUDONYM_KEY`` or
+    ``key_file`` (default ``<lake>/secrets/pseudonym.key``; generated on first use).
+    """
+
+    def __init__(self, landing_zone: Path | str, lake: Path | str, pseudonym_key: bytes | str | None = None,
+                 key_file: Path | str | None = None):
+        self.lake = Path(lake)
+        self.remote = RemoteLandingZone(str(landing_zone), self.lake / "landing-mirror") if is_remote_url(str(landing_zone)) else None
+        self.landing_zone = self.remote.mirror if self.remote else Path(str(landing_zone).removeprefix("file://"))
+        self.ledger_path = self.lake / "ledger.jsonl"
+        self.key_file = Path(key_file) if key_file else key_file_of(self.lake)
+        self._configured_key = pseudonym_key
+        self._key: bytes | None = None
+
+    # -- privacy -------------------------------------------------------------------------
+    def pseudonym_key(self) -> bytes:
+        if self._key is None:
+            self._key, _ = resolve_pseudonym_key(self.key_file, self._configured_key)
+        return self._key
+
+    def pseudonymizer(self) -> Callable:
+        """``f(raw_user_ids) -> pseudonyms`` with this lake's key: what serving and evaluation
+        call before looking up a user (a list in, a list out; a Series in, a Series out)."""
+        key = self.pseudonym_key()
+        return lambda user_ids: pseudonymize(user_ids, key, USER_PREFIX)
+
+    # -- ledger --------------------------------------------------------------------------
+    def ledger(self) -> list[dict]:
+        if not self.ledger_path.exists():
+            return []
+        with open(self.ledger_path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def _append_ledger(self, entry: dict) -> None:
+        self.lake.mkdir(parents=True, exist_ok=True)
+        with open(self.ledger_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.lake.mkdir(parents=True, exist_ok=True)
+        with open(self.lake / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _check_lake(self, entries: list[dict]) -> None:
+        legacy = [e["file"] for e in entries if e["kind"] == "events" and e["status"] == "ingested" and "format" not in e]
+        if legacy:
+            raise LakeError(
+                f"the lake {self.lake} was written by an older version (raw user ids, no per-batch validation), "
+                f"e.g. {legacy[0]}: delete it (`make clean`) and the pipeline re-ingests the landing zone"
+            )
+        keys = {e["key_id"] for e in entries if e.get("key_id")}
+        current = key_id(self.pseudonym_key())
+        if keys and keys != {current}:
+            raise LakeError(
+                f"the pseudonym key changed (lake written with key id {sorted(keys)}, now {current}): every user "
+                "would get a new pseudonym. Restore the key (RECSYS_PSEUDONYM_KEY or "
+                f"{self.key_file}) or delete the lake to re-ingest under the new one"
+            )
+
+    # -- landing zone --------------------------------------------------------------------
+    def ready_files(self, kind: str) -> list[Path]:
+        """Complete landing files of ``kind`` (a remote zone is mirrored first)."""
+        if self.remote is not None:
+            self.remote.sync(kind)
+        folder = self.landing_zone / kind
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if is_ready(p))
+
+    def _pending(self, kind: str, entries: list[dict]) -> list[tuple[Path, str | None]]:
+        """(path, sha256 if it had to be computed) of ready files the ledger has not seen."""
+        entries = [e for e in entries if e["kind"] == kind]
+        seen = {(e["file"], e["sha256"]) for e in entries}
+        seen_stats = {(e["file"], e["size"], e.get("mtime_ns")) for e in entries}
+        pending = []
+        for path in self.ready_files(kind):
+            rel, stat = self._relative(path), path.stat()
+            # Cheap path first: an untouched file keeps name, size and mtime; hash only otherwise.
+            if (rel, stat.st_size, stat.st_mtime_ns) in seen_stats:
+                continue
+            sha = file_sha256(path)
+            if (rel, sha) not in seen:
+                pending.append((path, sha))
+        return pending
+
+    def pending_files(self, kind: str) -> list[Path]:
+        """Ready files whose (name, content) the ledger has not seen yet."""
+        return [path for path, _ in self._pending(kind, self.ledger())]
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.landing_zone).as_posix()
+
+    # -- ingestion -----------------------------------------------------------------------
+    def ingest(self, kind: str) -> IngestReport:
+        """Move every pending file of ``kind`` into the lake, exactly once."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        with self._locked():
+            entries = self.ledger()
+            if kind == "events":
+                self._check_lake(entries)
+            report = IngestReport(kind=kind)
+            known_hashes = {e["sha256"]: e["file"] for e in entries if e["kind"] == kind and e["status"] == "ingested"}
+            for path, sha in self._pending(kind, entries):
+                self._ingest_file(kind, path, sha, known_hashes, report)
+            return report
+
+    def _ingest_file(self, kind: str, path: Path, sha: str, known_hashes: dict, report: IngestReport) -> None:
+        rel, stat = self._relative(path), path.stat()
+        report.files.append(rel)
+        entry = {"kind": kind, "file": rel, "sha256": sha, "size": stat.st_size,
+                 "mtime_ns": stat.st_mtime_ns, "ingested_at": time.time()}
+        if sha in known_hashes:  # same bytes under another name: nothing new to read
+            report.duplicate_files.append(rel)
+            self._append_ledger({**entry, "status": "duplicate", "duplicate_of": known_hashes[sha]})
+            return
+        try:
+            if not is_supported(path):
+                raise UnreadableFile(f"unsupported file type (expected {', '.join(SUFFIXES)}, optionally .gz)")
+            parsed = read_table(path)
+            batch_id = f"{Path(rel).name.split('.')[0]}-{sha[:8]}"
+            if kind == "events":
+                table, stats = coerce_events(parsed)
+                extra = self._write_event_batch(batch_id, table, stats)
+            else:
+                catalog, rejected = coerce_catalog(parsed)
+                extra = self._write_catalog_batch(batch_id, catalog, rejected)
+        except UnreadableFile as exc:
+            reason = str(exc)
+            report.quarantined_files.append({"file": rel, "reason": reason})
+            write_json_atomic(self.lake / "quarantine" / "files" / f"{rel}.{sha[:8]}.json",
+                               {**entry, "reason": reason, "replay_from": str(path)})
+            self._append_ledger({**entry, "status": "quarantined", "reason": reason})
+            return
+        report.batches.append(batch_id)
+        report.rows_in += extra["rows"]
+        report.texts_truncated += extra.get("texts_truncated", 0)
+        known_hashes[sha] = rel
+        self._append_ledger({**entry, "status": "ingested", "batch_id": batch_id, "format": LAKE_FORMAT, **extra})
+
+    def _write_event_batch(self, batch_id: str, table: pd.DataFrame, stats: dict) -> dict:
+        key = self.pseudonym_key()
+        table["user_id"] = pseudonymize(table["user_id"], key, USER_PREFIX)
+        table["session_id"] = pseudonymize(table["session_id"], key, SESSION_PREFIX)
+        table.insert(0, "batch_id", batch_id)
+        _write_parquet_atomic(table, self.lake / "events" / f"{batch_id}.parquet")
+        return {"rows": len(table), "key_id": key_id(key), **stats}
+
+    def _write_catalog_batch(self, batch_id: str, catalog: pd.DataFrame, rejected: pd.DataFrame) -> dict:
+        catalog.insert(0, "batch_id", batch_id)
+        if len(rejected):
+            _write_parquet_atomic(rejected.assign(batch_id=batch_id), self.lake / "quarantine" / "rows" / f"{batch_id}.parquet")
+        _write_parquet_atomic(catalog, self.lake / "catalog" / f"{batch_id}.parquet")
+        return {"rows": len(catalog) + len(rejected), "rows_valid": len(catalog), "rows_quarantined": len(rejected)}
+
+    # -- validation ----------------------------------------------------------------------
+    def _account_path(self, batch_id: str) -> Path:
+        return self.lake / "validated" / f"{batch_id}.json"
+
+    def account(self, batch_id: str) -> dict | None:
+        """The validation accounting of a batch (None while it is not validated)."""
+        path = self._account_path(batch_id)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def accounts(self) -> list[dict]:
+        """Accounting of every validated events batch, in ingestion order."""
+        return [a for a in map(self.account, self.batches("events")) if a is not None]
+
+    def validate_pending(
+        self,
+        *,
+        now: float | None = None,
+        min_timestamp: int = DEFAULT_MIN_TIMESTAMP,
+        max_clock_skew_s: int = MAX_CLOCK_SKEW_S,
+        run_id: str | None = None,
+    ) -> list[dict]:
+        """Validate every ingested events batch that is not validated yet, each exactly once;
+        return their accounting (rows_in = rows_valid + rows_quarantined, reasons)."""
+        with self._locked():
+            entries = self.ledger()
+            self._check_lake(entries)
+            ingested = [e for e in entries if e["kind"] == "events" and e["status"] == "ingested"]
+            todo = [e for e in ingested if not self._account_path(e["batch_id"]).exists()]
+            if not todo:
+                return []
+            seen = self._validated_keys()
+            accounts = []
+            for entry in todo:
+                batch_id = entry["batch_id"]
+                rows = pd.read_parquet(self.lake / "events" / f"{batch_id}.parquet")
+                keys = event_keys(rows)
+                valid, quarantined = split_valid_rows(rows, now=now, min_timestamp=min_timestamp,
+                                                      max_clock_skew_s=max_clock_skew_s, seen_keys=seen, keys=keys)
+                if len(valid) + len(quarantined) != len(rows):
+                    raise AssertionError(f"row accounting broken for {batch_id}: "
+                                         f"{len(rows)} in, {len(valid)} valid, {len(quarantined)} quarantined")
+                valid_keys = keys[valid.index.to_numpy()]
+                _write_parquet_atomic(valid.assign(key_hash=valid_keys), self.lake / "validated" / f"{batch_id}.parquet")
+                self._write_quarantined_rows(batch_id, quarantined)
+                seen = np.concatenate([seen, valid_keys])
+                account = {
+                    "batch_id": batch_id, "file": entry["file"], "rows_in": len(rows), "rows_valid": len(valid),
+                    "rows_quarantined": len(quarantined),
+                    "reasons": {str(k): int(v) for k, v in quarantined["reason"].value_counts().items()},
+                    "texts_truncated": int(entry.get("texts_truncated", 0)),
+                    "min_timestamp": int(min_timestamp), "max_clock_skew_s": int(max_clock_skew_s),
+                    "validated_at": time.time(), "run_id": run_id,
+                }
+                write_json_atomic(self._account_path(batch_id), account)
+                accounts.append(account)
+            return accounts
+
+    def _validated_keys(self) -> np.ndarray:
+        paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts() if not a.get("rejected")]
+        parts = [pq.read_table(p, columns=["key_hash"]).column(0).to_numpy() for p in paths if p.exists()]
+        return np.concatenate(parts).astype(np.uint64) if parts else np.zeros(0, dtype=np.uint64)
+
+    def reject_batches(self, batch_ids: Iterable[str], reason: str) -> list[str]:
+        """Move validated batches into quarantine whole (every row with ``reason``), so they
+        never reach training; returns the batches rejected now. The raw files stay for replay."""
+        rejected = []
+        with self._locked():
+            for batch_id in batch_ids:
+                account = self.account(batch_id)
+                if account is None or account.get("rejected"):
+                    continue
+                path = self.lake / "validated" / f"{batch_id}.parquet"
+                valid = pd.read_parquet(path).drop(columns="key_hash")
+                earlier = self.quarantined_rows(batch_id)
+                rows = pd.concat([earlier, valid.assign(reason=reason)], ignore_index=True)
+                rows = rows.sort_values("source_row", kind="stable") if "source_row" in rows else rows
+                self._write_quarantined_rows(batch_id, rows)
+                account.update(rows_valid=0, rows_quarantined=account["rows_in"], rejected=reason,
+                               reasons={**account["reasons"], reason: len(valid)})
+                write_json_atomic(self._account_path(batch_id), account)
+                path.unlink()
+                rejected.append(batch_id)
+        return rejected
+
+    def _write_quarantined_rows(self, batch_id: str, rows: pd.DataFrame) -> None:
+        path = self.lake / "quarantine" / "rows" / f"{batch_id}.parquet"
+        if len(rows):
+            _write_parquet_atomic(rows.reset_index(drop=True), path)
+        elif path.exists():
+            path.unlink()
+
+    # -- reading the lake ----------------------------------------------------------------
+    def batches(self, kind: str) -> list[str]:
+        """Ingested batch ids of ``kind`` in ingestion order."""
+        return [e["batch_id"] for e in self.ledger() if e["kind"] == kind and e["status"] == "ingested"]
+
+    def read(self, kind: str) -> pd.DataFrame:
+        """Every ingested row of ``kind`` in ingestion order (with a ``batch_id`` column; events
+        also carry ``source_row`` and ``problem``)."""
+        frames = [pd.read_parquet(self.lake / kind / f"{b}.parquet") for b in self.batches(kind)]
+        if not frames:
+            columns = [*ROW_COLUMNS, "problem"] if kind == "events" else ["batch_id", *CATALOG_COLUMNS]
+            return pd.DataFrame(columns=columns)
+        return pd.concat(frames, ignore_index=True)
+
+    def read_validated(self, batch_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Validated events of every (or the given) validated, not rejected batch, in ingestion
+        order: the training data's source."""
+        wanted = None if batch_ids is None else set(batch_ids)
+        paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts()
+                 if not a.get("rejected") and (wanted is None or a["batch_id"] in wanted)]
+        frames = [pd.read_parquet(p, columns=ROW_COLUMNS) for p in paths]
+        if not frames:
+            return _empty_events()
+        return pd.concat(frames, ignore_index=True)
+
+    def quarantined_rows(self, batch_id: str | None = None) -> pd.DataFrame:
+        """Quarantined rows (with ``reason``) of one batch, or of all batches."""
+        folder = self.lake / "quarantine" / "rows"
+        paths = [folder / f"{batch_id}.parquet"] if batch_id else sorted(folder.glob("*.parquet"))
+        frames = [pd.read_parquet(p) for p in paths if p.exists()]
+        return pd.concat(frames, ignore_index=True) if frames else _empty_events().assign(reason=pd.Series(dtype="string"))
+
+    def catalog(self) -> pd.DataFrame:
+        """The current catalog: later entries for an item replace earlier ones."""
+        rows = self.read("catalog")
+        rows = rows.drop_duplicates("item_id", keep="last").reset_index(drop=True)
+        rows["tags"] = [as_tag_list(v) for v in rows["tags"]]
+        return rows
+
+
+def key_file_of(lake: Path | str) -> Path:
+    """Where a lake keeps its generated pseudonym key (when ``$RECSYS_PSEUDONYM_KEY`` is unset)."""
+    return Path(lake) / "secrets" / "pseudonym.key"
+
+
+def load_pseudonym_key(lake: Path | str) -> bytes:
+    """The key a lake's user ids are pseudonymised with ($RECSYS_PSEUDONYM_KEY or the lake's
+    key file): ``rec_models.privacy.pseudonymize(raw_ids, load_pseudonym_key(lake))`` gives the
+    ids the lake, the training data and the served model know users by. Never creates a key:
+    a lake without one has ingested nothing (LakeError)."""
+    key = existing_pseudonym_key(key_file_of(lake))
+    if key is None:
+        raise LakeError(f"no pseudonym key: {KEY_ENV} is not set and {key_file_of(lake)} does not exist "
+                        "(nothing ingested yet)")
+    return key
+
+
+def _empty_events() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype="string") for c in ROW_COLUMNS})
+    return frame.astype({"source_row": "int64", "value": "float64", "timestamp": "Int64"})
+
+
+def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """LZ4: as small as the default Snappy here, and reads back about twice as fast."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False, compression="lz4")
+

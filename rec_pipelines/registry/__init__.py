@@ -1,0 +1,15 @@
+"""The model registry: MLflow access (``mlflow_registry``) and the promotion gate (``gate``)."""
+
+from rec_pipelines.registry.gate import PRIMARY_METRIC, PromotionDecision, decide_promotion, metric_key
+from rec_pipelines.registry.mlflow_registry import (
+    CHALLENGER,
+    CHAMPION,
+    SIGNATURE,
+    MlflowEpochMetrics,
+    ModelRegistry,
+    RollbackError,
+    pip_requirements,
+)
+
+__all__ = ["CHALLENGER", "CHAMPION", "PRIMARY_METRIC", "SIGNATURE", "MlflowEpochMetrics", "ModelRegistry",
+           "PromotionDecision", "RollbackError", "decide_promotion", "metric_key", "pip_requirements"]

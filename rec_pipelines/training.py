@@ -1,0 +1,262 @@
+"""Training and held-out evaluation as the pipeline runs them (the assets in
+``defs/training`` and ``defs/registry`` are thin calls into this): training data under the
+protocol, full or micro-batch training of the candidate with its MLflow run and served
+bundle, and the metrics of a model on the held-out users."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from rec_models.data import ItemVocab, LeaveLastOutSplit, UserSequences, collapse_repeats, interactions, leave_last_out
+from rec_models.evaluation import PopularityRecommender, evaluate_ranking, paired_difference, protocol_sequences
+from rec_models.files import write_json_atomic
+from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
+from rec_models.sasrec import event_features
+from rec_models.serving import example_request, write_bundle
+from rec_pipelines.plots import new_figure
+from rec_pipelines.registry import CHAMPION, MlflowEpochMetrics, ModelRegistry, metric_key
+
+MODES = ("auto", "full", "incremental")
+FINETUNE_SETTINGS = ("finetune_max_epochs", "finetune_patience", "finetune_lr", "max_time_s", "diversity")
+"""What a micro-batch run takes from its own config; every other setting is the champion's."""
+
+
+@dataclass
+class TrainingData:
+    """Everything training and evaluation share, in vocab indices."""
+
+    vocab: ItemVocab
+    sequences: UserSequences  # every user's full history (serving uses it)
+    split: LeaveLastOutSplit  # protocol split of users with >= 5 interactions
+    user_batches: dict[str, list[str]]  # batch ids each user has events in
+    batches: list[str]  # every batch id present, in ingestion order
+
+
+@dataclass
+class TrainedModel:
+    run_id: str
+    model_uri: str
+    bundle_dir: str
+    mode: str
+    parent_version: str | None
+    batches: list[str]
+    new_batches: list[str]
+    history: dict
+
+
+def build_training_data(validated_feedback: pd.DataFrame, item_catalog: pd.DataFrame, vocab_path: Path,
+                        excluded_users: set[str]) -> tuple[TrainingData, dict]:
+    """Sequences and split under the evaluation protocol (every rating row kept, its value as
+    a feature; stable time order), without ``excluded_users`` (bot-like). The item vocabulary
+    is append-only and kept at ``vocab_path``, so any earlier model's tables are a prefix of
+    today's and can grow. Returns the data and its statistics."""
+    vocab = ItemVocab.from_dict(json.loads(vocab_path.read_text())) if vocab_path.exists() else ItemVocab()
+    added = vocab.extend(item_catalog["item_id"].astype(str))
+    positives = collapse_repeats(interactions(validated_feedback, min_rating=None))
+    excluded = positives["user_id"].astype(str).isin(excluded_users).to_numpy()
+    positives = positives[~excluded]
+    sequences = protocol_sequences(positives, vocab, event_features)  # adds items seen only in feedback
+    write_json_atomic(vocab_path, vocab.to_dict())
+    split = leave_last_out(sequences)
+    user_batches = positives.groupby("user_id", sort=False)["batch_id"].unique().map(list).to_dict()
+    batches = list(dict.fromkeys(validated_feedback["batch_id"].astype(str)))
+    lengths = np.array([len(s) for s in sequences.items]) if len(sequences) else np.zeros(1)
+    stats = {
+        "items": len(vocab), "new_items_in_vocab": added, "users": len(sequences), "users_in_split": len(split.train),
+        "interactions": len(positives), "bot_users_excluded": len(excluded_users),
+        "bot_interactions_excluded": int(excluded.sum()), "median_sequence_length": float(np.median(lengths)),
+        "batches": len(batches),
+    }
+    data = TrainingData(vocab, sequences, split, {str(k): v for k, v in user_batches.items()}, batches)
+    return data, stats
+
+
+def text_matrix(vocab: ItemVocab, embeddings: pd.DataFrame) -> torch.Tensor:
+    """[n_items + 1, dim] text vectors in vocab order; row 0 (padding) and items without
+    catalog text are zeros."""
+    vectors = np.stack(embeddings["embedding"].to_numpy()) if len(embeddings) else np.zeros((0, 1), np.float32)
+    matrix = np.zeros((len(vocab) + 1, vectors.shape[1]), dtype=np.float32)
+    rows = vocab.index(embeddings["item_id"].astype(str), unknown=0)
+    matrix[rows[rows > 0]] = vectors[rows > 0]
+    return torch.from_numpy(matrix)
+
+
+def microbatch_users(data: TrainingData, consumed: set[str], replay: int, seed: int) -> np.ndarray:
+    """Positions (in the split) of users with feedback the champion has not seen, plus a
+    random replay sample of the others so the model does not forget them."""
+    fresh = np.array([i for i, uid in enumerate(data.split.train.user_ids)
+                      if any(b not in consumed for b in data.user_batches.get(uid, []))], dtype=np.int64)
+    others = np.setdiff1d(np.arange(len(data.split.train)), fresh)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(others, size=min(replay, len(others)), replace=False) if len(others) else others
+    return np.sort(np.concatenate([fresh, sample]))
+
+
+@dataclass
+class TrainingRequest:
+    """What one run of ``candidate_model`` asks for."""
+
+    mode: str  # one of MODES
+    config: RecommenderConfig
+    replay_users: int
+    run_name: str
+    run_tags: dict[str, str]
+    bundle_text_encoder_dir: str | None = None  # ship this encoder in the model (requests may send context_text)
+
+
+def train_candidate(request: TrainingRequest, data: TrainingData, text: torch.Tensor, titles: pd.Series,
+                    user_contexts: pd.DataFrame, registry: ModelRegistry, models_dir: Path,
+                    pseudonym_key_id: str | None, log: logging.Logger) -> tuple[TrainedModel, HybridRecommender, object]:
+    """Train a full model, or fine-tune the champion on users with new feedback plus a replay
+    sample (``auto``: whichever applies); log the run, its config, curves and the served
+    pyfunc (bundle under ``models_dir``) to MLflow. Returns the trained-model record, the
+    model and the training-curves figure."""
+    if request.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {request.mode!r}")
+    champion = registry.version_by_alias(CHAMPION)
+    mode = request.mode if request.mode != "auto" else ("incremental" if champion is not None else "full")
+    config, init, users_subset, consumed = request.config, None, None, []
+    if mode == "incremental" and champion is None:
+        log.warning("no champion to fine-tune from: running a full retrain instead")
+        mode = "full"
+    if mode == "incremental":
+        try:
+            init = HybridRecommender.load(registry.download_bundle(CHAMPION, dst=Path(tempfile.mkdtemp(prefix="champion-"))))
+        except (OSError, KeyError, ValueError, RuntimeError) as error:
+            log.warning(f"champion v{champion.version} cannot be fine-tuned ({error}): full retrain instead")
+            mode = "full"
+    if mode == "incremental":
+        consumed = json.loads(champion.tags.get("batches", "[]"))
+        init.grow(text)
+        config = dataclasses.replace(init.config, **{name: getattr(config, name) for name in FINETUNE_SETTINGS})
+        users_subset = microbatch_users(data, set(consumed), request.replay_users, config.seed)
+        log.info(f"micro-batch: fine-tuning champion v{champion.version} on {len(users_subset)} users")
+    new_batches = [b for b in data.batches if b not in set(consumed)]
+
+    parent = champion.version if champion else None
+    with registry.start_run(run_name=f"{mode}-{request.run_name}",
+                            tags={**request.run_tags, "mode": mode, "parent_version": parent or ""}) as run:
+        mlflow.log_params({**config.to_dict(), "mode": mode, "users": len(data.split.train),
+                           "train_users": len(users_subset) if users_subset is not None else len(data.split.train),
+                           "new_batches": len(new_batches)})
+        mlflow.log_dict(config.to_dict(), "recommender_config.json")
+        model, history = train_recommender(data.split, text, config, init=init, users_subset=users_subset,
+                                           callbacks=[MlflowEpochMetrics()])
+        mlflow.log_metrics({"train_s": history["train_s"], "sequences_per_s": history["sequences_per_s"],
+                            "alpha": model.alpha, "ease_weight": model.ease_weight,
+                            "hit_time_limit": float(history["stopped_by"] == "max_time")})
+        mlflow.set_tag("stopped_by", history["stopped_by"])
+        if history["stopped_by"] == "max_time":
+            log.warning(f"training hit the {config.max_time_s}s safety limit: accuracy depends on machine speed")
+        curves = training_curves_figure(history, mode)
+        mlflow.log_figure(curves, "plots/training_curves.png")
+        mlflow.log_dict({"batches": data.batches, "new_batches": new_batches}, "batches.json")
+
+        bundle_dir = models_dir / run.info.run_id / "bundle"
+        histories = dict(zip(data.sequences.user_ids, zip(data.sequences.items, data.sequences.event_types)))
+        contexts = user_contexts[~user_contexts["user_id"].astype(str).isin(histories)]
+        write_bundle(bundle_dir, model, data.vocab, titles, histories, pseudonym_key_id=pseudonym_key_id,
+                     user_contexts=contexts, text_encoder_dir=request.bundle_text_encoder_dir)
+        info = registry.log_recommender(bundle_dir, example_request(data.sequences.user_ids[:2], data.vocab.ids[:2]))
+    log.info(f"trained {mode} model in {history['train_s']:.1f}s (stopped by {history['stopped_by']}); "
+             f"MLflow run {run.info.run_id}")
+    trained = TrainedModel(run.info.run_id, info.model_uri, str(bundle_dir), mode, parent, data.batches,
+                           new_batches, history)
+    return trained, model, curves
+
+
+def training_curves_figure(history: dict, mode: str):
+    """Validation NDCG@10 and training loss per epoch (the warm start as a dashed line)."""
+    figure = new_figure(6.0, 3.5)
+    ndcg_axis = figure.add_subplot(1, 1, 1)
+    epochs = history["epochs"]
+    x = [e["epoch"] for e in epochs]
+    ndcg_axis.plot(x, [e.get("val_ndcg@10", np.nan) for e in epochs], "o-", color="tab:blue", label="val NDCG@10")
+    if history.get("warm_start_val_ndcg@10") is not None:
+        ndcg_axis.axhline(history["warm_start_val_ndcg@10"], color="tab:gray", ls="--", label="champion (warm start)")
+    ndcg_axis.set_xlabel("epoch")
+    ndcg_axis.set_ylabel("val NDCG@10", color="tab:blue")
+    loss_axis = ndcg_axis.twinx()
+    loss_axis.plot(x, [e.get("train_loss", np.nan) for e in epochs], "s-", color="tab:orange", label="train loss")
+    loss_axis.set_ylabel("train loss", color="tab:orange")
+    ndcg_axis.set_title(f"{mode} training")
+    ndcg_axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def evaluate_model(model: HybridRecommender, histories: UserSequences, targets: np.ndarray, cold: np.ndarray) -> dict:
+    """Protocol metrics of what serving answers by default (``model.ranker()``) on all users,
+    plus NDCG@10 on the cold-start users (``cold`` marks users whose test item never occurs in
+    training, e.g. items that arrived with new batches), and each user's NDCG@10
+    (``per_user_ndcg@10``) for the paired comparison."""
+    metrics = evaluate_ranking(model.ranker(), histories.items, targets, model.n_items,
+                               event_types=histories.event_types, per_user=True)
+    positions = np.flatnonzero(cold)
+    metrics["cold_users"] = len(positions)
+    metrics["cold_ndcg@10"] = float(metrics["per_user_ndcg@10"][positions].mean()) if len(positions) else float("nan")
+    return metrics
+
+
+def comparison_figure(results: dict):
+    """Grouped bars: each model's held-out metrics side by side."""
+    metrics = ["hr@10", "ndcg@10", "cold_ndcg@10"]
+    names = [n for n in ("candidate", "champion", "popularity") if n in results]
+    figure = new_figure(6.0, 3.5)
+    axis = figure.add_subplot(1, 1, 1)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [float(results[name].get(m, np.nan)) for m in metrics]
+        axis.bar(np.arange(len(metrics)) + i * width, np.nan_to_num(values), width, label=name)
+    axis.set_xticks(np.arange(len(metrics)) + width * (len(names) - 1) / 2, metrics)
+    axis.set_title("held-out metrics (same users)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch.Tensor,
+                        registry: ModelRegistry) -> tuple[dict, object]:
+    """Protocol metrics (full ranking, history masked, leave-last-out test target) of the
+    candidate, the current champion (grown to today's catalog: new items scored from text) and
+    popularity on the same users, the paired per-user NDCG difference, all logged to the
+    candidate's MLflow run with a comparison plot. Returns ``{"candidate", "champion",
+    "popularity", "paired", "champion_version", "cold_users"}`` (champion parts when one exists)
+    and the comparison figure."""
+    split = data.split
+    histories, targets = split.test_histories(), split.test_targets
+    trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
+    cold = ~np.isin(targets, trained_items)
+    results = {"candidate": evaluate_model(HybridRecommender.load(candidate.bundle_dir), histories, targets, cold)}
+    champion_version = registry.version_by_alias(CHAMPION)
+    if champion_version is not None:
+        champion = HybridRecommender.load(registry.download_bundle(CHAMPION, dst=Path(tempfile.mkdtemp(prefix="champion-"))))
+        champion.grow(text)
+        results["champion"] = evaluate_model(champion, histories, targets, cold)
+        results["paired"] = paired_difference(results["candidate"].pop("per_user_ndcg@10"),
+                                              results["champion"].pop("per_user_ndcg@10"))
+    results["candidate"].pop("per_user_ndcg@10", None)
+    popularity = PopularityRecommender().fit(split.train, len(data.vocab))
+    results["popularity"] = evaluate_ranking(popularity.score, histories.items, targets, len(data.vocab))
+
+    client = registry.client
+    for name, value in results["candidate"].items():
+        client.log_metric(candidate.run_id, f"test_{metric_key(name)}", float(value))
+    if "champion" in results:
+        client.log_metric(candidate.run_id, f"champion_test_{metric_key('ndcg@10')}", float(results["champion"]["ndcg@10"]))
+        client.log_metric(candidate.run_id, "paired_ndcg_diff", results["paired"]["diff"])
+        client.log_metric(candidate.run_id, "paired_ndcg_diff_se", results["paired"]["se"])
+    figure = comparison_figure(results)
+    client.log_figure(candidate.run_id, figure, "plots/champion_vs_challenger.png")
+    return {**results, "champion_version": champion_version.version if champion_version else None,
+            "cold_users": int(cold.sum())}, figure
