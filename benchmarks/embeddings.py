@@ -1,6 +1,6 @@
 """Item text embedding speed and fidelity: ``rec_models.text`` vs sentence-transformers.
 
-Data: the MovieLens latest-small catalog (9,742 movies) read by ``rec_models.movielens`` from
+Data: the MovieLens latest-small catalog (9,742 movies) read by ``rec_models.data.movielens`` from
 ``../shared/data/ml-latest-small`` beside the checkout, one text per movie from
 ``MOVIELENS_TEMPLATE`` ("title | genres | tags", tags aggregated per movie). The script exits
 cleanly when the data is absent.
@@ -76,9 +76,14 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    from rec_models.movielens import MOVIELENS_TEMPLATE, load_movielens
+    from rec_models.data.movielens import MOVIELENS_TEMPLATE, load_movielens
     from rec_models.text import (
-        EmbeddingCache, TextEncoder, as_matrix, cpu_supports_fast_bf16, default_text_model_path, embed_catalog,
+        EmbeddingCache,
+        TextEncoder,
+        as_matrix,
+        cpu_supports_fast_bf16,
+        default_text_model_path,
+        embed_catalog,
     )
 
     catalog = load_movielens(args.data).catalog

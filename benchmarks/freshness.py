@@ -50,14 +50,14 @@ def main() -> int:
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
 
     import dagster as dg
-    import mlflow
     import numpy as np
     import pandas as pd
 
+    import mlflow
     from rec_models.simulator import FeedbackSimulator
-    from rec_pipelines.settings import prepare_environment
     from rec_pipelines.definitions import defs as load_defs
     from rec_pipelines.registry import CHAMPION, ModelRegistry
+    from rec_pipelines.settings import prepare_environment
 
     settings = prepare_environment()
     simulator = FeedbackSimulator()
@@ -114,9 +114,9 @@ def main() -> int:
             os.killpg(daemon.pid, 9)
 
     # -- 2. in-request path --------------------------------------------------------------
-    from rec_pipelines.lake import FeedbackStore
-
     import torch
+
+    from rec_pipelines.lake import FeedbackStore
 
     torch.set_num_threads(1)  # as `recsys serve` runs the model
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
@@ -141,7 +141,7 @@ def main() -> int:
         return stats[step].end_time - stats[step].start_time
 
     from rec_models.evaluation import paired_difference
-    from rec_models.recommender import HybridRecommender
+    from rec_models.models import HybridRecommender
     from rec_pipelines.training import evaluate_model, text_matrix
 
     with dg.DagsterInstance.get() as instance:

@@ -38,7 +38,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rec_models.schema import EVENT_TYPES  # noqa: E402
+from rec_models.data.schema import EVENT_TYPES  # noqa: E402
 from rec_pipelines.lake import FeedbackStore  # noqa: E402
 from rec_pipelines.lake.validation import GE_MAX_ROWS, run_expectations  # noqa: E402
 

@@ -46,8 +46,8 @@ def main() -> int:
     import dagster as dg
     import pandas as pd
 
-    from rec_models.baselines import tune_content, tune_ease
     from rec_models.data import ItemVocab, leave_last_out
+    from rec_models.data.movielens import load_movielens
     from rec_models.evaluation import (
         cold_start_split,
         cold_start_users,
@@ -57,12 +57,16 @@ def main() -> int:
         protocol_sequences,
         select_cold_items,
     )
-    from rec_models.movielens import load_movielens
-    from rec_models.recommender import HybridRecommender, train_recommender
-    from rec_pipelines.settings import prepare_environment
+    from rec_models.models import (
+        HybridRecommender,
+        train_recommender,
+        tune_content,
+        tune_ease,
+    )
     from rec_pipelines.definitions import defs as load_defs
     from rec_pipelines.lake.landing import place_movielens
     from rec_pipelines.registry import CHAMPION, ModelRegistry
+    from rec_pipelines.settings import prepare_environment
 
     started = time.perf_counter()
     settings = prepare_environment()

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serving.py [--epochs 1] [--encode-text] [--requests 1000]
                                            [--http-requests 10000] [--clients 20] [--http-time-cap 60]
 
-1. Builds a real bundle: ml-latest-small events and catalog (``rec_models.movielens``), a SASRec
+1. Builds a real bundle: ml-latest-small events and catalog (``rec_models.data.movielens``), a SASRec
    trained for ``--epochs`` epochs (latency does not depend on accuracy), and item text
    vectors: random unit vectors of the encoder's width (384) by default, or the real
    all-MiniLM-L6-v2 encoding of "title | genres | tags" with ``--encode-text`` (minutes on 2
@@ -42,19 +42,23 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
+
+import mlflow
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rec_models.data import ItemVocab, leave_last_out  # noqa: E402
+from rec_models.data.movielens import MOVIELENS_TEMPLATE, load_movielens  # noqa: E402
 from rec_models.evaluation import protocol_sequences  # noqa: E402
-from rec_models.movielens import MOVIELENS_TEMPLATE, load_movielens  # noqa: E402
-from rec_models.recommender import RecommenderConfig, train_recommender  # noqa: E402
-from rec_models.sasrec import event_features  # noqa: E402
+from rec_models.models import (  # noqa: E402
+    RecommenderConfig,
+    event_features,  # noqa: E402
+    train_recommender,
+)
 from rec_models.serving import example_request, write_bundle  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ml-latest-small"

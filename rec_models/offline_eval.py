@@ -4,7 +4,7 @@
 
 Steps (``../shared/benchmarks/PROTOCOL.md``; metrics from ``rec_models.evaluation``):
 
-1. load the folder (``rec_models.movielens``: any MovieLens layout), keep every rating row,
+1. load the folder (``rec_models.data.movielens``: any MovieLens layout), keep every rating row,
    stable time order, users with >= 5 interactions, leave-last-out split;
 2. embed every catalog item's "title | genres | tags" with the text encoder (cached in
    ``--cache-dir``, so a second run encodes nothing);
@@ -46,8 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rec_models.baselines import DEFAULT_EASE_LAMBDAS, tune_content, tune_ease
 from rec_models.data import ItemVocab, LeaveLastOutSplit, leave_last_out
+from rec_models.data.movielens import MOVIELENS_TEMPLATE, MovieLensData, load_movielens
 from rec_models.evaluation import (
     EVAL_BATCH,
     PopularityRecommender,
@@ -59,11 +59,23 @@ from rec_models.evaluation import (
     protocol_sequences,
     select_cold_items,
 )
-from rec_models.movielens import MOVIELENS_TEMPLATE, MovieLensData, load_movielens
-from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
-from rec_models.sasrec import event_features
+from rec_models.models import (
+    DEFAULT_EASE_LAMBDAS,
+    HybridRecommender,
+    RecommenderConfig,
+    event_features,
+    train_recommender,
+    tune_content,
+    tune_ease,
+)
 from rec_models.settings import ModelSettings
-from rec_models.text import USER_CONTEXT_TEMPLATE, EmbeddingCache, TextEncoder, as_matrix, embed_catalog
+from rec_models.text import (
+    USER_CONTEXT_TEMPLATE,
+    EmbeddingCache,
+    TextEncoder,
+    as_matrix,
+    embed_catalog,
+)
 
 K = 10
 MODEL_ORDER = ("popularity", "ease", "content", "sasrec", "main", "main+mmr")

@@ -10,7 +10,7 @@ models:/NAME@champion`` works without access to the pipeline's storage:
 - ``popularity.npy`` item popularity, the fallback for users without any history
 - ``identity.json`` how users are named: the public id of the pseudonym key (see below)
 
-Users are known by their pseudonyms (``rec_models.privacy``: ingestion never lets a raw user id
+Users are known by their pseudonyms (``rec_models.data.privacy``: ingestion never lets a raw user id
 through). A request may name a user by pseudonym, or by raw id when the server holds the
 pseudonym key (``$RECSYS_PSEUDONYM_KEY``, or the key file named by
 ``$RECSYS_PSEUDONYM_KEY_FILE``; ``recsys`` points the latter at the lake's key file): the raw
@@ -63,10 +63,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from rec_models.data import ItemVocab
-from rec_models.privacy import USER_PREFIX, existing_pseudonym_key, key_id, pseudonymize
-from rec_models.recommender import HybridRecommender
-from rec_models.rerank import MMRReranker
-from rec_models.sasrec import DEFAULT_EVENT_TYPE
+from rec_models.data.privacy import (
+    USER_PREFIX,
+    existing_pseudonym_key,
+    key_id,
+    pseudonymize,
+)
+from rec_models.models import DEFAULT_EVENT_TYPE, HybridRecommender, MMRReranker
 from rec_models.settings import ModelSettings
 
 INPUT_COLUMNS = ["user_id", "recent_item_ids", "k", "exclude", "diversity", "context_text"]
@@ -256,7 +259,9 @@ class Recommender:
             self.user_contexts = {u: np.asarray(v, dtype=np.float32) for u, v in zip(contexts["user_id"], contexts["embedding"])}
         self.encoder = None
         if (bundle / ENCODER_DIR).is_dir():
-            from rec_models.text import TextEncoder  # transformers: only for bundles that carry an encoder
+            from rec_models.text import (
+                TextEncoder,  # transformers: only for bundles that carry an encoder
+            )
 
             self.encoder = TextEncoder(str(bundle / ENCODER_DIR))
         self.n_items = len(self.vocab)

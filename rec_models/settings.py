@@ -12,7 +12,6 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 _ONLY_GIVEN: ContextVar[bool] = ContextVar("settings_from_a_mapping", default=False)
 
 

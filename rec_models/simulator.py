@@ -41,8 +41,14 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
+from rec_models.data.schema import (
+    CATALOG_COLUMNS,
+    EVENT_COLUMNS,
+    EVENT_DTYPES,
+    EVENT_TYPES,
+    RATING_RANGE,
+)
 from rec_models.files import write_bytes_atomic
-from rec_models.schema import CATALOG_COLUMNS, EVENT_COLUMNS, EVENT_DTYPES, EVENT_TYPES, RATING_RANGE
 
 
 @dataclass(frozen=True)

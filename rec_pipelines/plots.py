@@ -56,7 +56,9 @@ def sample_rows(n_rows: int, max_rows: int, seed: int = 0) -> np.ndarray:
 
 def pca_2d(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
     """[n, 2] projection of ``vectors`` on their first two principal components."""
-    from sklearn.decomposition import PCA  # scikit-learn import is slow: only when needed
+    from sklearn.decomposition import (
+        PCA,  # scikit-learn import is slow: only when needed
+    )
 
     vectors = np.asarray(vectors, dtype=np.float32)
     if len(vectors) < 2:

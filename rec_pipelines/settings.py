@@ -13,7 +13,6 @@ from pydantic import model_validator
 
 from rec_models.settings import ModelSettings, env_field
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

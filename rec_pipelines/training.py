@@ -12,19 +12,40 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
 
-from rec_models.data import ItemVocab, LeaveLastOutSplit, UserSequences, collapse_repeats, interactions, leave_last_out
-from rec_models.evaluation import PopularityRecommender, evaluate_ranking, paired_difference, protocol_sequences
+import mlflow
+from rec_models.data import (
+    ItemVocab,
+    LeaveLastOutSplit,
+    UserSequences,
+    collapse_repeats,
+    interactions,
+    leave_last_out,
+)
+from rec_models.evaluation import (
+    PopularityRecommender,
+    evaluate_ranking,
+    paired_difference,
+    protocol_sequences,
+)
 from rec_models.files import write_json_atomic
-from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
-from rec_models.sasrec import event_features
+from rec_models.models import (
+    HybridRecommender,
+    RecommenderConfig,
+    event_features,
+    train_recommender,
+)
 from rec_models.serving import example_request, write_bundle
 from rec_pipelines.plots import new_figure
-from rec_pipelines.registry import CHAMPION, MlflowEpochMetrics, ModelRegistry, metric_key
+from rec_pipelines.registry import (
+    CHAMPION,
+    MlflowEpochMetrics,
+    ModelRegistry,
+    metric_key,
+)
 
 MODES = ("auto", "full", "incremental")
 FINETUNE_SETTINGS = ("finetune_max_epochs", "finetune_patience", "finetune_lr", "max_time_s", "diversity")

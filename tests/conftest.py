@@ -21,7 +21,7 @@ TINY_RUN_CONFIG = {"ops": {"candidate_model": {"config": TINY_TRAIN}}}
 
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
-    from rec_models.text import make_tiny_encoder_dir
+    from helpers import make_tiny_encoder_dir
 
     return make_tiny_encoder_dir(tmp_path_factory.mktemp("tiny-encoder"))
 
@@ -29,8 +29,7 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def recsys_env(tmp_path, monkeypatch, tiny_encoder_dir):
     """Point every setting at a temp folder; returns the resulting Settings."""
-    from rec_pipelines.settings import prepare_environment
-    from rec_pipelines.settings import Settings
+    from rec_pipelines.settings import Settings, prepare_environment
 
     monkeypatch.chdir(tmp_path)
     for name in ("RECSYS_LANDING_ZONE", "RECSYS_LAKE", "RECSYS_MLFLOW_ARTIFACTS", "RECSYS_MODEL_NAME",

@@ -15,7 +15,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from rec_models.privacy import PSEUDONYM_PATTERN
+from rec_models.data.privacy import PSEUDONYM_PATTERN
 from rec_pipelines.defs.ingestion.assets import INGESTION_ASSETS
 from rec_pipelines.lake import FeedbackStore
 
@@ -78,9 +78,8 @@ def test_the_table_covers_the_corpus():
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory):
     """Corpus + a good file in a fresh landing zone; one sensor tick; its run's ingestion assets."""
-    from rec_pipelines.settings import prepare_environment
     from rec_pipelines.definitions import defs as load_defs
-    from rec_pipelines.settings import Settings
+    from rec_pipelines.settings import Settings, prepare_environment
 
     home = tmp_path_factory.mktemp("corpus-home")
     mp = pytest.MonkeyPatch()

@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from rec_models.baselines import EASE, ContentRecommender, binary_matrix, tune_content, tune_ease
 from rec_models.data import UserSequences, leave_last_out
 from rec_models.evaluation import RankingMetrics, evaluate_split
-from rec_models.rerank import MMRReranker
-from rec_models.sasrec import HybridScorer, standardize_scores, tune_hybrid
+from rec_models.models import (
+    EASE,
+    ContentRecommender,
+    HybridScorer,
+    MMRReranker,
+    binary_matrix,
+    standardize_scores,
+    tune_content,
+    tune_ease,
+    tune_hybrid,
+)
 
 N_ITEMS = 12
 

@@ -11,7 +11,7 @@ from rec_models.data import (
     interactions,
     leave_last_out,
 )
-from rec_models.schema import DEFAULT_EVENT_WEIGHTS, EVENT_DTYPES, EVENT_TYPE_INDEX
+from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_DTYPES, EVENT_TYPE_INDEX
 
 
 def events_frame(rows: list[tuple]) -> pd.DataFrame:

@@ -16,14 +16,28 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import make_tiny_encoder_dir
 from matplotlib import image as mpimg
 
 from rec_models.data import collapse_repeats, interactions
-from rec_models.text import as_matrix, make_tiny_encoder_dir
-from rec_pipelines.defs.embeddings.assets import item_text_embeddings, user_context_embeddings
-from rec_pipelines.defs.ingestion.assets import item_catalog, raw_feedback, validated_feedback
-from rec_pipelines.plots import figure_to_md, markdown_table, new_figure, sample_rows, top_labels
+from rec_models.text import as_matrix
+from rec_pipelines.defs.embeddings.assets import (
+    item_text_embeddings,
+    user_context_embeddings,
+)
+from rec_pipelines.defs.ingestion.assets import (
+    item_catalog,
+    raw_feedback,
+    validated_feedback,
+)
 from rec_pipelines.defs.resources import LakeResource, TextEncoderResource
+from rec_pipelines.plots import (
+    figure_to_md,
+    markdown_table,
+    new_figure,
+    sample_rows,
+    top_labels,
+)
 
 INGESTION = [item_catalog, raw_feedback, validated_feedback]
 INLINE_PNG = re.compile(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/]+=*)\)")

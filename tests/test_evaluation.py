@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from rec_models.data import UserSequences
-from rec_models.evaluation import PopularityRecommender, RankingMetrics, evaluate_ranking
+from rec_models.evaluation import (
+    PopularityRecommender,
+    RankingMetrics,
+    evaluate_ranking,
+)
 
 N_ITEMS = 20
 

@@ -9,10 +9,9 @@ import time
 
 import dagster as dg
 from conftest import TINY_RUN_CONFIG
-from test_promotion import trained  # noqa: F401  (fixture: a real champion, version 1)
-
 from dagster._core.test_utils import in_process_test_workspace
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from test_promotion import trained  # noqa: F401  (fixture: a real champion, version 1)
 
 from rec_pipelines.defs.training.automation import RETRAIN_TAGS
 from rec_pipelines.lake import FeedbackStore

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rec_models.privacy import KEY_ENV, PSEUDONYM_PATTERN, pseudonymize, scrub_text
+from rec_models.data.privacy import KEY_ENV, PSEUDONYM_PATTERN, pseudonymize, scrub_text
 from rec_pipelines.lake import FeedbackStore, LakeError, is_ready, load_pseudonym_key
 
 ROWS = [
@@ -164,7 +164,7 @@ def test_the_pseudonym_key_is_generated_once_kept_private_and_guarded(tmp_path, 
     lake = tmp_path / "lake"
     with pytest.raises(LakeError, match="no pseudonym key"):  # looking a key up never invents one
         load_pseudonym_key(lake)
-    with caplog.at_level(logging.WARNING, logger="rec_models.privacy"):
+    with caplog.at_level(logging.WARNING, logger="rec_models.data.privacy"):
         key = FeedbackStore(tmp_path / "landing", lake).pseudonym_key()
     assert "generated a new pseudonym key" in caplog.text
     key_file = lake / "secrets" / "pseudonym.key"

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_RUN_CONFIG
 
-from rec_models.privacy import pseudonymize
+from rec_models.data.privacy import pseudonymize
 from rec_pipelines.defs.ingestion.assets import INGESTION_ASSETS
 from rec_pipelines.lake import FeedbackStore
 

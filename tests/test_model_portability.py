@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import mlflow
 import pytest
 from conftest import TINY_RUN_CONFIG
 
+import mlflow
 from rec_pipelines.definitions import defs as load_defs
 
 TORCH_WHEELS = Path("/opt/wheels")

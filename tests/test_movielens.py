@@ -1,4 +1,4 @@
-"""Tests for rec_models.movielens: every layout, written as tiny folders in tmp dirs."""
+"""Tests for rec_models.data.movielens: every layout, written as tiny folders in tmp dirs."""
 
 from pathlib import Path
 
@@ -6,8 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rec_models.movielens import MOVIELENS_TEMPLATE, aggregate_tags, detect_layout, load_movielens
-from rec_models.schema import CATALOG_COLUMNS, EVENT_COLUMNS, EVENT_DTYPES
+from rec_models.data.movielens import (
+    MOVIELENS_TEMPLATE,
+    aggregate_tags,
+    detect_layout,
+    load_movielens,
+)
+from rec_models.data.schema import CATALOG_COLUMNS, EVENT_COLUMNS, EVENT_DTYPES
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rec_models.baselines import EASE, ContentRecommender
 from rec_models.data import ItemVocab, UserSequences, leave_last_out
+from rec_models.data.schema import EVENT_TYPE_INDEX
 from rec_models.evaluation import (
     PopularityRecommender,
     RankingMetrics,
@@ -21,8 +21,14 @@ from rec_models.evaluation import (
     protocol_sequences,
     select_cold_items,
 )
-from rec_models.sasrec import RATING_FEATURE_OFFSET, HybridScorer, event_features, training_counts
-from rec_models.schema import EVENT_TYPE_INDEX
+from rec_models.models import (
+    EASE,
+    RATING_FEATURE_OFFSET,
+    ContentRecommender,
+    HybridScorer,
+    event_features,
+    training_counts,
+)
 
 N_ITEMS = 40
 
@@ -206,7 +212,7 @@ def test_recsys_evaluate_smoke_run(recsys_env, tmp_path, tiny_encoder_dir, capsy
 
 
 def test_svd_item_factors_follow_co_occurrence_and_leave_unseen_items_at_zero():
-    from rec_models.sasrec import svd_item_factors
+    from rec_models.models import svd_item_factors
 
     torch.manual_seed(0)
     # Items 1-3 are always read together, items 4-6 together; item 7 never.
@@ -221,7 +227,12 @@ def test_svd_item_factors_follow_co_occurrence_and_leave_unseen_items_at_zero():
 
 
 def test_item_bias_rating_features_and_svd_init_survive_grow_and_save(tmp_path):
-    from rec_models.sasrec import SASRecBackbone, SASRecConfig, load_backbone, save_backbone
+    from rec_models.models import (
+        SASRecBackbone,
+        SASRecConfig,
+        load_backbone,
+        save_backbone,
+    )
 
     config = SASRecConfig(n_items=6, text_dim=4, d_model=8, max_len=5, item_bias=True, rating_features=True)
     text = torch.randn(7, 4, generator=torch.Generator().manual_seed(0))
@@ -252,7 +263,7 @@ def test_item_bias_rating_features_and_svd_init_survive_grow_and_save(tmp_path):
 
 
 def test_train_sasrec_with_svd_init_and_bias_learns_the_cycle():
-    from rec_models.sasrec import SASRecConfig, train_sasrec
+    from rec_models.models import SASRecConfig, train_sasrec
 
     split = cycle_split(n_users=120)
     config = SASRecConfig(n_items=N_ITEMS, text_dim=2, d_model=16, max_len=8, dropout=0.1, lr=1e-2, batch_size=32,
@@ -265,7 +276,12 @@ def test_train_sasrec_with_svd_init_and_bias_learns_the_cycle():
 def test_frozen_svd_ids_stay_fixed_while_text_and_transformer_learn():
     import lightning as L
 
-    from rec_models.sasrec import SASRecBackbone, SASRecConfig, svd_item_factors, train_sasrec
+    from rec_models.models import (
+        SASRecBackbone,
+        SASRecConfig,
+        svd_item_factors,
+        train_sasrec,
+    )
 
     split = cycle_split(n_users=60)
     config = SASRecConfig(n_items=N_ITEMS, text_dim=2, d_model=8, max_len=6, batch_size=32, max_epochs=2,
@@ -285,7 +301,12 @@ def test_frozen_svd_ids_stay_fixed_while_text_and_transformer_learn():
 
 
 def test_training_with_a_blend_partner_picks_alpha_with_the_epoch():
-    from rec_models.sasrec import DEFAULT_ALPHAS, HybridScorer, SASRecConfig, train_sasrec
+    from rec_models.models import (
+        DEFAULT_ALPHAS,
+        HybridScorer,
+        SASRecConfig,
+        train_sasrec,
+    )
 
     split = cycle_split(n_users=60)
     content = ContentRecommender(circle_embeddings(), window=1)

@@ -4,11 +4,11 @@ Lightning training on a tiny simulated catalog."""
 import json
 
 import dagster as dg
-import mlflow
 import pandas as pd
 import pytest
 from conftest import TINY_RUN_CONFIG
 
+import mlflow
 from rec_models.data import interactions
 from rec_pipelines.definitions import defs as load_defs
 from rec_pipelines.lake import FeedbackStore

@@ -6,15 +6,15 @@ import pickle
 import shutil
 
 import dagster as dg
-import mlflow
 import pytest
 import torch
 from conftest import TINY_RUN_CONFIG
 
-from rec_models.recommender import HybridRecommender
+import mlflow
+from rec_models.models import HybridRecommender
+from rec_pipelines.cli.rollback import main as rollback_main
 from rec_pipelines.definitions import defs as load_defs
 from rec_pipelines.registry import CHAMPION, ModelRegistry, decide_promotion
-from rec_pipelines.cli.rollback import main as rollback_main
 
 GOOD = {"hr@10": 0.2, "ndcg@10": 0.1, "coverage@10": 0.3, "cold_ndcg@10": 0.05, "cold_users": 40}
 

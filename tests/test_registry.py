@@ -1,8 +1,8 @@
 """The promotion gate and the registry aliases, on a real MLflow store in a temp dir."""
 
-import mlflow
 import pytest
 
+import mlflow
 from rec_pipelines.registry import CHALLENGER, CHAMPION, ModelRegistry, decide_promotion
 
 GOOD = {"hr@10": 0.20, "ndcg@10": 0.10, "coverage@10": 0.30}

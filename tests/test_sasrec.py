@@ -1,4 +1,4 @@
-"""Tests for rec_models.sasrec on a tiny synthetic catalog with a strong sequential pattern.
+"""Tests for rec_models.models (SASRec) on a tiny synthetic catalog with a strong sequential pattern.
 
 Items 1..29 form a cycle: users consume runs i, i+1, i+2, ... (wrapping after 29). Item 30
 never occurs in any sequence but has exactly the text embedding of item 6 ("cold twin");
@@ -13,7 +13,7 @@ import torch
 
 from rec_models.data import UserSequences, leave_last_out
 from rec_models.evaluation import PopularityRecommender, evaluate_ranking
-from rec_models.sasrec import (
+from rec_models.models import (
     LOSSES,
     SASRecBackbone,
     SASRecConfig,

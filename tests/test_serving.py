@@ -21,7 +21,7 @@ from rec_models.data import (
     leave_last_out,
 )
 from rec_models.evaluation import evaluate_split
-from rec_models.recommender import HybridRecommender, RecommenderConfig, train_recommender
+from rec_models.models import HybridRecommender, RecommenderConfig, train_recommender
 from rec_models.serving import (
     EXPLANATION_PREFIX,
     OUTPUT_COLUMNS,
@@ -195,7 +195,12 @@ def test_diversity_knob_changes_the_list_and_lowers_its_similarity(bundle, recom
 def text_bundle(tmp_path_factory, tiny_encoder_dir):
     """A bundle whose item vectors come from a (tiny) text encoder that travels in the bundle,
     with one stored user-context vector for a user the model has no history of."""
-    from rec_models.text import DEFAULT_ITEM_TEMPLATE, TextEncoder, as_matrix, embed_catalog
+    from rec_models.text import (
+        DEFAULT_ITEM_TEMPLATE,
+        TextEncoder,
+        as_matrix,
+        embed_catalog,
+    )
 
     small = make_bundle(tmp_path_factory.mktemp("plain"), max_epochs=1)
     encoder = TextEncoder(str(tiny_encoder_dir))
@@ -290,7 +295,7 @@ def test_pyfunc_maps_bad_requests_to_400_and_hides_internal_errors(bundle, monke
 
 
 def test_raw_user_ids_are_pseudonymised_with_the_servers_key_and_a_wrong_key_is_refused(bundle, tmp_path, monkeypatch):
-    from rec_models.privacy import key_id, pseudonymize
+    from rec_models.data.privacy import key_id, pseudonymize
     from rec_models.serving import KEY_FILE_ENV, serving_pseudonym_key
 
     key = b"k" * 32

@@ -19,8 +19,8 @@ import pytest
 from test_serving import make_bundle
 
 from rec_models.serving import EXPLANATION_PREFIX, OUTPUT_COLUMNS, example_request
-from rec_pipelines.registry import ModelRegistry, decide_promotion
 from rec_pipelines.cli.serve import missing_model, parse_args, serve_command
+from rec_pipelines.registry import ModelRegistry, decide_promotion
 from rec_pipelines.settings import Settings
 
 MODEL_NAME = "serving-test"

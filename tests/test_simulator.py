@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rec_models.schema import (
+from rec_models.data.schema import (
     CATALOG_COLUMNS,
     EVENT_COLUMNS,
     EVENT_DTYPES,
@@ -19,7 +19,12 @@ from rec_models.schema import (
     NEGATIVE_EVENT_TYPES,
     RATING_RANGE,
 )
-from rec_models.simulator import CATEGORIES, FeedbackSimulator, SimulatorConfig, next_batch_index
+from rec_models.simulator import (
+    CATEGORIES,
+    FeedbackSimulator,
+    SimulatorConfig,
+    next_batch_index,
+)
 
 SMALL = SimulatorConfig(n_items=200, n_users=100, batch_users=40, batch_new_items=10)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import make_tiny_encoder_dir
 
 from rec_models import text as text_module
 from rec_models.text import (
@@ -16,8 +17,8 @@ from rec_models.text import (
     TextTemplate,
     as_matrix,
     embed_catalog,
-    make_tiny_encoder_dir,
 )
+from rec_models.text import cache as cache_module
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +348,7 @@ def test_failed_cache_write_keeps_previous_file(
         Path(where).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(text_module.pq, "write_table", broken_write)
+    monkeypatch.setattr(cache_module.pq, "write_table", broken_write)
     with pytest.raises(OSError, match="disk full"):
         embed_catalog(make_catalog(3, start=3), encoder, cache=EmbeddingCache(cache_path))
     assert cache_path.read_bytes() == before

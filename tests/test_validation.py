@@ -5,8 +5,13 @@ import time
 import numpy as np
 import pandas as pd
 
-from rec_models.privacy import pseudonymize
-from rec_pipelines.lake.validation import MAX_TEXT_CHARS, event_keys, run_expectations, split_valid_rows
+from rec_models.data.privacy import pseudonymize
+from rec_pipelines.lake.validation import (
+    MAX_TEXT_CHARS,
+    event_keys,
+    run_expectations,
+    split_valid_rows,
+)
 
 NOW = int(time.time())
 USER = pseudonymize(["u1"], "k" * 32)[0]

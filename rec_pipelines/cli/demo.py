@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 
 import dagster as dg
-import mlflow
 import pandas as pd
 
+import mlflow
 from rec_pipelines.settings import Settings
 
 

@@ -4,7 +4,7 @@ ingestion path.
 1. Each file is copied into the landing zone the way producers must write: under a hidden
    temporary name, then ``os.replace``-d to its final name (a file already there with other
    content is never overwritten: the copy gets a content-hash suffix). Folders are walked.
-   ``--movielens`` reads MovieLens folders with ``rec_models.movielens`` and lands their
+   ``--movielens`` reads MovieLens folders with ``rec_models.data.movielens`` and lands their
    ratings as events and their movies as catalog entries (Parquet).
 2. The ingestion assets (``item_catalog``, ``raw_feedback``, ``validated_feedback``,
    ``feedback_features``) and their checks are materialised on the Dagster instance in
@@ -26,8 +26,8 @@ import json
 import sys
 from pathlib import Path
 
-from rec_pipelines.lake.landing import place, place_movielens
 from rec_pipelines.lake import FeedbackStore, is_supported
+from rec_pipelines.lake.landing import place, place_movielens
 from rec_pipelines.settings import Settings
 
 

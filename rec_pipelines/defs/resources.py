@@ -50,7 +50,9 @@ class TextEncoderResource(dg.ConfigurableResource):
 @lru_cache(maxsize=2)
 def _load_encoder(model_path: str | None, batch_size: int, max_batch_tokens: int, max_length: int | None,
                   device: str | None, bf16: bool | None):
-    from rec_models.text import TextEncoder  # transformers import is slow: only when needed
+    from rec_models.text import (
+        TextEncoder,  # transformers import is slow: only when needed
+    )
 
     return TextEncoder(model_path, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                        max_length=max_length, device=device, bf16=bf16)

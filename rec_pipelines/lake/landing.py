@@ -118,7 +118,7 @@ def place_movielens(folder: Path, landing_zone: Path) -> list[Path]:
     """Land a MovieLens folder: ratings as an events Parquet file, movies as a catalog one."""
     import tempfile
 
-    from rec_models.movielens import load_movielens
+    from rec_models.data.movielens import load_movielens
 
     data = load_movielens(folder)
     placed = []

@@ -18,10 +18,14 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from rec_models.privacy import (
+from rec_models.data.privacy import (
     scrub_texts,
 )
-from rec_models.schema import CATALOG_COLUMNS, EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS
+from rec_models.data.schema import (
+    CATALOG_COLUMNS,
+    EVENT_COLUMNS,
+    REQUIRED_EVENT_COLUMNS,
+)
 from rec_pipelines.lake.validation import (
     MAX_TEXT_CHARS,
 )

@@ -17,8 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from rec_models.files import atomic_path, write_json_atomic
-from rec_models.privacy import (
+from rec_models.data.privacy import (
     KEY_ENV,
     SESSION_PREFIX,
     USER_PREFIX,
@@ -27,7 +26,8 @@ from rec_models.privacy import (
     pseudonymize,
     resolve_pseudonym_key,
 )
-from rec_models.schema import CATALOG_COLUMNS
+from rec_models.data.schema import CATALOG_COLUMNS
+from rec_models.files import atomic_path, write_json_atomic
 from rec_pipelines.lake.landing import (
     KINDS,
     SUFFIXES,
@@ -388,7 +388,7 @@ def key_file_of(lake: Path | str) -> Path:
 
 def load_pseudonym_key(lake: Path | str) -> bytes:
     """The key a lake's user ids are pseudonymised with ($RECSYS_PSEUDONYM_KEY or the lake's
-    key file): ``rec_models.privacy.pseudonymize(raw_ids, load_pseudonym_key(lake))`` gives the
+    key file): ``rec_models.data.privacy.pseudonymize(raw_ids, load_pseudonym_key(lake))`` gives the
     ids the lake, the training data and the served model know users by. Never creates a key:
     a lake without one has ingested nothing (LakeError)."""
     key = existing_pseudonym_key(key_file_of(lake))

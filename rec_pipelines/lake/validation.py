@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from rec_models.privacy import PSEUDONYM_PATTERN
-from rec_models.schema import EVENT_COLUMNS, EVENT_TYPES, RATING_RANGE
+from rec_models.data.privacy import PSEUDONYM_PATTERN
+from rec_models.data.schema import EVENT_COLUMNS, EVENT_TYPES, RATING_RANGE
 
 DEFAULT_MIN_TIMESTAMP = 788_918_400  # 1995-01-01: older stamps are unit mistakes (0, days, ...)
 MAX_CLOCK_SKEW_S = 3600

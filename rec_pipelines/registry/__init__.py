@@ -1,6 +1,11 @@
 """The model registry: MLflow access (``mlflow_registry``) and the promotion gate (``gate``)."""
 
-from rec_pipelines.registry.gate import PRIMARY_METRIC, PromotionDecision, decide_promotion, metric_key
+from rec_pipelines.registry.gate import (
+    PRIMARY_METRIC,
+    PromotionDecision,
+    decide_promotion,
+    metric_key,
+)
 from rec_pipelines.registry.mlflow_registry import (
     CHALLENGER,
     CHAMPION,

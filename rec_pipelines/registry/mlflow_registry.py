@@ -8,14 +8,14 @@ import importlib.metadata
 from pathlib import Path
 
 import lightning as L
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import AnyType, Array
 
+import mlflow
+from mlflow import MlflowClient
 from rec_models.serving import ENCODER_DIR
 from rec_pipelines.registry.gate import PromotionDecision, metric_key
 

@@ -106,7 +106,12 @@ def _item_labels(item_ids: pd.Series, item_catalog: pd.DataFrame) -> tuple[list[
 
 
 def _projection_md(vectors: np.ndarray, categories: list[str]) -> str:
-    from rec_pipelines.plots import figure_to_md, pca_2d, sample_rows, scatter_2d  # matplotlib: only when run
+    from rec_pipelines.plots import (  # matplotlib: only when run
+        figure_to_md,
+        pca_2d,
+        sample_rows,
+        scatter_2d,
+    )
 
     rows = sample_rows(len(vectors), PROJECTION_MAX_POINTS, seed=0)
     if len(rows) < 2:
@@ -151,7 +156,13 @@ def item_text_embeddings(
     the item template over catalog fields and the item's latest reviews. Cached by (model,
     template, text): an unchanged catalog encodes nothing, new items or items with new
     reviews encode only themselves."""
-    from rec_models.text import DEFAULT_ITEM_TEMPLATE, EmbeddingCache, add_reviews, as_matrix, embed_catalog
+    from rec_models.text import (
+        DEFAULT_ITEM_TEMPLATE,
+        EmbeddingCache,
+        add_reviews,
+        as_matrix,
+        embed_catalog,
+    )
     from rec_pipelines.plots import markdown_table
 
     template = _template(DEFAULT_ITEM_TEMPLATE, config.template, config.template_version)
@@ -196,7 +207,12 @@ def user_context_embeddings(
     ``interactions``, ``text``, ``embedding``), from the user-context template over their
     recent items and reviews, in the item embeddings' space. Cached like the items."""
     from rec_models.text import (
-        USER_CONTEXT_TEMPLATE, EmbeddingCache, as_matrix, build_user_contexts, embed_texts, top_k_cosine,
+        USER_CONTEXT_TEMPLATE,
+        EmbeddingCache,
+        as_matrix,
+        build_user_contexts,
+        embed_texts,
+        top_k_cosine,
     )
     from rec_pipelines.plots import markdown_table, sample_rows
 

@@ -13,10 +13,15 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from rec_models.features import FeedbackFeatures, compute_features
-from rec_models.schema import DEFAULT_EVENT_WEIGHTS
+from rec_models.data.features import FeedbackFeatures, compute_features
+from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS
 from rec_pipelines.defs.resources import LakeResource
-from rec_pipelines.lake.validation import DEFAULT_MIN_TIMESTAMP, GE_MAX_ROWS, MAX_CLOCK_SKEW_S, run_expectations
+from rec_pipelines.lake.validation import (
+    DEFAULT_MIN_TIMESTAMP,
+    GE_MAX_ROWS,
+    MAX_CLOCK_SKEW_S,
+    run_expectations,
+)
 
 GROUP = "ingestion"
 INGESTION_ASSETS = ["item_catalog", "raw_feedback", "validated_feedback", "feedback_features"]

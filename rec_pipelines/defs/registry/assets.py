@@ -7,7 +7,12 @@ import pandas as pd
 from rec_pipelines.defs.resources import MlflowResource
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.registry import decide_promotion
-from rec_pipelines.training import TrainedModel, TrainingData, held_out_comparison, text_matrix
+from rec_pipelines.training import (
+    TrainedModel,
+    TrainingData,
+    held_out_comparison,
+    text_matrix,
+)
 
 GROUP = "registry"
 

@@ -6,9 +6,9 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from rec_models.features import FeedbackFeatures
-from rec_models.privacy import key_id
-from rec_models.recommender import RecommenderConfig
+from rec_models.data.features import FeedbackFeatures
+from rec_models.data.privacy import key_id
+from rec_models.models import RecommenderConfig
 from rec_pipelines.defs.resources import (
     LakeResource,
     MlflowResource,
@@ -93,7 +93,7 @@ def candidate_model(
     mlflow: MlflowResource,
     text_encoder: TextEncoderResource,
 ) -> dg.Output[TrainedModel]:
-    """The recommender of ``rec_models.recommender`` (SASRec blended with the content model and
+    """The recommender of ``rec_models.models.recommender`` (SASRec blended with the content model and
     EASE), trained by ``train_recommender``. ``incremental`` fine-tunes the champion on users
     with new feedback plus a replay sample; ``full`` trains from scratch. Logged to MLflow as a
     pyfunc model that carries its code."""

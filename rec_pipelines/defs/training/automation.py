@@ -13,9 +13,9 @@ import json
 import dagster as dg
 from dagster._core.storage.tags import RUN_KEY_TAG
 
+from rec_pipelines.defs.resources import LakeResource
 from rec_pipelines.defs.training.assets import RETRAIN_TAG
 from rec_pipelines.lake import KINDS, fingerprint
-from rec_pipelines.defs.resources import LakeResource
 from rec_pipelines.settings import Settings
 
 SETTINGS = Settings.from_env()

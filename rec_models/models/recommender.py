@@ -3,7 +3,7 @@
 The pipeline's ``candidate_model`` (full and micro-batch), ``recsys evaluate`` and every
 benchmark call ``train_recommender``; the served pyfunc loads what ``HybridRecommender.save``
 wrote and scores with the same ``score``/``ranker`` code, so what is measured offline is what
-is promoted and served. The model is SASRec (``rec_models.sasrec``) blended with the
+is promoted and served. The model is SASRec (``rec_models.models.sasrec``) blended with the
 content (text) model on standardised scores, alpha picked with the early-stopping epoch, and
 optionally MMR-re-ranked for diversity.
 """
@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rec_models.baselines import (
+from rec_models.data import LeaveLastOutSplit
+from rec_models.evaluation import EVAL_BATCH, RankingMetrics
+from rec_models.models.baselines import (
     DEFAULT_CONTENT_WINDOWS,
     DEFAULT_EASE_LAMBDAS,
     EASE,
@@ -29,20 +31,16 @@ from rec_models.baselines import (
     tune_content,
     tune_ease,
 )
-from rec_models.data import LeaveLastOutSplit
-from rec_models.evaluation import EVAL_BATCH, RankingMetrics
-from rec_models.rerank import MMRReranker
-from rec_models.sasrec import (
+from rec_models.models.hybrid import blend, standardize_scores
+from rec_models.models.rerank import MMRReranker
+from rec_models.models.sasrec import (
     DEFAULT_ALPHAS,
     SASRecBackbone,
     SASRecConfig,
-    blend,
     load_backbone,
     save_backbone,
-    standardize_scores,
-    train_sasrec,
-    training_counts,
 )
+from rec_models.models.training import train_sasrec, training_counts
 
 CONFIG_FILE = "recommender.json"
 BACKBONE_FILE = "backbone.pt"

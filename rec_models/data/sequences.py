@@ -20,7 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rec_models.schema import DEFAULT_EVENT_WEIGHTS, EVENT_TYPE_INDEX, NEGATIVE_EVENT_TYPES
+from rec_models.data.schema import (
+    DEFAULT_EVENT_WEIGHTS,
+    EVENT_TYPE_INDEX,
+    NEGATIVE_EVENT_TYPES,
+)
 
 MIN_RATING = 2.5
 """Ratings below this value are not positive interactions."""

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from rec_models.data import MIN_RATING
-from rec_models.schema import DEFAULT_EVENT_WEIGHTS, EVENT_TYPES
+from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_TYPES
 
 DAY_S = 86_400
 RECENCY_HALF_LIFE_DAYS = 30.0

@@ -13,7 +13,7 @@ layout          files
                 (latin-1) and ml-10m (UTF-8)
 ==============  =========================================================================
 
-Every rating row becomes one event in the schema of ``rec_models.schema`` (``event_type``
+Every rating row becomes one event in the schema of ``rec_models.data.schema`` (``event_type``
 "rating", ``value`` = the rating, int64 epoch-second ``timestamp``), in file order; nothing
 is dropped or sorted here (the evaluation protocol sorts stably, so file order decides ties).
 The catalog has ``item_id``, ``title``, ``description`` (empty), ``category`` (the genres,
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rec_models.schema import CATALOG_COLUMNS, EVENT_COLUMNS, EVENT_DTYPES
+from rec_models.data.schema import CATALOG_COLUMNS, EVENT_COLUMNS, EVENT_DTYPES
 from rec_models.text import TextTemplate
 
 MOVIELENS_TEMPLATE = TextTemplate(version="movielens-v1", template="{title} | {category} | {tags}")

@@ -1,0 +1,102 @@
+"""Blending score functions on per-user standardised scores (the hybrid of SASRec with the
+content model and EASE)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from rec_models.data import LeaveLastOutSplit
+from rec_models.evaluation import RankingMetrics
+from rec_models.models.sasrec import DEFAULT_ALPHAS, EVAL_BATCH_SIZE, VAL_K
+
+
+def standardize_scores(scores: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Per row, (score - mean) / std over the finite real-item columns (1..n).
+
+    Non-finite entries (items a model cannot score) become the row's lowest finite value;
+    column 0 (padding) becomes 0. Puts models with different score scales on one scale.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float32)[:, 1:]
+    finite = torch.isfinite(scores)
+    count = finite.sum(dim=1, keepdim=True).clamp(min=1)
+    filled = torch.where(finite, scores, torch.zeros_like(scores))
+    mean = filled.sum(dim=1, keepdim=True) / count
+    centred = torch.where(finite, scores - mean, torch.zeros_like(scores))
+    std = (centred.square().sum(dim=1, keepdim=True) / count).sqrt().clamp(min=1e-12)
+    z = centred / std
+    lowest = torch.where(finite, z, torch.full_like(z, math.inf)).min(dim=1, keepdim=True).values
+    z = torch.where(finite, z, torch.where(torch.isfinite(lowest), lowest, torch.zeros_like(lowest)))
+    return torch.cat([torch.zeros(len(z), 1), z], dim=1)
+
+
+class HybridScorer:
+    """``alpha * primary + (1 - alpha) * secondary`` on per-user standardised scores.
+
+    The hook for blending the sequential model with the content (LLM text) model:
+    ``HybridScorer(backbone.score_histories, content.score, alpha, unseen)``. Both score
+    functions take ``(histories, event_types)``; ``score`` is itself such a function.
+    ``unseen`` (bool [n_items + 1]) marks items the primary model never saw in training: it
+    has no collaborative evidence about them, so the secondary's score stands in for its own
+    there (see ``blend``).
+    """
+
+    def __init__(
+        self, primary: Callable, secondary: Callable, alpha: float, unseen: torch.Tensor | None = None
+    ) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError("alpha must be in [0, 1]")
+        self.primary = primary
+        self.secondary = secondary
+        self.alpha = alpha
+        self.unseen = unseen
+
+    def score(
+        self, histories: Sequence[np.ndarray], event_types: Sequence[np.ndarray] | None = None
+    ) -> torch.Tensor:
+        second = standardize_scores(self.secondary(histories, event_types))
+        if self.alpha == 0.0:
+            return second
+        first = standardize_scores(self.primary(histories, event_types))
+        return blend(first, second, self.alpha, self.unseen)
+
+
+def blend(
+    primary: torch.Tensor, secondary: torch.Tensor, alpha: float, unseen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``alpha * primary + (1 - alpha) * secondary`` (inputs already standardised); in the
+    columns marked ``unseen`` the primary's score is replaced by the secondary's."""
+    if unseen is not None:
+        primary = torch.where(unseen[None, :], secondary, primary)
+    return alpha * primary + (1.0 - alpha) * secondary
+
+
+def tune_hybrid(
+    primary: Callable,
+    secondary: Callable,
+    split: LeaveLastOutSplit,
+    n_items: int,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    unseen: torch.Tensor | None = None,
+) -> tuple[HybridScorer, dict[float, float]]:
+    """The ``HybridScorer`` whose ``alpha`` has the best validation NDCG@10.
+
+    Each validation batch is scored once per model; every alpha is evaluated on the same
+    standardised scores. Returns the scorer and ``{alpha: val_ndcg@10}`` (ties: larger alpha).
+    """
+    metrics = {alpha: RankingMetrics(n_items, VAL_K) for alpha in alphas}
+    histories = split.val_histories()
+    for start in range(0, len(histories), EVAL_BATCH_SIZE):
+        batch = histories.items[start : start + EVAL_BATCH_SIZE]
+        types = histories.event_types[start : start + EVAL_BATCH_SIZE]
+        targets = split.val_targets[start : start + EVAL_BATCH_SIZE]
+        first = standardize_scores(primary(batch, types))
+        second = standardize_scores(secondary(batch, types))
+        for alpha, metric in metrics.items():
+            metric.update(blend(first, second, alpha, unseen), batch, targets)
+    results = {float(alpha): metric.compute()[f"ndcg@{VAL_K}"] for alpha, metric in metrics.items()}
+    best = max(sorted(results, reverse=True), key=lambda alpha: results[alpha])
+    return HybridScorer(primary, secondary, best, unseen), results

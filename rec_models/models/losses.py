@@ -1,0 +1,51 @@
+"""Training losses chosen by name (``SASRecConfig.loss``): full softmax and sampled softmax."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# --- losses: (hidden [N, d], targets [N], item_reps [n+1, d], candidates [n+1] bool,
+#              n_negatives) -> scalar. ``candidates`` marks the items allowed in the softmax.
+
+
+def full_softmax_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_reps: torch.Tensor,
+    candidates: torch.Tensor,
+    n_negatives: int,
+) -> torch.Tensor:
+    """Cross-entropy over all candidate items."""
+    logits = (hidden @ item_reps.T).masked_fill(~candidates, -math.inf)
+    return F.cross_entropy(logits, targets)
+
+
+def sampled_softmax_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_reps: torch.Tensor,
+    candidates: torch.Tensor,
+    n_negatives: int,
+) -> torch.Tensor:
+    """Cross-entropy of the target against ``n_negatives`` uniformly sampled candidates.
+
+    The negatives are shared by the batch; a negative equal to a row's target is ignored.
+    """
+    pool = candidates.nonzero().squeeze(1)
+    negatives = pool[torch.randint(len(pool), (n_negatives,), device=pool.device)]
+    positive = (hidden * item_reps[targets]).sum(dim=1, keepdim=True)
+    negative = (hidden @ item_reps[negatives].T).masked_fill(
+        negatives[None, :] == targets[:, None], -math.inf
+    )
+    logits = torch.cat([positive, negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "ce": full_softmax_loss,
+    "sampled": sampled_softmax_loss,
+}

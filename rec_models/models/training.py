@@ -1,0 +1,356 @@
+"""Training SASRec with Lightning: the ``LightningModule``, early stopping on validation
+NDCG@10 (of the blend with a partner model, when given), warm starts, SVD initialisation,
+and top-k recommendation from a trained backbone."""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+
+from rec_models.data import LeaveLastOutSplit
+from rec_models.evaluation import RankingMetrics, pad_histories
+from rec_models.models.data_module import SequenceDataModule
+from rec_models.models.hybrid import blend, standardize_scores
+from rec_models.models.losses import LOSSES
+from rec_models.models.sasrec import (
+    DEFAULT_ALPHAS,
+    EVAL_BATCH_SIZE,
+    HYBRID_MONITOR,
+    MONITOR,
+    SVD_INIT_NORM,
+    VAL_K,
+    SASRecBackbone,
+    SASRecConfig,
+)
+
+
+class SASRecModule(L.LightningModule):
+    """Lightning wrapper: named loss for training, full-ranking NDCG/HR@10 for validation."""
+
+    def __init__(
+        self,
+        backbone: SASRecBackbone,
+        candidate_items: torch.Tensor | None = None,
+        blend_with: Callable | None = None,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        backbone._frozen_items = None  # training changes the item table
+        self.config = backbone.config
+        self.save_hyperparameters(self.config.to_dict())
+        if self.config.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.config.loss!r}; choose from {sorted(LOSSES)}")
+        self.loss_fn = LOSSES[self.config.loss]
+        if candidate_items is None:
+            candidate_items = torch.ones(self.config.n_items + 1, dtype=torch.bool)
+        candidate_items = candidate_items.clone()
+        candidate_items[0] = False
+        self.register_buffer("candidate_items", candidate_items, persistent=False)
+        self.val_metrics = RankingMetrics(self.config.n_items, VAL_K)
+        # With a blend partner, validation also scores alpha * model + (1 - alpha) * partner.
+        self.blend_with = blend_with
+        self.blend_metrics = (
+            {float(a): RankingMetrics(self.config.n_items, VAL_K) for a in alphas} if blend_with else {}
+        )
+        self.blend_results: dict[float, float] = {}
+        self.own_val_ndcg: float | None = None
+        self.sequences_seen = 0
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        items, event_types, targets = batch
+        drop_ids = None
+        if self.config.id_dropout > 0:
+            drop_ids = torch.rand(len(self.candidate_items), device=self.device) < self.config.id_dropout
+        item_reps = self.backbone.item_representations(drop_ids)
+        hidden = self.backbone(items, event_types, item_reps)
+        counted = targets > 0
+        hidden, outputs = self.backbone.output_layer(
+            hidden[counted], item_reps, self.backbone.item_biases(drop_ids)
+        )
+        loss = self.loss_fn(hidden, targets[counted], outputs, self.candidate_items, self.config.n_negatives)
+        self.sequences_seen += len(items)
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(items)
+        )
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+        for metric in self.blend_metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        histories, types, targets = batch["histories"], batch["event_types"], batch["targets"]
+        scores = self.backbone.score_histories(histories, types)
+        self.val_metrics.update(scores, histories, targets)
+        if self.blend_with is not None:
+            own = standardize_scores(scores)
+            partner = standardize_scores(self.blend_with(histories, types))
+            unseen = ~self.candidate_items.cpu()
+            for alpha, metric in self.blend_metrics.items():
+                metric.update(blend(own, partner, alpha, unseen), histories, targets)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        self.own_val_ndcg = float(metrics[f"ndcg@{VAL_K}"])
+        self.log(MONITOR, metrics[f"ndcg@{VAL_K}"], on_epoch=True, prog_bar=True)
+        self.log(f"val_hr@{VAL_K}", metrics[f"hr@{VAL_K}"], on_epoch=True)
+        if self.blend_with is not None:
+            self.blend_results = {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in self.blend_metrics.items()}
+            self.log(HYBRID_MONITOR, max(self.blend_results.values()), on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.backbone.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+
+class _BestEpochTracker(Callback):
+    """Records each epoch's metrics and keeps an in-memory copy of the best weights."""
+
+    def __init__(self, monitor: str = MONITOR) -> None:
+        self.monitor = monitor
+        self.epochs: list[dict] = []
+        self.best_score: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_blend: dict[float, float] = {}
+        self.best_own: float | None = None  # the model's own val NDCG@10 at the kept epoch
+        self._epoch_start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        score = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or score is None:
+            return
+        # Strictly better, like EarlyStopping with min_delta=0.
+        if self.best_score is None or float(score) > self.best_score:
+            self.best_score = float(score)
+            state = pl_module.backbone.state_dict()
+            self.best_state = {name: value.detach().clone() for name, value in state.items()}
+            self.best_blend = dict(pl_module.blend_results)
+            self.best_own = pl_module.own_val_ndcg
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = {"epoch": trainer.current_epoch}
+        record.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        record["epoch_s"] = time.perf_counter() - self._epoch_start
+        self.epochs.append(record)
+
+
+def _warm_start(backbone: SASRecBackbone, init_backbone: SASRecBackbone) -> None:
+    """Copy ``init_backbone``'s weights into ``backbone`` (growing its item table if needed)."""
+    source = copy.deepcopy(init_backbone)
+    n_items = backbone.config.n_items
+    if source.config.n_items != n_items:
+        source.grow(getattr(backbone, "text_embeddings", None), n_items=n_items)
+    state = source.state_dict()
+    if backbone.text_projection is not None:
+        state["text_embeddings"] = backbone.text_embeddings  # the caller's text table wins
+    backbone.load_state_dict(state)
+
+
+def training_counts(split: LeaveLastOutSplit, n_items: int) -> np.ndarray:
+    """Interactions per item in the training histories, int64 [n_items + 1]."""
+    items = np.concatenate([*split.train.items, np.zeros(0, dtype=np.int64)])
+    return np.bincount(items, minlength=n_items + 1)[: n_items + 1]
+
+
+def svd_item_factors(
+    histories: Sequence[np.ndarray], n_items: int, dim: int, max_norm: float = SVD_INIT_NORM
+) -> torch.Tensor:
+    """Collaborative item factors [n_items + 1, dim] from the binary user x item matrix.
+
+    A randomized truncated SVD ``X ~ U S V^T`` (torch's RNG: seed it for determinism) gives
+    ``V sqrt(S)``, scaled so the largest row norm is ``max_norm``. Dot products of these
+    rows approximate item co-occurrence (PureSVD), a strong starting point for the tied
+    input/output item table. Items without interactions get zero rows.
+    """
+    rows = np.concatenate([np.full(len(np.unique(h)), u) for u, h in enumerate(histories)] + [np.zeros(0, int)])
+    cols = np.concatenate([np.unique(h) for h in histories] + [np.zeros(0, int)])
+    matrix = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([rows, cols]).astype(np.int64)),
+        torch.ones(len(rows)),
+        size=(len(histories), n_items + 1),
+        check_invariants=True,
+    ).coalesce()
+    rank = min(dim, *matrix.shape)
+    _, singular, right = torch.svd_lowrank(matrix, q=min(rank + 10, *matrix.shape), niter=4)
+    factors = torch.zeros(n_items + 1, dim)
+    factors[:, :rank] = right[:, :rank] * singular[:rank].sqrt()
+    largest = factors.norm(dim=1).max()
+    return factors * (max_norm / largest) if largest > 0 else factors
+
+
+def _validation_scores(
+    backbone: SASRecBackbone, split: LeaveLastOutSplit, blend_with: Callable | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS, unseen: torch.Tensor | None = None,
+) -> tuple[float, dict[float, float]]:
+    """Validation NDCG@10 of the model alone and ``{alpha: NDCG@10}`` of its blends with
+    ``blend_with`` (empty without one): what ``SASRecModule`` validation reports."""
+    val = split.val_histories()
+    own = RankingMetrics(backbone.config.n_items, VAL_K)
+    blends = {float(a): RankingMetrics(backbone.config.n_items, VAL_K) for a in alphas} if blend_with else {}
+    for start in range(0, len(val), EVAL_BATCH_SIZE):
+        batch = val.items[start : start + EVAL_BATCH_SIZE]
+        types = val.event_types[start : start + EVAL_BATCH_SIZE]
+        targets = split.val_targets[start : start + EVAL_BATCH_SIZE]
+        scores = backbone.score_histories(batch, types)
+        own.update(scores, batch, targets)
+        if blends:
+            first, second = standardize_scores(scores), standardize_scores(blend_with(batch, types))
+            for alpha, metric in blends.items():
+                metric.update(blend(first, second, alpha, unseen), batch, targets)
+    return own.compute()[f"ndcg@{VAL_K}"], {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in blends.items()}
+
+
+def train_sasrec(
+    split: LeaveLastOutSplit,
+    config: SASRecConfig,
+    text_embeddings: torch.Tensor | None = None,
+    init_backbone: SASRecBackbone | None = None,
+    max_time_s: float | None = None,
+    logger=None,
+    callbacks: Sequence[Callback] = (),
+    users_subset: Sequence[int] | None = None,
+    progress: bool = False,
+    blend_with: Callable | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+) -> tuple[SASRecBackbone, dict]:
+    """Train on CPU with early stopping on val NDCG@10; return the best backbone and a history.
+
+    ``init_backbone`` warm-starts from a previous model (grown to ``config.n_items`` if it has
+    fewer items). ``users_subset`` trains on those users' windows only. ``logger`` is any
+    Lightning logger (e.g. ``MLFlowLogger``); per-epoch ``train_loss``, ``val_ndcg@10`` and
+    ``val_hr@10`` are logged to it (MLflow renames them ``val_ndcg10`` / ``val_hr10``).
+
+    The history dict holds ``epochs`` (one dict of metrics per epoch), ``best_val_ndcg@10``,
+    ``stopped_by`` ("patience", "max_epochs" or "max_time": only the last depends on the
+    machine's speed), ``train_s`` (wall time of ``fit``, validation included), ``sequences_per_s`` (training
+    windows processed per second of ``train_s``) and ``n_windows`` (windows per epoch).
+
+    ``blend_with`` (a score function, e.g. the content model's) trains the model as the
+    sequential half of a hybrid: every validation also scores ``alpha * model + (1 - alpha) *
+    partner`` (standardised, ``DEFAULT_ALPHAS``; the partner's score stands in for the model's
+    on items absent from training, see ``blend``), early stopping and the kept epoch follow the
+    best blend (``val_hybrid_ndcg@10``), and the history adds ``best_alpha``,
+    ``best_val_hybrid_ndcg@10`` and ``blend_val_ndcg@10`` ({alpha: NDCG} at the kept epoch);
+    ``best_val_ndcg@10`` stays the model's own. ``alphas`` restricts the blend weights (a
+    fine-tune keeps its champion's with ``alphas=(alpha,)``). Choosing alpha and the epoch together keeps
+    the choice of alpha fair: tuning it afterwards on the same validation users favours
+    alpha = 1, whose epoch was already picked for its (noisy) validation score.
+    """
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    backbone = SASRecBackbone(config, text_embeddings)
+    if init_backbone is not None:
+        _warm_start(backbone, init_backbone)
+    else:
+        backbone.init_item_bias(training_counts(split, config.n_items))
+        if config.id_init == "svd":
+            backbone.init_id_embeddings(svd_item_factors(split.train.items, config.n_items, config.d_model))
+        elif config.id_init != "default":
+            raise ValueError(f"unknown id_init {config.id_init!r}; choose 'default' or 'svd'")
+    data = SequenceDataModule(split, config, users_subset)
+    module = SASRecModule(backbone, data.candidate_items(), blend_with=blend_with, alphas=alphas)
+    monitor = MONITOR if blend_with is None else HYBRID_MONITOR
+    tracker = _BestEpochTracker(monitor)
+    warm_start_score = None
+    if init_backbone is not None:
+        # A fine-tune never returns weights that are worse on validation than its start.
+        own, blends = _validation_scores(backbone, split, blend_with, alphas, ~module.candidate_items)
+        warm_start_score = own
+        tracker.best_score = max(blends.values()) if blends else own
+        tracker.best_state = {name: value.detach().clone() for name, value in backbone.state_dict().items()}
+        tracker.best_blend = blends
+        tracker.best_own = own
+    early_stopping = EarlyStopping(monitor, mode="max", patience=config.patience)
+
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=config.max_epochs,
+            max_time=None if max_time_s is None else timedelta(seconds=max_time_s),
+            logger=logger if logger is not None else False,
+            callbacks=[tracker, early_stopping, *callbacks],
+            enable_checkpointing=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            deterministic="warn",
+            default_root_dir=root,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        train_s = time.perf_counter() - start
+        if early_stopping.stopped_epoch > 0:
+            stopped_by = "patience"
+        elif trainer.current_epoch >= config.max_epochs:
+            stopped_by = "max_epochs"
+        else:
+            stopped_by = "max_time"  # the safety net: the result depends on machine speed
+
+    if tracker.best_state is not None:
+        backbone.load_state_dict(tracker.best_state)
+    backbone.eval()
+    best = tracker.best_score
+    if best is None:  # stopped (max_time) before the first validation: evaluate now
+        best, tracker.best_blend = _validation_scores(backbone, split, blend_with, alphas, ~module.candidate_items)
+    hybrid = {}
+    if blend_with is not None:
+        blend_results = tracker.best_blend
+        alpha = max(sorted(blend_results, reverse=True), key=lambda a: blend_results[a])
+        hybrid = {
+            "best_alpha": alpha,
+            f"best_val_hybrid_ndcg@{VAL_K}": blend_results[alpha],
+            f"blend_val_ndcg@{VAL_K}": blend_results,
+        }
+        best = tracker.best_own if tracker.best_own is not None else blend_results.get(1.0, float("nan"))
+    history = {
+        "stopped_by": stopped_by,
+        **hybrid,
+        "epochs": tracker.epochs,
+        f"best_val_ndcg@{VAL_K}": best,
+        "train_s": train_s,
+        "sequences_per_s": module.sequences_seen / train_s,
+        "n_windows": len(data.train_windows),
+        "warm_start_val_ndcg@10": warm_start_score,
+    }
+    return backbone, history
+
+
+def recommend(
+    backbone: SASRecBackbone,
+    histories: Sequence[np.ndarray],
+    event_types: Sequence[np.ndarray] | None = None,
+    k: int = 10,
+    exclude_history: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` item indices [B, k] (int64) and their scores [B, k] for each history."""
+    all_items, all_scores = [], []
+    for start in range(0, len(histories), EVAL_BATCH_SIZE):
+        batch = histories[start : start + EVAL_BATCH_SIZE]
+        batch_types = None if event_types is None else event_types[start : start + EVAL_BATCH_SIZE]
+        scores = backbone.score_histories(batch, batch_types)
+        scores[:, 0] = -math.inf
+        if exclude_history:
+            scores = scores.scatter(1, pad_histories(batch), -math.inf)
+        top = scores.topk(min(k, backbone.config.n_items), dim=1)
+        all_items.append(top.indices.numpy())
+        all_scores.append(top.values.numpy())
+    if not all_items:
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+    return np.concatenate(all_items), np.concatenate(all_scores)
