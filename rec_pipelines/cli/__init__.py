@@ -87,7 +87,7 @@ DELEGATED = {
     "ingest": ("rec_pipelines.cli.ingest", "ingest feedback files through the pipeline's own code path"),
     "rollback": ("rec_pipelines.cli.rollback", "restore the previous champion"),
     "serve": ("rec_pipelines.cli.serve", "serve models:/<name>@champion over HTTP"),
-    "evaluate": ("rec_models.offline_eval", "compare every model on a MovieLens-layout folder"),
+    "evaluate": ("rec_models.evaluation.offline", "compare every model on a MovieLens-layout folder"),
 }
 
 

@@ -48,7 +48,8 @@ SIGNATURE = ModelSignature(
 # was trained with; given explicitly so MLflow does not re-import the model to infer them.
 SERVING_PACKAGES = ["mlflow", "torch", "lightning", "pandas", "pyarrow", "numpy", "pydantic", "pydantic-settings"]
 TEXT_ENCODER_PACKAGES = ["transformers", "tokenizers", "safetensors"]  # bundles that carry the encoder
-MODEL_CODE = Path(__file__).resolve().parents[2] / "rec_models" / "pyfunc_model.py"
+MODEL_CODE = Path(__file__).resolve().parents[2] / "rec_models" / "serving" / "pyfunc_model.py"
+MODEL_PACKAGE = MODEL_CODE.parents[1]  # rec_models: travels with the model as code_paths
 
 
 def pip_requirements(text_encoder: bool = False) -> list[str]:
@@ -96,7 +97,7 @@ class ModelRegistry:
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
-            code_paths=[str(MODEL_CODE.parent)],
+            code_paths=[str(MODEL_PACKAGE)],
             artifacts={"bundle": str(bundle_dir)},
             signature=SIGNATURE,
             input_example=input_example,

@@ -1,66 +1,19 @@
-"""What serving loads: a self-contained model bundle and the MLflow pyfunc around it.
-
-A *bundle* is a folder holding everything a request needs, so ``mlflow models serve -m
-models:/NAME@champion`` works without access to the pipeline's storage:
-
-- ``backbone.pt``  the trained sequential model (weights, config, item text embeddings)
-- ``vocab.json``   item id ↔ row index
-- ``items.parquet`` item ids and titles
-- ``users.parquet`` each known user's latest items (newest last) with their event types
-- ``popularity.npy`` item popularity, the fallback for users without any history
-- ``identity.json`` how users are named: the public id of the pseudonym key (see below)
-
-Users are known by their pseudonyms (``rec_models.data.privacy``: ingestion never lets a raw user id
-through). A request may name a user by pseudonym, or by raw id when the server holds the
-pseudonym key (``$RECSYS_PSEUDONYM_KEY``, or the key file named by
-``$RECSYS_PSEUDONYM_KEY_FILE``; ``recsys`` points the latter at the lake's key file): the raw
-id is then pseudonymised before the lookup. The key is never part of the bundle; a key that is
-not the one the bundle's users were pseudonymised with is refused at load time.
-
-Requests read real-time history: items sent with the request (``recent_item_ids``, newest last)
-are appended to the user's stored history, so fresh feedback changes the list at once.
-
-One request row is ``user_id`` (required), ``recent_item_ids`` (optional list), ``k``
-(optional, 1..``MAX_K``, default ``DEFAULT_K``) and ``exclude`` (optional list of item ids never
-to recommend). Each answer row is ``user_id, rank, item_id, score, title, explanation,
-warnings``:
-
-- users with no usable history (unknown users, or only unknown items sent) get the most
-  popular items; their ``score`` is the item's training-interaction count;
-- ``explanation`` is ``because you liked <title>``: the history item whose text embedding is
-  nearest (cosine) the recommended item's (empty for popularity answers and items without
-  text);
-- ``warnings`` lists what was ignored (unknown item ids), repeated on each row of the answer.
-
-A malformed row raises ``InvalidRequest`` naming the row and field; the pyfunc turns it into an
-``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which MLflow's scoring server answers with
-HTTP 400 and the message (no stack trace); any other failure is logged and answered with a
-plain HTTP 500. (The registered signature declares the optional fields as ``Any`` so that this
-validation, not MLflow's type casting, decides: see ``rec_pipelines.registry.SIGNATURE``.)
-
-The hot path does no per-request work that could be done once: item representations (ID
-embedding + projected text) are computed at load time, histories and titles are numpy arrays,
-every row of a request is scored in one forward pass, and the answer is built column-wise.
-"""
+"""The served model: a self-contained bundle folder (``write_bundle``) and the
+``Recommender`` that answers request rows from it in one forward pass (docs/serving.md)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import numbers
 import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from rec_models.data import ItemVocab
 from rec_models.data.privacy import (
@@ -70,16 +23,15 @@ from rec_models.data.privacy import (
     pseudonymize,
 )
 from rec_models.models import DEFAULT_EVENT_TYPE, HybridRecommender, MMRReranker
+from rec_models.serving.requests import (
+    EXPLANATION_PREFIX,
+    MAX_LISTED_IDS,
+    OUTPUT_COLUMNS,
+    ParsedRequest,
+    parse_requests,
+)
 from rec_models.settings import ModelSettings
 
-INPUT_COLUMNS = ["user_id", "recent_item_ids", "k", "exclude", "diversity", "context_text"]
-OUTPUT_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "explanation", "warnings"]
-DEFAULT_K = 10
-MAX_K = 1000
-MAX_CONTEXT_CHARS = 2000
-EXPLANATION_PREFIX = "because you liked "
-_MAX_LISTED_IDS = 10  # unknown ids quoted in one warning
-KEY_FILE_ENV = "RECSYS_PSEUDONYM_KEY_FILE"  # read through rec_models.settings.ModelSettings
 USERS_FILE, ITEMS_FILE, VOCAB_FILE = "users.parquet", "items.parquet", "vocab.json"
 USER_CONTEXT_FILE, ENCODER_DIR, IDENTITY_FILE = "user_context.parquet", "text_encoder", "identity.json"
 
@@ -129,101 +81,6 @@ def serving_pseudonym_key(env: Mapping[str, str] | None = None) -> bytes | None:
     """The pseudonym key a server may use to map raw user ids: ``$RECSYS_PSEUDONYM_KEY``, else
     the file named by ``$RECSYS_PSEUDONYM_KEY_FILE`` if it exists, else None."""
     return existing_pseudonym_key(ModelSettings.from_env(env).pseudonym_key_file, env)
-
-
-class InvalidRequest(ValueError):
-    """A request the recommender cannot answer; the message says which row and what to fix."""
-
-
-@dataclass(frozen=True)
-class ParsedRequest:
-    """One validated request row."""
-
-    user_id: str
-    k: int
-    recent_item_ids: list[str]
-    exclude: list[str]
-    diversity: float | None = None  # None: the model's default
-    context_text: str = ""
-
-
-def _is_missing(value: object) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
-def _parse_k(value: object, row: int) -> int:
-    if _is_missing(value):
-        return DEFAULT_K
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not float(value).is_integer():
-        raise InvalidRequest(f"row {row}: k must be an integer between 1 and {MAX_K}, got {value!r}")
-    k = int(value)
-    if not 1 <= k <= MAX_K:
-        raise InvalidRequest(f"row {row}: k must be an integer between 1 and {MAX_K}, got {k}")
-    return k
-
-
-def _parse_diversity(value: object, row: int) -> float | None:
-    if _is_missing(value):
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise InvalidRequest(f"row {row}: diversity must be a number between 0 (off) and 1, got {value!r:.80}")
-    return float(value)
-
-
-def _parse_context(value: object, row: int) -> str:
-    if _is_missing(value):
-        return ""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"row {row}: context_text must be a string, got {type(value).__name__}")
-    if len(value) > MAX_CONTEXT_CHARS:
-        raise InvalidRequest(f"row {row}: context_text is longer than {MAX_CONTEXT_CHARS} characters")
-    return value.strip()
-
-
-def _parse_ids(value: object, row: int, field: str) -> list[str]:
-    if _is_missing(value):
-        return []
-    if not isinstance(value, (list, tuple, np.ndarray)) or (isinstance(value, np.ndarray) and value.ndim != 1):
-        raise InvalidRequest(f"row {row}: {field} must be a list of item ids, got {type(value).__name__} {value!r:.80}")
-    ids = []
-    for item in value:
-        if isinstance(item, (str, numbers.Integral)) and not isinstance(item, (bool, np.bool_)):
-            ids.append(str(item))
-        else:
-            raise InvalidRequest(f"row {row}: {field} must hold item ids (strings), got {item!r:.80}")
-    return ids
-
-
-def parse_requests(frame: pd.DataFrame) -> list[ParsedRequest]:
-    """Validate request rows (columns of ``INPUT_COLUMNS``; all but ``user_id`` optional)."""
-    if not isinstance(frame, pd.DataFrame):
-        raise InvalidRequest(f"expected a table of requests with columns {INPUT_COLUMNS}, got {type(frame).__name__}")
-    if "user_id" not in frame.columns:
-        raise InvalidRequest(f"missing required column 'user_id' (columns are {INPUT_COLUMNS})")
-    columns = {name: frame[name].tolist() for name in INPUT_COLUMNS if name in frame.columns}
-    return parse_rows([{name: values[row] for name, values in columns.items()} for row in range(len(frame))])
-
-
-def parse_rows(rows: Sequence[Mapping]) -> list[ParsedRequest]:
-    """Validate request rows given as mappings (a missing key is a missing value)."""
-    parsed = []
-    for row, fields in enumerate(rows):
-        if not isinstance(fields, Mapping):
-            raise InvalidRequest(f"row {row}: expected an object with fields {INPUT_COLUMNS}, got {fields!r:.80}")
-        user_id = fields.get("user_id")
-        if _is_missing(user_id) or user_id == "":
-            raise InvalidRequest(f"row {row}: user_id is required")
-        if not isinstance(user_id, (str, numbers.Integral)) or isinstance(user_id, (bool, np.bool_)):
-            raise InvalidRequest(f"row {row}: user_id must be a string, got {type(user_id).__name__} {user_id!r:.80}")
-        parsed.append(ParsedRequest(
-            user_id=str(user_id),
-            k=_parse_k(fields.get("k"), row),
-            recent_item_ids=_parse_ids(fields.get("recent_item_ids"), row, "recent_item_ids"),
-            exclude=_parse_ids(fields.get("exclude"), row, "exclude"),
-            diversity=_parse_diversity(fields.get("diversity"), row),
-            context_text=_parse_context(fields.get("context_text"), row),
-        ))
-    return parsed
 
 
 class Recommender:
@@ -288,8 +145,8 @@ class Recommender:
         indices = self.vocab.index(ids, unknown=0)
         if (indices == 0).any():
             unknown = [item_id for item_id, index in zip(ids, indices) if index == 0]
-            listed = ", ".join(unknown[:_MAX_LISTED_IDS]) + (f" (and {len(unknown) - _MAX_LISTED_IDS} more)"
-                                                             if len(unknown) > _MAX_LISTED_IDS else "")
+            listed = ", ".join(unknown[:MAX_LISTED_IDS]) + (f" (and {len(unknown) - MAX_LISTED_IDS} more)"
+                                                             if len(unknown) > MAX_LISTED_IDS else "")
             warnings.append(f"ignored {len(unknown)} unknown item id(s) in {field}: {listed}")
         return indices[indices > 0]
 
@@ -414,34 +271,3 @@ class Recommender:
             columns["warnings"] += [list(warnings[row]) for _ in range(n)]
             counts.append(n)
         return columns, counts
-
-
-class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: rows of (user_id, recent_item_ids?, k?, exclude?) → ranked
-    (item_id, score, title, explanation, warnings)."""
-
-    def load_context(self, context) -> None:
-        self.recommender = Recommender(context.artifacts["bundle"], serving_pseudonym_key())
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        try:
-            return self.recommender.recommend(model_input)
-        except InvalidRequest as error:  # the client's mistake: HTTP 400 with the message
-            raise MlflowException(f"invalid request: {error}", error_code=INVALID_PARAMETER_VALUE) from None
-        except Exception:
-            # The scoring server would answer any other exception with a stack trace; log it
-            # here and answer a plain HTTP 500 instead.
-            logger.exception("recommendation failed")
-            raise MlflowException("internal error while recommending (see the server log)",
-                                  error_code=INTERNAL_ERROR) from None
-
-
-def example_request(user_ids: list[str], recent: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "user_id": user_ids,
-        "recent_item_ids": [recent] * len(user_ids),
-        "k": [DEFAULT_K] * len(user_ids),
-        "exclude": [recent[:1]] * len(user_ids),
-        "diversity": [0.0] * len(user_ids),
-        "context_text": [""] * len(user_ids),
-    })

@@ -1,0 +1,24 @@
+"""Offline evaluation under ../shared/benchmarks/PROTOCOL.md: metrics (``metrics``), the
+protocol's split and slices (``protocol``) and ``recsys evaluate`` (``offline``)."""
+
+from rec_models.evaluation.metrics import (
+    EVAL_BATCH,
+    PopularityRecommender,
+    RankingMetrics,
+    ScoreFn,
+    evaluate_ranking,
+    pad_histories,
+    paired_difference,
+)
+from rec_models.evaluation.protocol import (
+    cold_start_split,
+    cold_start_users,
+    evaluate_split,
+    item_popularity,
+    protocol_sequences,
+    select_cold_items,
+)
+
+__all__ = ["EVAL_BATCH", "PopularityRecommender", "RankingMetrics", "ScoreFn", "cold_start_split", "cold_start_users",
+           "evaluate_ranking", "evaluate_split", "item_popularity", "pad_histories", "paired_difference",
+           "protocol_sequences", "select_cold_items"]
