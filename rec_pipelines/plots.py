@@ -1,15 +1,5 @@
-"""Small figures and tables for Dagster metadata, as self-contained markdown.
-
-Dagster's UI renders ``dg.MetadataValue.md`` with images whose source is a ``data:`` URI, so
-a figure travels inside the run's metadata as an inline base64 PNG: nothing to host, nothing
-to clean up. Keep figures small (a few tens of kB): they live in the event log.
-
-Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through
-``pyplot``, so these helpers touch no global backend state and are safe in any process.
-
-    md = figure_to_md(scatter_2d(points, labels, title="items"), alt="items")
-    metadata = {"projection": dg.MetadataValue.md(md)}
-"""
+"""Figures for Dagster metadata (inline PNG in Markdown) and MLflow artifacts, drawn
+headless with matplotlib."""
 
 from __future__ import annotations
 

@@ -1,27 +1,5 @@
-"""Per-user and per-item features from validated feedback, with bot-like activity flagged.
-
-Preprocessing policy, stage by stage (the earlier stages live in ``rec_pipelines``):
-
-* **dedupe**: exact duplicate events (same user, item, type, timestamp, value) are quarantined
-  by row validation, within a batch and against earlier batches; repeated contacts with one
-  item collapse into one interaction for training (``rec_models.data.collapse_repeats``).
-* **missing values**: events missing a required field are quarantined; a missing ``value``
-  is neutral except for ratings (quarantined); a missing ``session_id`` does not matter here:
-  sessions are inferred from inactivity gaps for every source alike.
-* **normalisation**: ids are stripped, event types lower-cased, timestamps converted to int
-  epoch seconds (ISO 8601 accepted), texts stripped of control characters and truncated.
-* **outliers**: users whose event rate is absurd for a person - at least
-  ``max_events_per_minute`` events in each of at least ``sustained_minutes`` distinct
-  minutes - are flagged ``bot_like``. They are kept (a flag and metadata, never a silent
-  drop); item popularity here counts only users that are not bot-like.
-* **weights**: every event type has a weight (``schema.DEFAULT_EVENT_WEIGHTS`` unless
-  overridden: purchase > like/review > rating > click > view > 0 > skip > dislike), a rating's
-  weight scaled by ``value / 5`` as in ``rec_models.data.interactions``.
-
-``compute_features`` returns one row per user (counts, recency, engagement, rating habits,
-activity peaks) and one per item (counts, distinct users, weighted popularity, recency,
-share of bot-like traffic).
-"""
+"""Per-user and per-item features from validated feedback (counts, recency, weighted
+engagement, rating habits), with bot-like users flagged, never dropped (docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,25 +1,5 @@
-"""Loaders for the MovieLens folder layouts users bring, as project events plus a catalog.
-
-``load_movielens(folder)`` recognises the layout from the files present:
-
-==============  =========================================================================
-layout          files
-==============  =========================================================================
-``csv``         ``ratings.csv`` + ``movies.csv`` (+ ``tags.csv``): ml-latest-small,
-                ml-latest, ml-20m, ml-25m (UTF-8, quoted titles)
-``100k``        ``u.data`` (tab-separated) + ``u.item`` (pipe-separated, latin-1, 19 genre
-                flags; names from ``u.genre`` when present)
-``dat``         ``ratings.dat`` + ``movies.dat`` (+ ``tags.dat``), ``::``-separated: ml-1m
-                (latin-1) and ml-10m (UTF-8)
-==============  =========================================================================
-
-Every rating row becomes one event in the schema of ``rec_models.data.schema`` (``event_type``
-"rating", ``value`` = the rating, int64 epoch-second ``timestamp``), in file order; nothing
-is dropped or sorted here (the evaluation protocol sorts stably, so file order decides ties).
-The catalog has ``item_id``, ``title``, ``description`` (empty), ``category`` (the genres,
-comma-separated) and ``tags`` (the item's most used free-text tags, most used first), and
-holds every movie of the movie file plus any rated item missing from it.
-"""
+"""MovieLens loaders for every common layout (ml-100k, ml-1m/10m, ml-20m/25m/latest): events
+in file order and a catalog with titles, genres and tags (docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,20 +1,5 @@
-"""Privacy at ingest: keyed pseudonyms for identifiers and scrubbing of free text.
-
-* ``pseudonymize(ids, key)`` maps each raw id to ``p_`` + 16 hex digits of
-  HMAC-SHA256(key, id). The same key always gives the same pseudonym, so a user's history
-  stays one history across batches, and without the key a pseudonym cannot be linked back to
-  the raw id (no dictionary attack on short numeric ids, unlike a plain hash). Only the
-  distinct ids are hashed, so a million rows from a few thousand users take well under a
-  second.
-* ``scrub_text(text)`` replaces e-mail addresses with ``[email]`` and phone numbers with
-  ``[phone]``. It errs on the side of scrubbing: any run of 7-15 digits written like a phone
-  number (``+44 20 7946 0958``, ``(555) 123-4567``, ``555.123.4567``) is replaced, ISO dates
-  are kept.
-* ``resolve_pseudonym_key`` decides the key: an explicit value, else the environment
-  variable ``RECSYS_PSEUDONYM_KEY``, else a random key generated once and kept in a key file
-  with 0600 permissions. Changing the key changes every pseudonym: ``key_id`` gives a short
-  public fingerprint of a key so a store can notice that it changed.
-"""
+"""Pseudonymous ids (keyed HMAC-SHA256, the key kept private and identified by a public id)
+and scrubbing of e-mail addresses and phone numbers from free text (docs/data.md)."""
 
 from __future__ import annotations
 

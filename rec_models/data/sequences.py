@@ -1,16 +1,5 @@
-"""From raw feedback events to per-user item sequences and a leave-last-out split.
-
-The path every model and every evaluation shares:
-
-1. ``interactions(events)`` keeps the positive feedback, adds a ``weight`` column and sorts
-   each user's events by time. The sort is *stable*: events with equal timestamps keep their
-   file/row order, so the same file always gives the same sequences.
-2. ``build_sequences(interactions_df, vocab)`` turns those rows into one chronological array
-   of item indices per user (and the aligned event-type indices), growing the ``ItemVocab``
-   with any item it has not seen.
-3. ``leave_last_out(seqs)`` drops users with fewer than 5 interactions and holds out, per
-   user, the last item (test target) and the second last (validation target).
-"""
+"""From feedback events to per-user item sequences (stable time order) and the leave-last-out
+split (docs/data.md)."""
 
 from __future__ import annotations
 

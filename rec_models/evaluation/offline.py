@@ -1,33 +1,5 @@
-"""``recsys evaluate``: every model on a MovieLens-layout folder, under the offline protocol.
-
-    recsys evaluate --data ../shared/data/ml-latest-small --out var/eval/ml-latest-small.json
-
-Steps (``../shared/benchmarks/PROTOCOL.md``; metrics from ``rec_models.evaluation``):
-
-1. load the folder (``rec_models.data.movielens``: any MovieLens layout), keep every rating row,
-   stable time order, users with >= 5 interactions, leave-last-out split;
-2. embed every catalog item's "title | genres | tags" with the text encoder (cached in
-   ``--cache-dir``, so a second run encodes nothing);
-3. fit each model on the training histories and rank the whole catalog for the test target
-   (history masked): most-popular, EASE (lambda tuned on validation), content-only (text
-   similarity to recent items, window tuned on validation), ``sasrec`` (the Lightning model:
-   items = ID embedding started from co-occurrence SVD factors + projected text embedding +
-   popularity-initialised bias, rating buckets as input features, sampled softmax; optional
-   ``--id-dropout``) and ``main`` = the hybrid ``alpha * SASRec + (1 - alpha) * content``,
-   alpha chosen with the early-stopping epoch on validation NDCG@10
-   (``train_sasrec(blend_with=...)``), the content score standing in for SASRec's on items
-   absent from training; ``main+mmr`` re-ranks ``main`` with MMR over the text embeddings
-   (``--mmr-diversity``);
-4. the cold-start slice: a seeded 10 % of items lose all their training interactions;
-   every model is fitted again on that split and evaluated on the users whose test target
-   is one of those items (``cold_ndcg@10``);
-5. print a table and write JSON ``{"dataset": {...}, "models": {name: {"hr@10", "ndcg@10",
-   "coverage@10", "ild@10", "novelty@10", "cold_hr@10", "cold_ndcg@10", "train_s",
-   "eval_s", ...}}, "settings": {...}}``.
-
-Seeds are fixed (``--seed``) and Lightning runs with deterministic settings; the SASRec
-hyperparameters are saved with its checkpoint (``--checkpoint``).
-"""
+"""``recsys evaluate``: every model on a MovieLens-layout folder under the offline protocol,
+cold-start and cold-user slices included, as a table and JSON (docs/evaluation.md)."""
 
 from __future__ import annotations
 

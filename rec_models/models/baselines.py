@@ -1,22 +1,5 @@
-"""Non-sequential baselines: EASE (closed form) and a content-only text-similarity model.
-
-Both follow the score-function convention of ``rec_models.evaluation``:
-``score(histories, event_types=None) -> [B, n_items + 1]`` (column 0 = padding), so they
-plug into ``evaluate_ranking`` / ``evaluate_split`` like any model. Most-popular is
-``evaluation.PopularityRecommender``.
-
-EASE (Steck, 2019) learns an item-item weight matrix B with zero diagonal minimising
-``||X - X B||^2 + lam ||B||^2`` over the binary user x item training matrix X. Its closed
-form is ``P = (X^T X + lam I)^-1``, ``B = I - P diag(1 / diag(P))``. With more items than
-users the same P comes from the ``users x users`` matrix via the Woodbury identity,
-``P = (I - X^T (X X^T + lam I)^-1 X) / lam``, which is exact and much cheaper (610 x 610
-instead of 9,724 x 9,724 for ml-latest-small); ``EASE`` picks the cheaper side by itself.
-Items without training interactions cannot be scored by EASE: they get -inf.
-
-The content model scores every item by the cosine similarity of its text embedding to a
-recency-weighted mean of the user's latest items' embeddings, so it can rank items nobody
-has interacted with yet.
-"""
+"""Non-sequential baselines with the evaluation's score-function convention: EASE (closed
+form, primal or dual) and the content model (text similarity to recent items)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,5 @@
-"""Diversity re-ranking: Maximal Marginal Relevance (MMR) over item text embeddings.
-
-A relevance model ranks the catalog; MMR then rebuilds each user's top k greedily from the
-``n_candidates`` most relevant items (history masked), each step taking
-
-    argmax_i  (1 - diversity) * rel(i) - diversity * max_{j already chosen} cos(e_i, e_j)
-
-where ``rel`` is the model score min-max scaled to [0, 1] over the user's candidates and
-``e`` the item text embeddings. ``diversity`` is the knob: 0 keeps the model's order, larger
-values trade accuracy for lists whose items are less alike (higher ILD) and, since the
-candidates' tail is less popular, usually more novel.
-
-``MMRReranker.wrap(score_fn)`` turns any score function into one whose top-k ranking is the
-re-ranked list, so ``evaluation.evaluate_split`` measures it like any other model.
-"""
+"""Diversity re-ranking: Maximal Marginal Relevance over item text embeddings, with a
+``diversity`` knob (0 keeps the model's order)."""
 
 from __future__ import annotations
 

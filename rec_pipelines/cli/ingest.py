@@ -1,23 +1,5 @@
-"""``recsys ingest PATH...``: feed files (or a MovieLens folder) through the pipeline's own
-ingestion path.
-
-1. Each file is copied into the landing zone the way producers must write: under a hidden
-   temporary name, then ``os.replace``-d to its final name (a file already there with other
-   content is never overwritten: the copy gets a content-hash suffix). Folders are walked.
-   ``--movielens`` reads MovieLens folders with ``rec_models.data.movielens`` and lands their
-   ratings as events and their movies as catalog entries (Parquet).
-2. The ingestion assets (``item_catalog``, ``raw_feedback``, ``validated_feedback``,
-   ``feedback_features``) and their checks are materialised on the Dagster instance in
-   ``$DAGSTER_HOME``, as a run of ``microbatch_retrain_job`` restricted to them: the same
-   code the sensor-triggered run executes. Any other pending landing files go along.
-3. The last line on stdout is one JSON object for this run: ``files``, ``rows_in``,
-   ``rows_valid``, ``rows_quarantined`` (events of the batches ingested now),
-   ``quarantined_files`` (each with its reason), per-batch accounting and the checks.
-
-Exit status: 0 when the run succeeded (quarantined rows and files are an outcome, not an
-error), 1 when it failed (e.g. the blocking Great Expectations check rejected a batch).
-Training on the new batches happens in the next retrain (sensor or nightly schedule).
-"""
+"""``recsys ingest PATH...``: land files (or a MovieLens folder) atomically and run the
+pipeline's own ingestion assets on them; ends with one JSON line of accounting."""
 
 from __future__ import annotations
 

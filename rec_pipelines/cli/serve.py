@@ -1,45 +1,5 @@
-"""``recsys serve``: the champion over HTTP.
-
-    recsys serve [--model-uri URI] [--host 127.0.0.1] [--port 5001] [--threads 1]
-                 [--reload-interval 30] [--max-batch-rows 256] [--engine recsys|mlflow]
-
-Loads ``models:/<RECSYS_MODEL_NAME>@champion`` from MLflow (the registered pyfunc, so exactly
-what ``mlflow models serve`` would load) and answers ``POST /invocations`` on 127.0.0.1 unless
-``--host`` says otherwise. The model is self-contained: the server needs the registry only to
-download it.
-
-The request and answer formats are MLflow's scoring protocol, so clients work against either
-server::
-
-    {"dataframe_records": [{"user_id": "u1", "recent_item_ids": ["i7", "i9"], "k": 5,
-                            "exclude": ["i3"]}]}
-    -> {"predictions": [{"user_id", "rank", "item_id", "score", "title", "explanation",
-                         "warnings"}, ...]}
-
-(``dataframe_split``, and ``inputs`` / ``instances`` as a list of records, are accepted too.)
-A malformed request gets HTTP 400 with a message naming the row and field, never a stack
-trace. ``GET /ping`` and ``/health`` answer 200 once the model is loaded; ``GET /model`` says
-which model version is being served.
-
-Why not only ``mlflow models serve``: its scoring server converts every request to pandas and
-back and runs one request at a time, which on a 2-core laptop caps it near 100 requests/s with
-a p99 of hundreds of milliseconds under 20 concurrent clients (``benchmarks/serving.py``
-measures both). This server keeps the same pyfunc and protocol but
-
-* validates requests without pandas (``rec_models.serving.parse_rows``),
-* answers every request that is waiting together, in one forward pass of the model
-  (``RequestBatcher``; no artificial delay: a request that finds the model idle runs at once),
-* follows the ``champion`` alias: every ``--reload-interval`` seconds it checks the registry and
-  swaps in a newly promoted version without dropping requests, so retrains reach users without
-  a restart.
-
-``--engine mlflow`` runs MLflow's own scoring server instead (``mlflow models serve
---env-manager local``, the venv's ``bin`` first on PATH, as it starts ``uvicorn`` by name).
-
-Raw user ids: when ``RECSYS_PSEUDONYM_KEY`` or the key file (``RECSYS_PSEUDONYM_KEY_FILE``,
-default the lake's) is available, requests may name users by raw id; see
-``rec_models.serving``.
-"""
+"""``recsys serve``: the batching HTTP server (MLflow's scoring protocol, one forward pass for
+the requests waiting together, hot reload of the ``champion`` alias); see docs/serving.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The lake: exactly-once ingestion of landing files into per-file batches (content-hash
 ledger, pseudonymised ids, quarantine with reasons), per-batch validation, and reading the
-validated feedback back. See docs/lake.md for the contract and the on-disk layout."""
+validated feedback back. See docs/lake.md for the contract and the on-disk layout.
+(410 lines: ``FeedbackStore`` is one lock-holding object whose methods share the ledger.)"""
 
 from __future__ import annotations
 

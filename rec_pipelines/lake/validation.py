@@ -1,31 +1,5 @@
-"""Row-level validation of feedback events and the Great Expectations suite behind the checks.
-
-Rows that break a rule are never dropped silently: ``split_valid_rows`` returns them with a
-``reason`` so the caller can quarantine them, and ``rows_in = rows_valid + rows_quarantined``
-always holds. The rules, in the order they are tried (a row gets the first that applies):
-
-1. a parse or conversion problem recorded at ingest (invalid JSON line, ragged CSV row,
-   ``timestamp`` that is neither epoch seconds nor ISO 8601, ``value`` that is not a number);
-2. missing ``user_id`` / ``item_id`` / ``event_type`` / ``timestamp``;
-3. ``item_id`` longer than ``MAX_ID_CHARS`` or holding control characters;
-4. ``event_type`` not one of ``schema.EVENT_TYPES``;
-5. a rating without a value, or outside ``schema.RATING_RANGE``;
-6. a non-finite or negative ``value``;
-7. a timestamp in the future (beyond ``max_clock_skew_s``; epoch milliseconds land here, and
-   the reason says so) or before the floor ``min_timestamp`` (default 1995-01-01, which
-   keeps MovieLens' 1996 ratings);
-8. a duplicate of an earlier row of the batch, or of an event already validated in an
-   earlier batch (``seen_keys``) - on the key ``DUPLICATE_KEY``.
-
-The Great Expectations suite then re-checks the rows that went on, inside a blocking Dagster
-asset check, so a defect in the row rules (or in pseudonymisation) cannot slip into training.
-The suite is a superset of the row rules: it also holds every ``user_id`` to the pseudonym
-pattern and every ``text`` to ``MAX_TEXT_CHARS``. GE is thorough but slow (about 4 s per
-million rows on one core); ``run_expectations`` checks at most ``max_rows`` rows (100,000 by
-default), a seeded sample beyond that, and says so in its result. Every row has already
-passed the vectorised row rules; a defect that touches one row in ten thousand still shows
-in a 100,000-row sample with probability 1 - e^-10.
-"""
+"""Row rules for feedback batches (vectorised, each failing row quarantined with its reason)
+and the Great Expectations suite that blocks training on a bad batch (docs/lake.md)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""LLM-derived text embeddings: a transformers encoder over item texts and user contexts.
-
-``item_text_embeddings``: one vector per catalog item, from a versioned prompt template over
-its catalog fields plus its latest reviews. ``user_context_embeddings``: one vector per user
-with too few interactions for the ID model, from their recent items and reviews, in the same
-space as the items (cold-start users can be served by nearest items).
-
-Both are incremental: vectors are cached in the lake by (encoder id, template version, text
-hash), so an unchanged catalog encodes nothing, new or changed texts encode only themselves,
-and another model or template encodes everything once. Each run logs its progress (count,
-items/s, time left) and shows in the UI: encoded vs cached counts, throughput, the encoder's
-settings, sample texts, nearest neighbours as a sanity check and, for items, a 2-D PCA map
-coloured by category.
-"""
+"""Item and user-context text embeddings (transformers encoder, incremental cache), with
+sample texts, a 2-D projection and nearest neighbours in the Dagster UI."""
 
 
 import time
