@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import resource
 import sys
 import time
@@ -320,21 +319,11 @@ def cold_user_slice(model: HybridRecommender, prep: Prepared, data: MovieLensDat
 
 
 def format_table(models: dict[str, dict]) -> str:
-    """A fixed-width table of every model's metrics (missing values as "-")."""
-    header = f"{'model':<10}" + "".join(f"{column:>14}" for column in TABLE_COLUMNS)
-    lines = [header, "-" * len(header)]
-    for name, metrics in models.items():
-        cells = []
-        for column in TABLE_COLUMNS:
-            value = metrics.get(column)
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                cells.append(f"{'-':>14}")
-            elif column.endswith("_s"):
-                cells.append(f"{value:>14.1f}")
-            else:
-                cells.append(f"{value:>14.4f}")
-        lines.append(f"{name:<10}" + "".join(cells))
-    return "\n".join(lines)
+    """A fixed-width table of every model's metrics (missing values as "-"; seconds to 0.1)."""
+    frame = pd.DataFrame(models).T.reindex(columns=list(TABLE_COLUMNS)).astype(float)
+    seconds = [column for column in TABLE_COLUMNS if column.endswith("_s")]
+    frame[seconds] = frame[seconds].round(1)
+    return frame.to_string(float_format=lambda value: f"{value:.4f}", na_rep="-")
 
 
 def main(argv: list[str]) -> int:
