@@ -19,6 +19,11 @@ TINY_TRAIN = {"max_epochs": 3, "patience": 3, "finetune_max_epochs": 2, "d_model
 TINY_RUN_CONFIG = {"ops": {"candidate_model": {"config": TINY_TRAIN}}}
 
 
+def full_run_config() -> dict:
+    """``TINY_RUN_CONFIG`` for a full retrain (a fresh copy each call)."""
+    return {"ops": {"candidate_model": {"config": {**TINY_TRAIN, "mode": "full"}}}}
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
     from helpers import make_tiny_encoder_dir
@@ -54,3 +59,26 @@ def small_simulator():
 
     return FeedbackSimulator(SimulatorConfig(n_items=120, n_users=80, events_per_user=20, batch_users=20,
                                              batch_events_per_user=5, batch_new_items=5))
+
+
+@pytest.fixture
+def dagster_env(recsys_env):
+    """(settings, definitions, a real Dagster instance) in the temp environment."""
+    import dagster as dg
+
+    from rec_pipelines.definitions import defs as load_defs
+
+    with dg.DagsterInstance.get() as instance:
+        yield recsys_env, load_defs(), instance
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models train as fast on one thread, and two threads on the 2 shared cores of the CI
+    machine collapse (>10x slower) as soon as another process is busy; restores the setting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

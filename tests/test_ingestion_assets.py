@@ -6,7 +6,6 @@ import json
 
 import dagster as dg
 import pandas as pd
-import pytest
 from conftest import TINY_RUN_CONFIG
 
 from rec_models.data.privacy import pseudonymize
@@ -37,16 +36,8 @@ def check(result, name):
     return evaluation
 
 
-@pytest.fixture
-def env(recsys_env):
-    from rec_pipelines.definitions import defs as load_defs
-
-    with dg.DagsterInstance.get() as instance:
-        yield recsys_env, load_defs(), instance
-
-
-def test_per_batch_accounting_features_and_catalog_lag(env, small_simulator):
-    settings, defs, instance = env
+def test_per_batch_accounting_features_and_catalog_lag(dagster_env, small_simulator):
+    settings, defs, instance = dagster_env
     events = settings.landing_zone / "events"
     small_simulator.write_batch(settings.landing_zone, 0)
     bot = [{"user_id": "bot-1", "item_id": f"i{k:05d}", "event_type": "click", "timestamp": T + m * 60 + k}
@@ -111,8 +102,8 @@ def test_per_batch_accounting_features_and_catalog_lag(env, small_simulator):
     assert entry["description"] == "write to [email]"  # scrubbed before it is stored or embedded
 
 
-def test_a_failed_expectation_suite_stops_training_on_that_batch(env, small_simulator, monkeypatch):
-    settings, defs, instance = env
+def test_a_failed_expectation_suite_stops_training_on_that_batch(dagster_env, small_simulator, monkeypatch):
+    settings, defs, instance = dagster_env
     small_simulator.write_batch(settings.landing_zone, 0)
     # A defect upstream: ids reach the lake without their pseudonym. Every row rule still
     # passes, the Great Expectations suite (stricter: the pseudonym pattern) does not.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from conftest import TINY_RUN_CONFIG
+from conftest import full_run_config
 
 import mlflow
 from rec_pipelines.definitions import defs as load_defs
@@ -35,10 +35,9 @@ def uv() -> list[str]:
 def test_champion_loads_in_a_clean_virtualenv_from_its_logged_requirements(recsys_env, small_simulator, tmp_path):
     settings = recsys_env
     small_simulator.write_batch(settings.landing_zone, 0)
-    config = json.loads(json.dumps(TINY_RUN_CONFIG))
-    config["ops"]["candidate_model"]["config"]["mode"] = "full"
     with dg.DagsterInstance.get() as instance:
-        assert load_defs().resolve_job_def("full_retrain_job").execute_in_process(instance=instance, run_config=config).success
+        assert load_defs().resolve_job_def("full_retrain_job").execute_in_process(
+            instance=instance, run_config=full_run_config()).success
 
     uri = f"models:/{settings.model_name}@champion"
     requirements = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt", dst_path=str(tmp_path)))

@@ -33,16 +33,6 @@ from rec_models.models import (
 N_ITEMS = 40
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models train fastest on one thread; restore torch's setting afterwards (the smoke
-    run's ``--threads 1`` sets it process-wide)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cycle_split(n_users: int = 80, seed: int = 0):
     """Users walk the cycle 1..N_ITEMS in order from a random start: next = current + 1."""
     rng = np.random.default_rng(seed)

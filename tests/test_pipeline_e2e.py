@@ -6,19 +6,13 @@ import json
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import TINY_RUN_CONFIG
+from conftest import TINY_RUN_CONFIG, full_run_config
 
 import mlflow
 from rec_models.data import interactions
 from rec_pipelines.definitions import defs as load_defs
 from rec_pipelines.lake import FeedbackStore
 from rec_pipelines.registry import ModelRegistry
-
-
-def full_run_config():
-    config = json.loads(json.dumps(TINY_RUN_CONFIG))
-    config["ops"]["candidate_model"]["config"]["mode"] = "full"
-    return config
 
 
 def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator):

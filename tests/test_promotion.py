@@ -8,7 +8,7 @@ import shutil
 import dagster as dg
 import pytest
 import torch
-from conftest import TINY_RUN_CONFIG
+from conftest import full_run_config
 
 import mlflow
 from rec_models.models import HybridRecommender
@@ -27,19 +27,13 @@ def test_cold_start_guard_blocks_a_cold_start_regression():
     assert decide_promotion(too_few, {**GOOD, "cold_users": 5}).promoted
 
 
-def full_config():
-    config = json.loads(json.dumps(TINY_RUN_CONFIG))
-    config["ops"]["candidate_model"]["config"]["mode"] = "full"
-    return config
-
-
 @pytest.fixture
 def trained(recsys_env, small_simulator):
     """A real champion (version 1) trained by the full job on a temp instance."""
     small_simulator.write_batch(recsys_env.landing_zone, 0)
     defs = load_defs()
     instance = dg.DagsterInstance.get()
-    result = defs.resolve_job_def("full_retrain_job").execute_in_process(instance=instance, run_config=full_config())
+    result = defs.resolve_job_def("full_retrain_job").execute_in_process(instance=instance, run_config=full_run_config())
     assert result.success
     registry = ModelRegistry(recsys_env.mlflow_tracking_uri, recsys_env.mlflow_artifact_root, recsys_env.model_name)
     yield recsys_env, defs, instance, registry
@@ -70,7 +64,7 @@ def test_a_degraded_model_is_never_promoted(trained):
     champion_before = registry.version_by_alias(CHAMPION).version
     plant_degraded_candidate(settings, registry)
     result = defs.resolve_job_def("full_retrain_job").execute_in_process(
-        instance=instance, run_config=full_config(),
+        instance=instance, run_config=full_run_config(),
         asset_selection=[dg.AssetKey("model_evaluation"), dg.AssetKey("champion_model")])
     decision = result.output_for_node("champion_model")
     assert decision["promoted"] is False and "worse than champion" in decision["reason"]
@@ -86,7 +80,7 @@ def test_rollback_from_cli_and_from_dagster(trained, capsys):
     settings, defs, instance, registry = trained
     # a second, promoted version (a full retrain of the same data)
     assert defs.resolve_job_def("full_retrain_job").execute_in_process(
-        instance=instance, run_config=full_config()).output_for_node("champion_model")["promoted"]
+        instance=instance, run_config=full_run_config()).output_for_node("champion_model")["promoted"]
     assert registry.version_by_alias(CHAMPION).version == 2
 
     assert rollback_main(["--reason", "bad feedback batch"]) == 0

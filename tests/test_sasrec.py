@@ -68,16 +68,6 @@ def small_config(**overrides) -> SASRecConfig:
     return SASRecConfig(**settings)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models train as fast on one thread, and two threads on the 2 shared cores of the
-    CI machine collapse (>10x slower) as soon as another process is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(single_thread):
     split = cycle_split()

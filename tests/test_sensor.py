@@ -25,14 +25,6 @@ def land(folder, name: str, rows: int = 3, user: str = "u1") -> None:
     os.replace(tmp, folder / name)
 
 
-@pytest.fixture
-def env(recsys_env):
-    from rec_pipelines.definitions import defs as load_defs
-
-    with dg.DagsterInstance.get() as instance:
-        yield recsys_env, load_defs(), instance
-
-
 def tick(defs, instance, cursor=None):
     sensor = defs.resolve_sensor_def("landing_zone_sensor")
     with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources) as ctx:
@@ -47,8 +39,8 @@ def run_ingestion(defs, instance, request):
     return result
 
 
-def test_each_new_file_starts_exactly_one_run_across_restarts(env):
-    settings, defs, instance = env
+def test_each_new_file_starts_exactly_one_run_across_restarts(dagster_env):
+    settings, defs, instance = dagster_env
     events = settings.landing_zone / "events"
     land(events, "a.jsonl")
     first = tick(defs, instance)
@@ -81,8 +73,8 @@ def test_each_new_file_starts_exactly_one_run_across_restarts(env):
     assert len(changed.run_requests) == 1
 
 
-def test_files_still_being_written_are_never_read(env):
-    settings, defs, instance = env
+def test_files_still_being_written_are_never_read(dagster_env):
+    settings, defs, instance = dagster_env
     events = settings.landing_zone / "events"
     events.mkdir(parents=True)
     (events / ".hidden.jsonl.tmp").write_text(event_line("u1", 1))
@@ -104,8 +96,8 @@ def test_files_still_being_written_are_never_read(env):
     assert all(a["rows_in"] == a["rows_valid"] == 1 for a in accounts)  # the complete content, never the half
 
 
-def test_many_small_files_go_into_one_run_and_wait_while_a_retrain_is_active(env):
-    settings, defs, instance = env
+def test_many_small_files_go_into_one_run_and_wait_while_a_retrain_is_active(dagster_env):
+    settings, defs, instance = dagster_env
     events = settings.landing_zone / "events"
     queued = instance.create_run_for_job(
         defs.resolve_job_def("microbatch_retrain_job"), tags=RETRAIN_TAGS, status=dg.DagsterRunStatus.STARTED)
@@ -126,8 +118,8 @@ def test_many_small_files_go_into_one_run_and_wait_while_a_retrain_is_active(env
     assert tick(defs, instance, batched.cursor).run_requests == []
 
 
-def test_files_of_a_run_that_failed_before_ingesting_are_asked_for_again(env):
-    settings, defs, instance = env
+def test_files_of_a_run_that_failed_before_ingesting_are_asked_for_again(dagster_env):
+    settings, defs, instance = dagster_env
     land(settings.landing_zone / "events", "a.jsonl")
     first = tick(defs, instance)
     request = first.run_requests[0]

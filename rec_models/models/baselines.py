@@ -4,6 +4,7 @@ form, primal or dual) and the content model (text similarity to recent items).""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -93,8 +94,14 @@ class EASE:
         if self._weights is not None:
             column_scores = x @ self._weights
         else:
-            # X_q B = X_q - (X_q P) diag(1/diag P), with X_q P from the Woodbury form.
-            xp = (x - (x @ self._train.T) @ self._dual_inverse @ self._train) / self.lam
+            # X_q B = X_q - (X_q P) diag(1/diag P), with X_q P from the Woodbury form. A loaded
+            # model keeps X sparse (``from_state``): X's products cost its ones, not users x items.
+            if self._train.layout == torch.sparse_csr:
+                user_side = (self._train @ x.T).T  # x X^T
+                back = (self._train_t @ (user_side @ self._dual_inverse).T).T  # (.) X
+            else:
+                back = (x @ self._train.T) @ self._dual_inverse @ self._train
+            xp = (x - back) / self.lam
             column_scores = x - xp / self._p_diagonal[None, :]
         scores = torch.full((len(histories), self.n_items + 1), -math.inf, dtype=torch.float32)
         scores[:, torch.from_numpy(self._items)] = column_scores.float()
@@ -119,7 +126,8 @@ class EASE:
         if self._weights is not None:
             state["weights"] = self._weights.float()
         else:
-            state["train_ones"] = self._train.nonzero().to(torch.int32)
+            ones = self._train.to_sparse_coo().coalesce().indices().T if self._train.layout == torch.sparse_csr else self._train.nonzero()
+            state["train_ones"] = ones.to(torch.int32)
             state["train_shape"] = list(self._train.shape)
             state["dual_inverse"] = self._dual_inverse.float()
             state["p_diagonal"] = self._p_diagonal.float()
@@ -136,10 +144,13 @@ class EASE:
         if "weights" in state:
             model._weights = state["weights"]
         else:
-            train = torch.zeros(*state["train_shape"], dtype=torch.float32)
-            ones = state["train_ones"].long()
-            train[ones[:, 0], ones[:, 1]] = 1.0
-            model._train, model._dual_inverse, model._p_diagonal = train, state["dual_inverse"], state["p_diagonal"]
+            ones = state["train_ones"].long().T
+            train = torch.sparse_coo_tensor(ones, torch.ones(ones.shape[1]), size=state["train_shape"],
+                                            check_invariants=True).coalesce()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                model._train, model._train_t = train.to_sparse_csr(), train.t().coalesce().to_sparse_csr()
+            model._dual_inverse, model._p_diagonal = state["dual_inverse"], state["p_diagonal"]
         return model
 
 
