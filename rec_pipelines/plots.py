@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from tabulate import tabulate
 
 OTHER_LABEL = "other"
 
@@ -102,6 +103,5 @@ def _cell(value: object) -> str:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table (cells escaped, so titles with "|" stay in their cell)."""
-    lines = ["| " + " | ".join(_cell(name) for name in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return tabulate([[_cell(value) for value in row] for row in rows], [_cell(name) for name in header],
+                    tablefmt="github", disable_numparse=True)

@@ -86,7 +86,7 @@ def counts(meta: dict) -> tuple[int, int]:
 def table_rows(markdown: str) -> list[list[str]]:
     """Body rows of a markdown table, split on unescaped pipes."""
     lines = markdown.strip().splitlines()
-    assert re.fullmatch(r"\|(---\|)+", lines[1]), markdown
+    assert re.fullmatch(r"\|(-{3,}\|)+", lines[1]), markdown
     return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:]]
 
 

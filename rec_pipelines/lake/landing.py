@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -66,10 +65,8 @@ class RemoteLandingZone:
             key, version = f"{kind}/{name}", self._version(info)
             if index.get(key) == version and (folder / name).exists():
                 continue
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.download"
-            self.fs.get_file(info["name"], str(tmp))
-            os.replace(tmp, folder / name)
+            with atomic_path(folder / name) as tmp:
+                self.fs.get_file(info["name"], str(tmp))
             index[key] = version
             fetched.append(key)
         if fetched:
