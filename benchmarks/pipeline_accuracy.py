@@ -38,9 +38,12 @@ def main() -> int:
     home = args.home or Path(tempfile.mkdtemp(prefix="pipeline-accuracy-"))
     home.mkdir(parents=True, exist_ok=True)
     for name in ("RECSYS_LANDING_ZONE", "RECSYS_LAKE", "RECSYS_MLFLOW_ARTIFACTS", "RECSYS_PSEUDONYM_KEY_FILE",
-                 "RECSYS_PSEUDONYM_KEY", "MLFLOW_TRACKING_URI", "DAGSTER_HOME"):
+                 "MLFLOW_TRACKING_URI", "DAGSTER_HOME"):
         os.environ.pop(name, None)
     os.environ["RECSYS_HOME"] = str(home)
+    # The pseudonyms decide the order users reach training; a key from the seed makes a run
+    # reproducible (with a random key, each run is another draw of that order).
+    os.environ["RECSYS_PSEUDONYM_KEY"] = f"pipeline-accuracy-benchmark-key-{args.seed}"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import dagster as dg

@@ -72,6 +72,7 @@ class RecommenderConfig:
     id_init: str = "svd"
     id_dropout: float = 0.0
     freeze_ids: bool = False
+    sasrec_models: int = 2  # SASRec networks trained with seeds seed, seed + 1, ...; their scores are averaged
     # hybrid with the content model (text similarity to the user's recent items)
     blend: bool = True
     content_windows: tuple[int, ...] = DEFAULT_CONTENT_WINDOWS
@@ -105,6 +106,8 @@ class RecommenderConfig:
 
     def sasrec(self, n_items: int, text_dim: int, finetune: bool = False) -> SASRecConfig:
         """The SASRec part of this config for a catalog of ``n_items``."""
+        if self.sasrec_models < 1:
+            raise ValueError(f"sasrec_models must be at least 1, got {self.sasrec_models}")
         names = {f.name for f in dataclasses.fields(SASRecConfig)} - {"n_items", "text_dim"}
         values = {name: getattr(self, name) for name in names}
         if finetune:
@@ -142,6 +145,7 @@ class HybridRecommender:
     ease: EASE | None = None
     ease_weight: float = 0.0
     details: dict = field(default_factory=dict)
+    more_backbones: list[SASRecBackbone] = field(default_factory=list)  # the ensemble's other seeds
 
     def __post_init__(self) -> None:
         self.item_counts = np.asarray(self.item_counts, dtype=np.int64)
@@ -173,7 +177,7 @@ class HybridRecommender:
         self, histories: Sequence[np.ndarray], event_types: Sequence[np.ndarray] | None = None
     ) -> torch.Tensor:
         """SASRec blended with the content model (the SASRec logits alone without a blend)."""
-        own = self.backbone.score_histories(histories, event_types)
+        own = self.sasrec_score(histories, event_types)
         content = self.content()
         if not self.config.blend or content is None:
             return own
@@ -181,6 +185,21 @@ class HybridRecommender:
         if self.alpha == 0.0:
             return second
         return blend(standardize_scores(own), second, self.alpha, self.unseen)
+
+    @property
+    def backbones(self) -> list[SASRecBackbone]:
+        return [self.backbone, *self.more_backbones]
+
+    def sasrec_score(self, histories: Sequence[np.ndarray], event_types: Sequence[np.ndarray] | None = None):
+        """The SASRec logits, or with several networks the mean of their standardised scores."""
+        if not self.more_backbones:
+            return self.backbone.score_histories(histories, event_types)
+        return torch.stack([standardize_scores(b.score_histories(histories, event_types)) for b in self.backbones]).mean(0)
+
+    def freeze(self) -> None:
+        """Compute every network's item table once (serving: the weights no longer change)."""
+        for backbone in self.backbones:
+            backbone.freeze_item_table()
 
     def _with_ease(self, sequential: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
         if self.ease is None or self.ease_weight == 0.0:
@@ -217,7 +236,8 @@ class HybridRecommender:
 
     def grow(self, text_embeddings: torch.Tensor) -> None:
         """Extend to a larger catalog (``text_embeddings`` [n + 1, dim]); new items are unseen."""
-        self.backbone.grow(text_embeddings)
+        for backbone in self.backbones:
+            backbone.grow(text_embeddings)
         if self.ease is not None:
             self.ease.grow(self.n_items)
         self.item_counts = np.pad(self.item_counts, (0, self.n_items + 1 - len(self.item_counts)))
@@ -226,7 +246,8 @@ class HybridRecommender:
     def save(self, path: Path | str) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_backbone(self.backbone, path / BACKBONE_FILE)
+        for index, backbone in enumerate(self.backbones):
+            save_backbone(backbone, path / (BACKBONE_FILE if index == 0 else f"backbone_{index}.pt"))
         np.save(path / COUNTS_FILE, self.item_counts)
         if self.ease is not None:
             torch.save(self.ease.state(), path / EASE_FILE)
@@ -244,9 +265,10 @@ class HybridRecommender:
         ease = None
         if (path / EASE_FILE).exists():
             ease = EASE.from_state(torch.load(path / EASE_FILE, map_location="cpu", weights_only=True))
+        more = [load_backbone(p) for p in sorted(path.glob("backbone_*.pt"), key=lambda p: int(p.stem.split("_")[1]))]
         return cls(backbone, RecommenderConfig.from_dict(saved["config"]), float(saved["alpha"]),
                    int(saved["content_window"]), np.load(path / COUNTS_FILE), ease, float(saved["ease_weight"]),
-                   saved.get("details", {}))
+                   saved.get("details", {}), more)
 
 
 def train_recommender(
@@ -277,18 +299,30 @@ def train_recommender(
             alphas = (init.alpha,)
         else:
             content, window_val = tune_content(split, text_embeddings, config.content_windows, config.content_decay)
-    backbone, history = train_sasrec(
-        split, config.sasrec(n_items, text_dim, finetune=init is not None), text_embeddings if text_dim else None,
-        init_backbone=None if init is None else init.backbone, max_time_s=config.max_time_s, logger=logger,
-        callbacks=callbacks, users_subset=users_subset, progress=progress,
-        blend_with=None if content is None else content.score, alphas=alphas,
-    )
-    alpha = float(history.get("best_alpha", 1.0))
+    networks, histories = [], []
+    for index in range(config.sasrec_models):
+        sasrec_config = dataclasses.replace(config.sasrec(n_items, text_dim, finetune=init is not None),
+                                            seed=config.seed + index)
+        start = None if init is None else init.backbones[min(index, len(init.backbones) - 1)]
+        network, network_history = train_sasrec(
+            split, sasrec_config, text_embeddings if text_dim else None, init_backbone=start,
+            max_time_s=config.max_time_s, logger=logger, callbacks=callbacks, users_subset=users_subset,
+            progress=progress, blend_with=None if content is None else content.score, alphas=alphas,
+        )
+        networks.append(network)
+        histories.append(network_history)
+    history = dict(histories[0])
+    history["networks"] = [{k: h[k] for k in ("stopped_by", "best_val_ndcg@10", "train_s")} | {"epochs": len(h["epochs"])}
+                           for h in histories]
+    history["train_s"] = sum(h["train_s"] for h in histories)
+    if any(h["stopped_by"] == "max_time" for h in histories):
+        history["stopped_by"] = "max_time"
     details = {"content_window_val_ndcg@10": {str(k): v for k, v in window_val.items()},
-               "blend_val_ndcg@10": {str(k): v for k, v in history.get("blend_val_ndcg@10", {}).items()},
-               "stopped_by": history["stopped_by"], "epochs": len(history["epochs"])}
-    model = HybridRecommender(backbone, config, alpha, content.window if content else 0,
-                              training_counts(split, n_items), details=details)
+               "networks": history["networks"]}
+    model = HybridRecommender(networks[0], config, float(history.get("best_alpha", 1.0)),
+                              content.window if content else 0, training_counts(split, n_items), details=details,
+                              more_backbones=networks[1:])
+    weights = (0.0,)
     if config.ease:
         if init is not None and init.ease is not None:  # refit on today's data, keep the champion's settings
             ease, weights = EASE(init.ease.lam).fit(split.train, n_items), (init.ease_weight,)
@@ -296,22 +330,39 @@ def train_recommender(
             ease, lambda_val = tune_ease(split, n_items, config.ease_lambdas)
             weights, details["ease_lambda_val_ndcg@10"] = config.ease_weights, {str(k): v for k, v in lambda_val.items()}
         model.ease = EASE.from_state(ease.state())  # score in float32, exactly as when loaded for serving
-        weight_val = _tune_ease_weight(model, split, weights)
-        model.ease_weight = max(sorted(weight_val), key=lambda w: weight_val[w])  # ties: smaller weight
-        details["ease_weight_val_ndcg@10"] = {str(k): v for k, v in weight_val.items()}
-        history["best_val_hybrid_ndcg@10"] = weight_val[model.ease_weight]
-    history["best_ease_weight"] = model.ease_weight
+    # One network: alpha was chosen with its epoch. An ensemble (or EASE) is blended afterwards,
+    # every (alpha, weight) on the same validation scores; a fine-tune keeps the champion's.
+    blend_alphas = alphas if (len(networks) > 1 and content is not None) else (model.alpha,)
+    grid = _tune_blend(model, split, blend_alphas, weights)
+    model.alpha, model.ease_weight = max(sorted(grid), key=lambda key: grid[key])  # ties: smaller alpha, weight
+    details["blend_val_ndcg@10"] = {f"{a}/{w}": v for (a, w), v in grid.items()}
+    history["best_alpha"], history["best_ease_weight"] = model.alpha, model.ease_weight
+    history["best_val_hybrid_ndcg@10"] = grid[(model.alpha, model.ease_weight)]
     return model, history
 
 
-def _tune_ease_weight(model: HybridRecommender, split: LeaveLastOutSplit, weights: Sequence[float]) -> dict:
-    """Validation NDCG@10 of the model with each EASE weight, every weight on the same scores."""
-    metrics = {float(w): RankingMetrics(model.n_items, 10) for w in weights}
-    val = split.val_histories()
+def _tune_blend(model: HybridRecommender, split: LeaveLastOutSplit, alphas: Sequence[float],
+                weights: Sequence[float]) -> dict[tuple[float, float], float]:
+    """Validation NDCG@10 of the model for each (content alpha, EASE weight), all on the same
+    scores, composed exactly as ``HybridRecommender.score`` does."""
+    metrics = {(float(a), float(w)): RankingMetrics(model.n_items, 10) for a in alphas for w in weights}
+    val, unseen = split.val_histories(), model.unseen
+    content = model.content()
     for start in range(0, len(val), EVAL_BATCH):
         batch, types = val.items[start : start + EVAL_BATCH], val.event_types[start : start + EVAL_BATCH]
-        sequential = standardize_scores(model.sequential_score(batch, types))
-        ease = standardize_scores(model.ease.score(batch))
-        for weight, metric in metrics.items():
-            metric.update(blend(ease, sequential, weight, model.unseen), batch, split.val_targets[start : start + EVAL_BATCH])
-    return {weight: metric.compute()["ndcg@10"] for weight, metric in metrics.items()}
+        targets = split.val_targets[start : start + EVAL_BATCH]
+        own = model.sasrec_score(batch, types)
+        second = standardize_scores(content.score(batch, types)) if model.config.blend and content else None
+        ease = standardize_scores(model.ease.score(batch)) if model.ease is not None else None
+        for alpha in sorted({a for a, _ in metrics}):
+            if second is None:
+                sequential = own
+            else:
+                sequential = second if alpha == 0.0 else blend(standardize_scores(own), second, alpha, unseen)
+            for (a, weight), metric in metrics.items():
+                if a != alpha:
+                    continue
+                scores = sequential if ease is None or weight == 0.0 else blend(ease, standardize_scores(sequential),
+                                                                                 weight, unseen)
+                metric.update(scores, batch, targets)
+    return {key: metric.compute()["ndcg@10"] for key, metric in metrics.items()}

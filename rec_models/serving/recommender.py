@@ -99,7 +99,7 @@ class Recommender:
                              f"were pseudonymised with (id {expected}): raw user ids would match nobody")
         self.pseudonym_key = pseudonym_key
         self.model = HybridRecommender.load(bundle)
-        self.model.backbone.freeze_item_table()  # item representations computed once, not per request
+        self.model.freeze()  # item representations computed once, not per request
         self.backbone = self.model.backbone
         self.vocab = ItemVocab.from_dict(json.loads((bundle / VOCAB_FILE).read_text()))
         self.item_ids = np.array([""] + self.vocab.ids, dtype=object)  # row 0 = padding
