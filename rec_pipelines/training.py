@@ -259,9 +259,13 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
     cold = ~np.isin(targets, trained_items)
     results = {"candidate": evaluate_model(HybridRecommender.load(candidate.bundle_dir), histories, targets, cold)}
-    champion_version = registry.version_by_alias(CHAMPION)
+    champion_version, champion, unloadable = registry.version_by_alias(CHAMPION), None, None
     if champion_version is not None:
-        champion = HybridRecommender.load(registry.download_bundle(CHAMPION, dst=Path(tempfile.mkdtemp(prefix="champion-"))))
+        try:
+            champion = HybridRecommender.load(registry.download_bundle(CHAMPION, dst=Path(tempfile.mkdtemp(prefix="champion-"))))
+        except (OSError, KeyError, ValueError, RuntimeError) as error:  # e.g. registered by an older version
+            unloadable = f"champion v{champion_version.version} cannot be evaluated by this version ({error})"
+    if champion is not None:
         champion.grow(text)
         results["champion"] = evaluate_model(champion, histories, targets, cold)
         results["paired"] = paired_difference(results["candidate"].pop("per_user_ndcg@10"),
@@ -280,4 +284,4 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     figure = comparison_figure(results)
     client.log_figure(candidate.run_id, figure, "plots/champion_vs_challenger.png")
     return {**results, "champion_version": champion_version.version if champion_version else None,
-            "cold_users": int(cold.sum())}, figure
+            "cold_users": int(cold.sum()), "champion_unloadable": unloadable}, figure

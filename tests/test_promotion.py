@@ -8,7 +8,7 @@ import shutil
 import dagster as dg
 import pytest
 import torch
-from conftest import full_run_config
+from conftest import TINY_RUN_CONFIG, full_run_config
 
 import mlflow
 from rec_models.models import HybridRecommender
@@ -99,3 +99,16 @@ def test_rollback_from_cli_and_from_dagster(trained, capsys):
         instance=instance, run_config={"ops": {"restore_previous_champion": {"config": {"reason": "from UI"}}}})
     assert result.output_for_node("restore_previous_champion") == {"from_version": "2", "to_version": "1"}
     assert registry.version_by_alias(CHAMPION).version == 1
+
+
+def test_a_champion_this_version_cannot_load_is_replaced_with_the_reason_said(trained):
+    settings, defs, instance, registry = trained
+    stored = list(settings.mlflow_artifact_root.rglob("recommender.json"))
+    assert len(stored) == 1  # the one registered model, version 1
+    stored[0].unlink()  # as a bundle written before recommender.json existed
+    result = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(instance=instance,
+                                                                               run_config=TINY_RUN_CONFIG)
+    assert result.output_for_node("candidate_model").mode == "full"  # nothing to fine-tune from
+    decision = result.output_for_node("champion_model")
+    assert decision["promoted"] and "champion v1 cannot be evaluated by this version" in decision["reason"]
+    assert str(registry.version_by_alias(CHAMPION).version) == str(decision["version"]) == "2"

@@ -171,28 +171,29 @@ def fit_all(split: LeaveLastOutSplit, prep: Prepared, args: argparse.Namespace, 
     start = time.perf_counter()
     model, history = train_recommender(split, prep.text, config)
     train_s["sasrec"] = train_s["main"] = time.perf_counter() - start
-    fns["sasrec"] = model.backbone.score_histories
+    fns["sasrec"] = model.sasrec_score  # the SASRec part: its networks' average
     fns["main"] = model.score
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"[{label}] SASRec: {len(history['epochs'])} epochs (stopped by {history['stopped_by']}), "
+        f"[{label}] SASRec x{len(history['networks'])}: epochs {[n['epochs'] for n in history['networks']]} "
+        f"(stopped by {[n['stopped_by'] for n in history['networks']]}), "
         f"val NDCG@10 {history['best_val_ndcg@10']:.4f} "
-        f"(hybrid {history['best_val_hybrid_ndcg@10']:.4f} at alpha {model.alpha}), "
+        f"(hybrid {history['best_val_hybrid_ndcg@10']:.4f} at alpha {model.alpha}, EASE weight {model.ease_weight}), "
         f"{history['sequences_per_s']:.0f} sequences/s "
         f"({history['n_windows']} windows/epoch), {train_s['sasrec']:.0f}s, peak RSS {peak_mb:.0f} MB",
         flush=True,
     )
     details["sasrec"] = {
         "config": config.to_dict(),
-        "epochs": len(history["epochs"]),
+        "networks": history["networks"],
         "stopped_by": history["stopped_by"],
         "best_val_ndcg@10": history["best_val_ndcg@10"],
         "sequences_per_s": history["sequences_per_s"],
         "peak_rss_mb": peak_mb,
     }
-    # alpha was chosen with the epoch, on the same validation users (see train_sasrec).
-    details["main"] = {"alpha": model.alpha, "content_window": model.content_window,
-                       "val_ndcg@10": _round_keys(history["blend_val_ndcg@10"])}
+    # content alpha and EASE weight were chosen on the validation users (see train_recommender).
+    details["main"] = {"alpha": model.alpha, "ease_weight": model.ease_weight, "content_window": model.content_window,
+                       "val_ndcg@10": model.details["blend_val_ndcg@10"]}
 
     fns["main+mmr"] = model.ranker(args.mmr_diversity, k=K)
     train_s["main+mmr"] = train_s["main"]

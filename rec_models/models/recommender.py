@@ -3,9 +3,8 @@
 The pipeline's ``candidate_model`` (full and micro-batch), ``recsys evaluate`` and every
 benchmark call ``train_recommender``; the served pyfunc loads what ``HybridRecommender.save``
 wrote and scores with the same ``score``/``ranker`` code, so what is measured offline is what
-is promoted and served. The model is SASRec (``rec_models.models.sasrec``) blended with the
-content (text) model on standardised scores, alpha picked with the early-stopping epoch, and
-optionally MMR-re-ranked for diversity.
+is promoted and served: SASRec networks (averaged over seeds) blended with the content model
+and EASE on standardised scores, optionally MMR-re-ranked for diversity.
 """
 
 from __future__ import annotations

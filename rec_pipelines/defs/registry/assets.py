@@ -76,6 +76,9 @@ def champion_model(
     decision = decide_promotion(candidate, champion, config.ndcg_tolerance, config.coverage_tolerance,
                                 config.cold_tolerance, config.min_cold_users, model_evaluation.get("paired"),
                                 config.significance_z, config.max_relative_shortfall)
+    if model_evaluation.get("champion_unloadable"):
+        decision.reason = f"{model_evaluation['champion_unloadable']}: promoted without a comparison"
+        context.log.warning(decision.reason)
     version = registry.register(
         candidate_model.model_uri,
         candidate_model.run_id,
