@@ -72,7 +72,7 @@ def dagster_env(recsys_env):
         yield recsys_env, load_defs(), instance
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def single_thread():
     """Tiny models train as fast on one thread, and two threads on the 2 shared cores of the CI
     machine collapse (>10x slower) as soon as another process is busy; restores the setting."""

@@ -30,6 +30,8 @@ from rec_models.models import (
     training_counts,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models train fastest on one thread
+
 N_ITEMS = 40
 
 

@@ -25,6 +25,8 @@ from rec_models.models import (
     train_sasrec,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models train fastest on one thread
+
 CYCLE = 29
 COLD_TWIN, COLD_CONTROL = 30, 31
 N_ITEMS = 31
