@@ -322,9 +322,8 @@ def cold_user_slice(model: HybridRecommender, prep: Prepared, data: MovieLensDat
 def format_table(models: dict[str, dict]) -> str:
     """A fixed-width table of every model's metrics (missing values as "-"; seconds to 0.1)."""
     frame = pd.DataFrame(models).T.reindex(columns=list(TABLE_COLUMNS)).astype(float)
-    seconds = [column for column in TABLE_COLUMNS if column.endswith("_s")]
-    frame[seconds] = frame[seconds].round(1)
-    return frame.to_string(float_format=lambda value: f"{value:.4f}", na_rep="-")
+    formats = {column: "{:.1f}".format if column.endswith("_s") else "{:.4f}".format for column in TABLE_COLUMNS}
+    return frame.to_string(formatters=formats, na_rep="-")
 
 
 def main(argv: list[str]) -> int:
