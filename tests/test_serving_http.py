@@ -33,10 +33,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """url, bundle, log (server output) and tracking_uri; the server's process group is always killed."""
-    root = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def running_server(root: Path, *extra_args: str):
+    """A champion registered in a fresh MLflow store under ``root``, served by ``recsys serve``
+    (plus ``extra_args``) in its own process group, which is always killed at the end. Yields
+    url, bundle, log (server output), tracking_uri, registry, model_uri and run_id."""
     bundle = make_bundle(root / "bundle", max_epochs=0)  # weights need not be trained to test the contract
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     registry = ModelRegistry(tracking_uri, root / "artifacts", MODEL_NAME)
@@ -50,7 +51,7 @@ def server(tmp_path_factory):
     log = root / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port),
-                                    "--reload-interval", "1"],
+                                    "--reload-interval", "1", *extra_args],
                                    cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -63,8 +64,8 @@ def server(tmp_path_factory):
                     break
             except OSError:
                 time.sleep(0.5)
-        yield SimpleNamespace(url=url, bundle=bundle, log=log, tracking_uri=tracking_uri, registry=registry,
-                              model_uri=info.model_uri, run_id=run.info.run_id)
+        yield SimpleNamespace(url=url, port=port, bundle=bundle, log=log, tracking_uri=tracking_uri, registry=registry,
+                              model_uri=info.model_uri, run_id=run.info.run_id, process=process)
     finally:  # the whole group: `recsys serve` execs `mlflow models serve`, which starts uvicorn
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -74,6 +75,12 @@ def server(tmp_path_factory):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve")) as served:
+        yield served
 
 
 def get(url: str, path: str) -> dict:

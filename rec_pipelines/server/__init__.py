@@ -1,0 +1,9 @@
+"""``recsys serve``'s server: the HTTP application and its batcher (``app``), the served model
+and its hot reload (``models``), and what one client may ask (``limits``); see docs/serving.md."""
+
+from rec_pipelines.server.app import RequestBatcher, create_app, request_rows
+from rec_pipelines.server.limits import RequestRefused, ServerLimits, timed_protocol
+from rec_pipelines.server.models import LoadedModel, ModelHolder, alias_version, load_model
+
+__all__ = ["LoadedModel", "ModelHolder", "RequestBatcher", "RequestRefused", "ServerLimits", "alias_version",
+           "create_app", "load_model", "request_rows", "timed_protocol"]

@@ -1,0 +1,219 @@
+"""The HTTP application of ``recsys serve``: MLflow's scoring protocol on ``/invocations``,
+one forward pass for the requests waiting together (``RequestBatcher``), ``/ping``,
+``/health`` and ``/model``. Every client mistake is a 4xx with a message; a request that fails
+in the model is answered alone, so it never fails the requests batched with it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from rec_pipelines.server.limits import RequestRefused, ServerLimits, parse_json, read_body
+from rec_pipelines.server.models import ModelHolder
+
+RECORD_KEYS = ("dataframe_records", "dataframe_split", "inputs", "instances")
+
+log = logging.getLogger("recsys.serve")
+
+
+class RequestBatcher:
+    """Answers the requests waiting at the same moment with one ``Recommender.answer`` call.
+
+    One worker thread runs the model; while it works, new requests queue up and go together
+    into the next call (at most ``max_rows`` request rows per call). A request that arrives
+    while the model is idle runs at once, alone. When a shared call fails, each request of it
+    is answered alone, so only the request that fails gets the error.
+    """
+
+    def __init__(self, holder: ModelHolder, max_rows: int = 256):
+        self.holder = holder
+        self.max_rows = max_rows
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="recommend")
+        self.batches = 0
+        self.rows = 0
+        self.failures = 0
+
+    async def answer(self, parsed: list) -> dict[str, list]:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((parsed, future))
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            jobs = [await self.queue.get()]
+            rows = len(jobs[0][0])
+            while not self.queue.empty() and rows < self.max_rows:
+                jobs.append(self.queue.get_nowait())
+                rows += len(jobs[-1][0])
+            recommender = self.holder.current.recommender  # one model for the whole batch
+            try:
+                await self._answer_together(recommender, jobs)
+            except Exception:  # noqa: BLE001 - isolate the request that fails
+                if len(jobs) > 1:
+                    log.warning("a batch of %d requests failed; answering each alone", len(jobs))
+                for job in jobs:
+                    try:
+                        await self._answer_together(recommender, [job])
+                    except Exception as error:  # noqa: BLE001 - this request, and only it, hears of it
+                        self.failures += 1
+                        log.exception("recommendation failed for a request of %d rows", len(job[0]))
+                        if not job[1].done():
+                            job[1].set_exception(error)
+
+    async def _answer_together(self, recommender, jobs: list) -> None:
+        parsed = [request for job, _ in jobs for request in job]
+        loop = asyncio.get_running_loop()
+        columns, counts = await loop.run_in_executor(self.executor, recommender.answer, parsed)
+        self.batches += 1
+        self.rows += len(parsed)
+        start, row = 0, 0
+        for job, future in jobs:
+            n = sum(counts[row : row + len(job)])
+            row += len(job)
+            if not future.done():  # the client may have gone
+                future.set_result({name: values[start : start + n] for name, values in columns.items()})
+            start += n
+
+
+def request_rows(payload: object) -> list:
+    """The request rows of a scoring-protocol payload (MLflow's JSON formats)."""
+    from rec_models.serving import InvalidRequest
+
+    if not isinstance(payload, dict) or not any(key in payload for key in RECORD_KEYS):
+        raise InvalidRequest(f"expected a JSON object with one of {', '.join(RECORD_KEYS)}, e.g. "
+                             '{"dataframe_records": [{"user_id": "u1", "k": 10}]}')
+    key = next(key for key in RECORD_KEYS if key in payload)
+    value = payload[key]
+    if key == "dataframe_split":
+        if not isinstance(value, dict) or not isinstance(value.get("columns"), list) \
+                or not isinstance(value.get("data"), list):
+            raise InvalidRequest('dataframe_split must be {"columns": [...], "data": [[...], ...]}')
+        columns = value["columns"]
+        if not all(isinstance(name, str) for name in columns):
+            raise InvalidRequest("dataframe_split columns must be field names (strings)")
+        rows = []
+        for row, data in enumerate(value["data"]):
+            if not isinstance(data, list) or len(data) != len(columns):
+                raise InvalidRequest(f"dataframe_split row {row} must be a list of {len(columns)} values")
+            rows.append(dict(zip(columns, data)))
+        return rows
+    if isinstance(value, dict):  # columns -> lists, as MLflow's "inputs" allows
+        lengths = {len(v) for v in value.values() if isinstance(v, list)}
+        if len(lengths) != 1 or not all(isinstance(v, list) for v in value.values()):
+            raise InvalidRequest(f"{key} as an object must map each field to a list of equal length")
+        n = lengths.pop()
+        return [{name: values[row] for name, values in value.items()} for row in range(n)]
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{key} must be a list of request objects")
+    return value
+
+
+def encode_predictions(columns: dict[str, list], output_columns: list[str], max_bytes: int) -> bytes:
+    """``{"predictions": [...]}`` as JSON bytes, refused with 413 as soon as it would pass
+    ``max_bytes`` (the answer is encoded record by record, never held whole beyond the limit)."""
+    encode = json.JSONEncoder().encode
+    parts, size = [b'{"predictions": ['], 17
+    for i, values in enumerate(zip(*(columns[c] for c in output_columns))):
+        part = (", " if i else "") + encode(dict(zip(output_columns, values)))
+        size += len(part)  # ASCII (ensure_ascii): characters are bytes
+        if size > max_bytes:
+            raise RequestRefused(413, f"the answer would be over {max_bytes} bytes: ask for fewer rows or a smaller k")
+        parts.append(part.encode("ascii"))
+    parts.append(b"]}")
+    return b"".join(parts)
+
+
+def check_size(parsed: list, limits: ServerLimits) -> None:
+    if len(parsed) > limits.max_rows:
+        raise RequestRefused(413, f"{len(parsed)} request rows; at most {limits.max_rows} per request")
+    results = sum(request.k for request in parsed)
+    if results > limits.max_results:
+        raise RequestRefused(413, f"the rows ask for {results} recommendations; at most {limits.max_results} "
+                                  "per request (sum of k)")
+
+
+def create_app(holder: ModelHolder, max_batch_rows: int = 256, reload_interval_s: float = 0.0,
+               limits: ServerLimits | None = None):
+    """The Starlette application: /invocations, /ping, /health, /model."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from rec_models.serving import OUTPUT_COLUMNS, InvalidRequest, parse_rows
+
+    limits = limits or ServerLimits()
+    request_limits = limits.request_limits()
+    batcher = RequestBatcher(holder, max_batch_rows)
+    codes = {400: "BAD_REQUEST", 408: "REQUEST_TIMEOUT", 413: "REQUEST_TOO_LARGE"}
+
+    def error(status: int, code: str, message: str) -> Response:
+        return JSONResponse({"error_code": code, "message": message}, status_code=status)
+
+    async def invocations(request: Request) -> Response:
+        content_type = request.headers.get("content-type", "application/json")
+        if "json" not in content_type:
+            return error(415, "BAD_REQUEST", f"content type {content_type[:100]!r} is not supported: "
+                                             "send application/json")
+        try:
+            payload = parse_json(await read_body(request, limits), limits.max_json_depth)
+            parsed = parse_rows(request_rows(payload), request_limits)
+            check_size(parsed, limits)
+        except RequestRefused as exc:
+            return error(exc.status, codes.get(exc.status, "BAD_REQUEST"), str(exc))
+        except InvalidRequest as exc:
+            return error(400, "INVALID_PARAMETER_VALUE", f"invalid request: {exc}")
+        if not parsed:
+            return JSONResponse({"predictions": []})
+        try:
+            columns = await batcher.answer(parsed)
+        except Exception:  # noqa: BLE001 - logged by the batcher; no stack trace to the client
+            return error(500, "INTERNAL_ERROR", "internal error while recommending (see the server log)")
+        try:
+            body = encode_predictions(columns, OUTPUT_COLUMNS, limits.max_response_bytes)
+        except RequestRefused as exc:
+            return error(exc.status, codes[exc.status], str(exc))
+        return Response(body, media_type="application/json")
+
+    async def ping(request: Request) -> Response:
+        return Response("\n", media_type="text/plain")
+
+    async def model(request: Request) -> Response:
+        return JSONResponse({**holder.describe(), "batches": batcher.batches, "rows": batcher.rows,
+                             "failed_requests": batcher.failures})
+
+    async def follow_alias() -> None:
+        loop = asyncio.get_running_loop()
+        last_error = None
+        with ThreadPoolExecutor(1, thread_name_prefix="reload") as reloader:
+            while True:
+                await asyncio.sleep(reload_interval_s)
+                try:
+                    await loop.run_in_executor(reloader, holder.refresh)
+                    last_error = None
+                except Exception as exc:  # noqa: BLE001 - keep serving the current model; say so once
+                    if str(exc) != last_error:
+                        log.exception("cannot check %s for a new version; still serving version %s",
+                                      holder.model_uri, holder.current.version)
+                    last_error = str(exc)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        tasks = [asyncio.create_task(batcher.run())]
+        if reload_interval_s > 0:
+            tasks.append(asyncio.create_task(follow_alias()))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            batcher.executor.shutdown(wait=False, cancel_futures=True)
+
+    routes = [Route("/invocations", invocations, methods=["POST"]), Route("/ping", ping), Route("/health", ping),
+              Route("/model", model)]
+    return Starlette(routes=routes, lifespan=lifespan)

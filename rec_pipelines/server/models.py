@@ -1,0 +1,95 @@
+"""The model ``recsys serve`` answers from, and hot reload of the version behind its alias: a
+newer champion that cannot be loaded leaves the live one serving, is reported by ``GET
+/model`` and logged once per failing version."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("recsys.serve")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    recommender: object  # rec_models.serving.Recommender
+    model_uri: str  # what was asked for, e.g. models:/name@champion
+    resolved_uri: str  # what was loaded, e.g. models:/name/7
+    version: str | None
+    run_id: str | None
+    loaded_at: float
+
+    def describe(self) -> dict:
+        return {"model_uri": self.model_uri, "resolved_uri": self.resolved_uri, "version": self.version,
+                "run_id": self.run_id, "loaded_at": self.loaded_at, "items": self.recommender.n_items,
+                "users": len(self.recommender.histories)}
+
+
+def alias_version(model_uri: str, tracking_uri: str):
+    """The registry version behind ``models:/NAME@ALIAS`` (None for other URIs)."""
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return None
+    from mlflow import MlflowClient
+
+    name, alias = model_uri.removeprefix("models:/").rsplit("@", 1)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(name, alias)
+
+
+def load_model(model_uri: str, tracking_uri: str, version=None) -> LoadedModel:
+    """Load the pyfunc behind ``model_uri`` (an alias is pinned to its current version first,
+    or to ``version`` when given, so the version reported is the version loaded)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    version = version if version is not None else alias_version(model_uri, tracking_uri)
+    resolved = f"models:/{version.name}/{version.version}" if version is not None else model_uri
+    pyfunc = mlflow.pyfunc.load_model(resolved)
+    return LoadedModel(pyfunc.unwrap_python_model().recommender, model_uri, resolved,
+                       str(version.version) if version is not None else None,
+                       version.run_id if version is not None else None, time.time())
+
+
+class ModelHolder:
+    """The model being served; ``refresh`` swaps in a new version behind the alias. Requests
+    read ``current`` once per batch, so a swap never splits a batch between two models.
+
+    ``failed`` describes the newest version behind the alias that could not be loaded (None
+    when the alias' version is the one serving); each failing version is logged once with its
+    traceback, later retries of it only at debug level.
+    """
+
+    def __init__(self, model_uri: str, tracking_uri: str):
+        self.model_uri = model_uri
+        self.tracking_uri = tracking_uri
+        self.current = load_model(model_uri, tracking_uri)
+        self.failed: dict | None = None
+
+    def refresh(self) -> bool:
+        """Load the alias' version if it moved; True when a new model is now served."""
+        version = alias_version(self.model_uri, self.tracking_uri)
+        if version is None or str(version.version) == self.current.version:
+            self.failed = None  # the alias went back to the live version (a rollback)
+            return False
+        try:
+            loaded = load_model(self.model_uri, self.tracking_uri, version)
+        except Exception as error:  # noqa: BLE001 - a broken champion must not stop serving
+            again = self.failed is not None and self.failed["version"] == str(version.version)
+            reason = f"{type(error).__name__}: {error}"[:500]
+            self.failed = {"version": str(version.version), "run_id": version.run_id, "reason": reason,
+                           "first_failed_at": self.failed["first_failed_at"] if again else time.time(),
+                           "attempts": self.failed["attempts"] + 1 if again else 1}
+            if again:
+                log.debug("version %s still cannot be loaded: %s", version.version, reason)
+            else:
+                log.error("cannot load version %s of %s; still serving version %s", version.version,
+                          self.model_uri, self.current.version, exc_info=True)
+            return False
+        previous, self.current, self.failed = self.current.version, loaded, None
+        log.info("now serving %s (version %s, was %s)", self.model_uri, loaded.version, previous)
+        return True
+
+    def describe(self) -> dict:
+        """What ``GET /model`` says: the live model and, when one exists, the newer champion
+        that could not be loaded, with why."""
+        return {**self.current.describe(), "failed_version": self.failed}
