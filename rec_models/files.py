@@ -12,22 +12,27 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: Path | str, *, exclusive: bool = False, mode: int | None = None) -> Iterator[Path]:
+def atomic_path(path: Path | str, *, exclusive: bool = False, mode: int | None = None,
+                durable: bool = True) -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path``; when the block ends without error the
     temporary file is flushed to disk and renamed to ``path`` (``os.replace``), else removed.
 
     ``exclusive``: never replace an existing ``path`` (``os.link``; raises FileExistsError,
     e.g. when another process created it first). ``mode``: permissions of the new file.
+    ``durable=False`` skips the fsync: for writers of many files that call ``os.sync()`` once
+    before recording them anywhere.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    head = os.fsdecode(os.fsencode(path.name)[:200])  # the temporary name stays within NAME_MAX (255 bytes)
+    tmp = path.with_name(f".{head}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     if mode is not None:  # created with its final permissions before anything is written
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
     try:
         yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         if exclusive:
             os.link(tmp, path)
         else:
@@ -36,8 +41,9 @@ def atomic_path(path: Path | str, *, exclusive: bool = False, mode: int | None =
         tmp.unlink(missing_ok=True)
 
 
-def write_bytes_atomic(path: Path | str, data: bytes, *, exclusive: bool = False, mode: int | None = None) -> Path:
-    with atomic_path(path, exclusive=exclusive, mode=mode) as tmp:
+def write_bytes_atomic(path: Path | str, data: bytes, *, exclusive: bool = False, mode: int | None = None,
+                       durable: bool = True) -> Path:
+    with atomic_path(path, exclusive=exclusive, mode=mode, durable=durable) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 

@@ -39,9 +39,17 @@ class Settings(ModelSettings):
     model_name: str = env_field("RECSYS_MODEL_NAME", "recsys-sasrec", "registered model name")
     full_retrain_cron: str = env_field("RECSYS_FULL_RETRAIN_CRON", "0 2 * * *", "schedule of the full retrain")
     sensor_interval_s: int = env_field("RECSYS_SENSOR_INTERVAL_S", 10, "seconds between landing-zone sensor ticks")
+    ingest_max_file_bytes: int = env_field("RECSYS_INGEST_MAX_FILE_BYTES", 1 << 30,
+                                           "largest landing file once decompressed; larger ones are quarantined")
+    ingest_max_line_bytes: int = env_field("RECSYS_INGEST_MAX_LINE_BYTES", 1 << 20,
+                                           "longest line of a JSON Lines or CSV landing file")
+    umask: str = env_field("RECSYS_UMASK", "077", "umask (octal) of every file and folder the project creates: "
+                           "077 keeps the lake, ledger, MLflow store and run state private to their owner")
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
+        if not (self.umask.isdigit() and set(self.umask) <= set("01234567") and int(self.umask, 8) <= 0o777):
+            raise ValueError(f"RECSYS_UMASK must be an octal umask such as 077 or 022, got {self.umask!r}")
         self.home = Path(self.home).resolve()
         mlflow_dir = self.home / "mlflow"
         self.lake = Path(self.lake or self.home / "var" / "lake")
@@ -89,7 +97,14 @@ class Settings(ModelSettings):
             "RECSYS_PSEUDONYM_KEY_FILE": str(self.pseudonym_key_file),
             "RECSYS_FULL_RETRAIN_CRON": self.full_retrain_cron,
             "RECSYS_SENSOR_INTERVAL_S": str(self.sensor_interval_s),
+            "RECSYS_INGEST_MAX_FILE_BYTES": str(self.ingest_max_file_bytes),
+            "RECSYS_INGEST_MAX_LINE_BYTES": str(self.ingest_max_line_bytes),
+            "RECSYS_UMASK": self.umask,
         }
+
+    def apply_umask(self) -> None:
+        """Make this process (and the processes it starts) create files with ``umask``."""
+        os.umask(int(self.umask, 8))
 
     @classmethod
     def markdown_table(cls) -> str:
@@ -104,6 +119,7 @@ def prepare_environment(settings: Settings | None = None) -> Settings:
     """Export the settings so every Dagster process agrees, and give DAGSTER_HOME its
     dagster.yaml (copied from the repository root, the one source of truth)."""
     settings = settings or Settings.from_env()
+    settings.apply_umask()
     os.environ.update(settings.export())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from rec_pipelines.lake import FeedbackStore, is_supported
+from rec_pipelines.lake import FeedbackStore, IngestLimits, is_supported, printable
 from rec_pipelines.lake.landing import place, place_movielens
 from rec_pipelines.settings import Settings
 
@@ -83,7 +84,8 @@ def main(argv: list[str]) -> int:
 
     settings = Settings.from_env()
     settings.local_landing_zone("ingest")
-    store = FeedbackStore(settings.landing_zone, settings.lake, key_file=settings.pseudonym_key_file)
+    store = FeedbackStore(settings.landing_zone, settings.lake, key_file=settings.pseudonym_key_file,
+                          limits=IngestLimits(settings.ingest_max_file_bytes, settings.ingest_max_line_bytes))
     placed: list[Path] = []
     try:
         for path in args.paths:
@@ -93,18 +95,19 @@ def main(argv: list[str]) -> int:
             kind = "catalog" if args.catalog else "events"
             for source_file in _files_under(path):
                 if not is_supported(source_file):
-                    print(f"note: {source_file} has no supported suffix; it will be quarantined", file=sys.stderr)
-                placed.append(place(source_file, settings.landing_zone / kind))
+                    print(f"note: {printable(str(source_file))} has no supported suffix; it will be quarantined", file=sys.stderr)
+                placed.append(place(source_file, settings.landing_zone / kind, durable=False))
     except (FileNotFoundError, ValueError) as exc:
         print(f"recsys ingest: {exc}", file=sys.stderr)
         return 2
+    os.sync()  # every placed file on disk (one sync rather than one per file)
     names = [p.relative_to(settings.landing_zone).as_posix() for p in placed]
-    print(f"placed {len(names)} files in {settings.landing_zone}: {names[:10]}", file=sys.stderr)
+    print(f"placed {len(names)} files in {settings.landing_zone}: {[printable(n) for n in names[:10]]}", file=sys.stderr)
 
     result = run_ingestion(args.min_timestamp)
     summary = summarize(result, store, names)
     for bad in summary["quarantined_files"]:
-        print(f"quarantined file {bad['file']}: {bad['reason']}", file=sys.stderr)
+        print(f"quarantined file {printable(bad['file'])}: {bad['reason']}", file=sys.stderr)
     print(f"{summary['rows_in']} rows in, {summary['rows_valid']} valid, {summary['rows_quarantined']} quarantined "
           f"(reasons and rows under {settings.lake / 'quarantine'})", file=sys.stderr)
     print(json.dumps(summary, sort_keys=True), flush=True)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import dagster as dg
 
-from rec_pipelines.lake import FeedbackStore
+from rec_pipelines.lake import FeedbackStore, IngestLimits
 from rec_pipelines.registry import ModelRegistry
 from rec_pipelines.settings import Settings
 
@@ -20,9 +20,12 @@ class LakeResource(dg.ConfigurableResource):
     landing_zone: str
     lake: str
     pseudonym_key_file: str = ""
+    max_file_bytes: int = IngestLimits.max_file_bytes
+    max_line_bytes: int = IngestLimits.max_line_bytes
 
     def store(self) -> FeedbackStore:
-        return FeedbackStore(self.landing_zone, self.lake, key_file=self.pseudonym_key_file or None)
+        return FeedbackStore(self.landing_zone, self.lake, key_file=self.pseudonym_key_file or None,
+                             limits=IngestLimits(self.max_file_bytes, self.max_line_bytes))
 
 
 class TextEncoderResource(dg.ConfigurableResource):
@@ -72,13 +75,16 @@ class MlflowResource(dg.ConfigurableResource):
 @dg.definitions
 def resources() -> dg.Definitions:
     settings = Settings.from_env()
+    settings.apply_umask()  # any process that loads the code creates private files
     return dg.Definitions(
         # One process per run: on a laptop, paying the torch/transformers import once per run
         # beats a process per step.
         executor=dg.in_process_executor,
         resources={
             "lake": LakeResource(landing_zone=settings.landing_location, lake=str(settings.lake),
-                                 pseudonym_key_file=str(settings.pseudonym_key_file)),
+                                 pseudonym_key_file=str(settings.pseudonym_key_file),
+                                 max_file_bytes=settings.ingest_max_file_bytes,
+                                 max_line_bytes=settings.ingest_max_line_bytes),
             "text_encoder": TextEncoderResource(model_path=settings.text_model),
             "mlflow": MlflowResource(
                 tracking_uri=settings.mlflow_tracking_uri,

@@ -1,5 +1,6 @@
-"""Reading one landing file (JSON Lines, JSON, CSV, Parquet; gzipped or not) into records, and
-coercing them to the event or catalog schema, every record kept with its problem if any."""
+"""Reading one landing file (JSON Lines, JSON, CSV, Parquet; gzipped or not) into records,
+within size limits (``IngestLimits``), and coercing them to the event or catalog schema, every
+record kept with its problem if any."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from rec_models.data.schema import (
     EVENT_COLUMNS,
     REQUIRED_EVENT_COLUMNS,
 )
+from rec_pipelines.lake.landing import open_landing_file
 from rec_pipelines.lake.validation import (
     MAX_TEXT_CHARS,
 )
@@ -39,19 +42,44 @@ class UnreadableFile(ValueError):
     """A landing file that cannot be turned into rows at all; the message is the reason."""
 
 
+@dataclass(frozen=True)
+class IngestLimits:
+    """How large one landing file may be once decompressed, and one line of it (JSON Lines,
+    CSV); larger files are quarantined with the reason, never read whole."""
+
+    max_file_bytes: int = 1 << 30
+    max_line_bytes: int = 1 << 20
+
+
 
 @dataclass
 class ParsedFile:
-    """The records of one file: ``frame`` holds those that parsed (``source_row`` = 1-based
-    position among the file's non-blank records), ``bad`` the (source_row, reason) of those
-    that did not."""
+    """The records of one file: ``data`` holds those that parsed, as a frame with
+    ``source_row`` (1-based position among the file's non-blank records) or, from Arrow's
+    readers, as a table in file order (``frame`` converts it); ``bad`` the (source_row,
+    reason) of those that did not."""
 
-    frame: pd.DataFrame
+    data: pd.DataFrame | pa.Table
     bad: list[tuple[int, str]] = field(default_factory=list)
 
     @property
+    def frame(self) -> pd.DataFrame:
+        if isinstance(self.data, pa.Table):
+            self.data = _arrow_frame(self.data)
+        return self.data
+
+    @property
+    def columns(self) -> list[str]:
+        names = self.data.column_names if isinstance(self.data, pa.Table) else list(self.data.columns)
+        return [name for name in names if name != "source_row"]
+
+    @property
+    def rows(self) -> int:
+        return len(self.data)
+
+    @property
     def records(self) -> int:
-        return len(self.frame) + len(self.bad)
+        return self.rows + len(self.bad)
 
 
 def _format(path: Path) -> tuple[str, bool]:
@@ -70,57 +98,107 @@ def _arrow_frame(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
-def read_table(path: Path) -> ParsedFile:
+def read_table(path: Path, limits: IngestLimits = IngestLimits()) -> ParsedFile:
     """Parse one landing file by its suffix; raise UnreadableFile with a clear reason when no
     record can be read. Fast path: Arrow's readers; on any error, a careful pure-Python pass
     that finds the precise reason and keeps the records that do parse."""
     fmt, gz = _format(path)
-    if path.stat().st_size == 0:
+    data = read_landing_bytes(path, gz, limits)
+    if not data:
         raise UnreadableFile("empty file (0 bytes)")
     if fmt == "parquet":
-        return _read_parquet(path)
+        return _read_parquet(data, limits)
+    longest = _longest_line(data)
+    if longest > limits.max_line_bytes and not (fmt == "json" and _starts_with(data, b"[")):
+        raise UnreadableFile(f"a line of {longest} bytes, over the limit of {limits.max_line_bytes} "
+                             "(RECSYS_INGEST_MAX_LINE_BYTES)")
+    threads = len(data) > 1 << 20  # a thread pool costs more than it saves on small files
     try:
         if fmt == "csv":
-            table = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(
-                strings_can_be_null=True, column_types=dict.fromkeys(TEXT_COLUMNS, pa.string())))
-        elif fmt == "jsonl" or not _starts_with(path, gz, b"["):
-            table = pa_json.read_json(path)
+            table = pa_csv.read_csv(pa.BufferReader(data), read_options=pa_csv.ReadOptions(use_threads=threads),
+                                    convert_options=pa_csv.ConvertOptions(
+                                        strings_can_be_null=True, column_types=dict.fromkeys(TEXT_COLUMNS, pa.string())))
+        elif fmt == "jsonl" or not _starts_with(data, b"["):
+            table = pa_json.read_json(pa.BufferReader(data), read_options=pa_json.ReadOptions(use_threads=threads))
         else:
             raise pa.ArrowInvalid("a JSON array: parsed by the careful path")
         if any(pa.types.is_binary(t) or pa.types.is_large_binary(t) for t in table.schema.types):
             raise pa.ArrowInvalid("bytes that are not UTF-8: the careful path says where")
-        parsed = ParsedFile(_arrow_frame(table))
-    except (pa.ArrowException, OSError, EOFError, zlib.error, ValueError):
-        parsed = _read_text_carefully(path, fmt, gz)
-    duplicated = sorted({str(c) for c in parsed.frame.columns[parsed.frame.columns.duplicated()]})
+        parsed = ParsedFile(table)
+    except (pa.ArrowException, ValueError):
+        parsed = _read_text_carefully(data, fmt)
+    duplicated = sorted({str(c) for c in pd.Index(parsed.columns)[pd.Index(parsed.columns).duplicated()]})
     if duplicated:
         raise UnreadableFile(f"duplicate column names: {duplicated}")
     if not parsed.records:
         raise UnreadableFile("no rows (only a header or whitespace)" if fmt == "csv" else "no rows (only whitespace)")
-    if not len(parsed.frame):
+    if not parsed.rows:
         raise UnreadableFile(f"no record could be read; first problem: {parsed.bad[0][1]}")
     return parsed
 
 
-def _starts_with(path: Path, gz: bool, prefix: bytes) -> bool:
-    opener = gzip.open if gz else open
-    try:
-        with opener(path, "rb") as handle:
-            head = handle.read(4096)
-    except (OSError, EOFError, zlib.error):
-        return False
-    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(prefix)
+def read_landing_bytes(path: Path, gz: bool, limits: IngestLimits) -> bytes:
+    """The file's bytes (decompressed when gzipped), read through ``open_landing_file``; past
+    ``max_file_bytes`` it stops reading and raises UnreadableFile (a gzip bomb included)."""
+    cap = limits.max_file_bytes
+    too_large = f"over the limit of {cap} bytes (RECSYS_INGEST_MAX_FILE_BYTES)"
+    with open_landing_file(path) as handle:
+        if not gz:
+            data = handle.read(cap + 1)
+            if len(data) > cap:
+                raise UnreadableFile(f"{os.fstat(handle.fileno()).st_size} bytes, {too_large}")
+            return data
+        chunks, size = [], 0
+        try:
+            with gzip.GzipFile(fileobj=handle) as stream:
+                while chunk := stream.read(1 << 20):
+                    size += len(chunk)
+                    if size > cap:
+                        raise UnreadableFile(f"decompresses to more than {cap} bytes, {too_large}")
+                    chunks.append(chunk)
+        except EOFError as exc:
+            raise UnreadableFile("truncated gzip stream (the file ends before the compressed data does)") from exc
+        except (OSError, zlib.error) as exc:
+            raise UnreadableFile(f"not a valid gzip file: {exc}") from exc
+        return b"".join(chunks)
 
 
-def _read_parquet(path: Path) -> ParsedFile:
+def _longest_line(data: bytes) -> int:
+    """Length in bytes of the longest line, in chunks (no copy of the whole file)."""
+    longest, start, step = 0, 0, 1 << 24
+    view = np.frombuffer(data, dtype=np.uint8)
+    for offset in range(0, len(view), step):
+        ends = np.flatnonzero(view[offset : offset + step] == 10) + offset
+        if len(ends):
+            longest = max(longest, int(ends[0] - start), int(np.diff(ends).max(initial=0)) - 1)
+            start = int(ends[-1]) + 1
+    return max(longest, len(view) - start)
+
+
+def _starts_with(data: bytes, prefix: bytes) -> bool:
+    return data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(prefix)
+
+
+def _read_parquet(data: bytes, limits: IngestLimits) -> ParsedFile:
+    """Batch by batch, stopping once the rows read take more than ``max_file_bytes`` in memory
+    (dictionary encoding and compression can make a small file expand without bound)."""
+    batches, size = [], 0
     try:
-        table = pq.read_table(path)
+        source = pq.ParquetFile(pa.BufferReader(data))
+        for batch in source.iter_batches(batch_size=64 * 1024):
+            size += batch.nbytes
+            if size > limits.max_file_bytes:
+                raise UnreadableFile(f"Parquet data of more than {limits.max_file_bytes} bytes once read, over the "
+                                     "limit (RECSYS_INGEST_MAX_FILE_BYTES)")
+            batches.append(batch)
+        table = pa.Table.from_batches(batches, schema=source.schema_arrow)
+    except UnreadableFile:
+        raise
     except Exception as exc:  # Arrow raises several types for corrupt files; all mean "unreadable"
-        message = str(exc).replace(f"'{path}'", path.name)
-        raise UnreadableFile(f"not a readable Parquet file: {type(exc).__name__}: {message}"[:300]) from exc
+        raise UnreadableFile(f"not a readable Parquet file: {type(exc).__name__}: {exc}"[:300]) from exc
     if table.num_rows == 0:
         raise UnreadableFile("no rows")
-    return ParsedFile(_arrow_frame(table))
+    return ParsedFile(table)
 
 
 def _decode(data: bytes) -> str:
@@ -135,20 +213,8 @@ def _decode(data: bytes) -> str:
         ) from exc
 
 
-def _read_bytes(path: Path, gz: bool) -> bytes:
-    data = path.read_bytes()
-    if not gz:
-        return data
-    try:
-        return gzip.decompress(data)
-    except EOFError as exc:
-        raise UnreadableFile("truncated gzip stream (the file ends before the compressed data does)") from exc
-    except (OSError, zlib.error) as exc:
-        raise UnreadableFile(f"not a valid gzip file: {exc}") from exc
-
-
-def _read_text_carefully(path: Path, fmt: str, gz: bool) -> ParsedFile:
-    text = _decode(_read_bytes(path, gz))
+def _read_text_carefully(data: bytes, fmt: str) -> ParsedFile:
+    text = _decode(data)
     if fmt == "csv":
         return _parse_csv(text)
     return _parse_json(text, array_allowed=fmt == "json")
@@ -301,33 +367,71 @@ def _as_timestamp(raw: pd.Series) -> tuple[pd.Series, np.ndarray]:
     return seconds, bad
 
 
-def _clean_text(raw: pd.Series) -> tuple[pd.Series, int]:
+def _clean_text(raw: pd.Series) -> tuple[pd.Series, np.ndarray]:
     """Free text without control characters, at most MAX_TEXT_CHARS, scrubbed of contact
-    data; returns (text, how many were truncated)."""
+    data; returns (text, which were truncated)."""
     text = _as_text(raw)
     if not text.notna().any():
-        return text, 0
+        return text, np.zeros(len(text), dtype=bool)
     text = text.str.replace(_TEXT_CONTROL, "", regex=True)
     too_long = (text.str.len() > MAX_TEXT_CHARS).fillna(False)
     if too_long.any():
         text = text.mask(too_long, text.str.slice(0, MAX_TEXT_CHARS))
-    return scrub_texts(text), int(too_long.sum())
+    return scrub_texts(text), too_long.to_numpy(dtype=bool)
 
 
-def coerce_events(parsed: ParsedFile) -> tuple[pd.DataFrame, dict]:
-    """Shape parsed records to the event schema plus ``source_row`` and ``problem``.
+def missing_event_columns(parsed: ParsedFile) -> str | None:
+    """Why a file cannot hold events (required columns missing), else None."""
+    if all(c in parsed.columns for c in REQUIRED_EVENT_COLUMNS):
+        return None
+    return _missing_columns_reason(parsed.frame, REQUIRED_EVENT_COLUMNS, "CSV files")
+
+
+def combine(files: list[ParsedFile]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The records of several files as one frame (bad records as rows whose ``_bad`` column
+    holds the reason) and each row's file index, so many small files are converted in one
+    vectorised pass."""
+    if all(isinstance(parsed.data, pa.Table) and not parsed.bad for parsed in files):
+        numbered = [t.append_column("source_row", pa.array(np.arange(1, len(t) + 1))) for t in (p.data for p in files)]
+        try:
+            frame = pa.concat_tables(numbered, promote_options="permissive").to_pandas(types_mapper=pd.ArrowDtype)
+            return frame, np.repeat(np.arange(len(files)), [len(t) for t in numbered])
+        except (pa.ArrowTypeError, pa.ArrowInvalid):  # a column of another type in some file: pandas mixes them
+            pass
+    frames = []
+    for parsed in files:
+        frame = parsed.frame
+        if parsed.bad:
+            rows, reasons = zip(*parsed.bad)
+            bad = pd.DataFrame({"source_row": np.asarray(rows, dtype=np.int64), "_bad": list(reasons)})
+            frame = pd.concat([frame, bad], ignore_index=True)
+        frames.append(frame)
+    parts = np.repeat(np.arange(len(files)), [len(f) for f in frames])
+    combined = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
+    return combined, parts
+
+
+def coerce_events(parsed: ParsedFile | list[ParsedFile]) -> tuple[pd.DataFrame, dict]:
+    """Shape parsed records (of one file, or of several) to the event schema plus
+    ``source_row``, ``problem``, ``part`` (the file's index in the list) and
+    ``text_truncated``, sorted by file and source row.
 
     Values that do not convert get a ``problem`` (row validation then quarantines the row);
-    missing required columns fail the whole file. Ids and event types are stripped, event
-    types lower-cased, ``timestamp`` accepts epoch seconds (rounded) and ISO 8601 date-times.
+    missing required columns fail the whole file (check ``missing_event_columns`` per file
+    first when passing several). Ids and event types are stripped, event types lower-cased,
+    ``timestamp`` accepts epoch seconds (rounded) and ISO 8601 date-times.
     Returns (events, stats) where stats counts truncated texts.
     """
-    frame = parsed.frame
-    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise UnreadableFile(_missing_columns_reason(frame, REQUIRED_EVENT_COLUMNS, "CSV files"))
+    files = parsed if isinstance(parsed, list) else [parsed]
+    for one in files:
+        if missing_event_columns(one):
+            raise UnreadableFile(missing_event_columns(one))
+    frame, parts = combine(files)
     index = frame.index
     problem = np.full(len(frame), None, dtype=object)
+    if "_bad" in frame.columns:
+        bad_rows = frame["_bad"].notna().to_numpy(dtype=bool)
+        problem[bad_rows] = frame["_bad"].to_numpy(dtype=object)[bad_rows]
 
     def note(mask: np.ndarray, text: str) -> None:
         problem[mask & (problem == None)] = text  # noqa: E711  (elementwise on an object array)
@@ -347,15 +451,14 @@ def coerce_events(parsed: ParsedFile) -> tuple[pd.DataFrame, dict]:
     note(_nested(column("text")), "text is not a string")
     out["text"], truncated = _clean_text(column("text"))
     out["problem"] = pd.array(problem, dtype="string")
-
-    if parsed.bad:
-        rows, reasons = zip(*parsed.bad)
-        bad_rows = pd.DataFrame({"source_row": np.asarray(rows, dtype=np.int64), "problem": list(reasons)})
-        out = pd.concat([out, bad_rows.astype({"problem": "string"})], ignore_index=True)
-        out = out.sort_values("source_row", kind="stable")
+    out["part"] = parts
+    out["text_truncated"] = truncated
+    if "_bad" in frame.columns:  # bad records were appended after each file's good ones
+        out = out.sort_values(["part", "source_row"], kind="stable")
     out = out.astype({"user_id": "string", "item_id": "string", "event_type": "string", "session_id": "string",
                       "text": "string", "value": "float64", "timestamp": "Int64", "problem": "string"})
-    return out[["source_row", *EVENT_COLUMNS, "problem"]].reset_index(drop=True), {"texts_truncated": truncated}
+    columns = ["source_row", *EVENT_COLUMNS, "problem", "part", "text_truncated"]
+    return out[columns].reset_index(drop=True), {"texts_truncated": int(truncated.sum())}
 
 
 def coerce_catalog(parsed: ParsedFile) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rec_models.data.privacy import (
@@ -31,29 +33,38 @@ from rec_models.data.schema import CATALOG_COLUMNS
 from rec_models.files import atomic_path, write_json_atomic
 from rec_pipelines.lake.landing import (
     KINDS,
+    MARKER_SUFFIX,
     SUFFIXES,
+    RefusedFile,
     RemoteLandingZone,
     file_sha256,
-    is_ready,
+    is_final_name,
     is_supported,
+    refusal,
+    safe_stem,
 )
 from rec_pipelines.lake.parsing import (
     ROW_COLUMNS,
+    IngestLimits,
+    ParsedFile,
     UnreadableFile,
     as_tag_list,
     coerce_catalog,
     coerce_events,
+    missing_event_columns,
     read_table,
 )
 from rec_pipelines.lake.validation import (
     DEFAULT_MIN_TIMESTAMP,
     MAX_CLOCK_SKEW_S,
+    KeySet,
     event_keys,
     split_valid_rows,
 )
 from rec_pipelines.settings import is_remote_url
 
 LAKE_FORMAT = 2  # 1: before pseudonymisation and per-batch validation
+GROUP_ROWS = 500_000  # records of event files converted (and validated) in one vectorised pass
 
 
 class LakeError(RuntimeError):
@@ -90,11 +101,13 @@ class FeedbackStore:
     """Reads the landing zone into the lake and keeps the ledger of what was read.
 
     ``pseudonym_key`` overrides the key otherwise taken from ``$RECSYS_PSEUDONYM_KEY`` or
-    ``key_file`` (default ``<lake>/secrets/pseudonym.key``; generated on first use).
+    ``key_file`` (default ``<lake>/secrets/pseudonym.key``; generated on first use); ``limits``
+    caps the size of one file and of one line.
     """
 
     def __init__(self, landing_zone: Path | str, lake: Path | str, pseudonym_key: bytes | str | None = None,
-                 key_file: Path | str | None = None):
+                 key_file: Path | str | None = None, limits: IngestLimits | None = None):
+        self.limits = limits or IngestLimits()
         self.lake = Path(lake)
         self.remote = RemoteLandingZone(str(landing_zone), self.lake / "landing-mirror") if is_remote_url(str(landing_zone)) else None
         self.landing_zone = self.remote.mirror if self.remote else Path(str(landing_zone).removeprefix("file://"))
@@ -122,10 +135,12 @@ class FeedbackStore:
         with open(self.ledger_path, encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
 
-    def _append_ledger(self, entry: dict) -> None:
+    def _append_ledger(self, *entries: dict) -> None:
+        if not entries:
+            return
         self.lake.mkdir(parents=True, exist_ok=True)
         with open(self.ledger_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            handle.write("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -156,27 +171,41 @@ class FeedbackStore:
             )
 
     # -- landing zone --------------------------------------------------------------------
-    def ready_files(self, kind: str) -> list[Path]:
-        """Complete landing files of ``kind`` (a remote zone is mirrored first)."""
+    def _entries(self, kind: str) -> list[Path]:
+        """Complete entries of ``kind`` (final name, no ``.writing`` marker; links and special
+        files included, folders not), sorted; a remote zone is mirrored first."""
         if self.remote is not None:
             self.remote.sync(kind)
         folder = self.landing_zone / kind
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.iterdir() if is_ready(p))
+        with os.scandir(folder) as listing:
+            found = {entry.name: entry.is_dir(follow_symlinks=False) for entry in listing}
+        return sorted(folder / name for name, is_dir in found.items()
+                      if not is_dir and is_final_name(name) and name + MARKER_SUFFIX not in found)
+
+    def ready_files(self, kind: str) -> list[Path]:
+        """Complete regular landing files of ``kind`` (links and special files are never read)."""
+        return [path for path in self._entries(kind) if refusal(path) is None]
 
     def _pending(self, kind: str, entries: list[dict]) -> list[tuple[Path, str | None]]:
-        """(path, sha256 if it had to be computed) of ready files the ledger has not seen."""
+        """(path, sha256) of complete entries the ledger has not seen; sha256 is None for a
+        link or special file, which is refused by name."""
         entries = [e for e in entries if e["kind"] == kind]
         seen = {(e["file"], e["sha256"]) for e in entries}
         seen_stats = {(e["file"], e["size"], e.get("mtime_ns")) for e in entries}
         pending = []
-        for path in self.ready_files(kind):
-            rel, stat = self._relative(path), path.stat()
-            # Cheap path first: an untouched file keeps name, size and mtime; hash only otherwise.
-            if (rel, stat.st_size, stat.st_mtime_ns) in seen_stats:
+        for path in self._entries(kind):
+            try:
+                rel, info = self._relative(path), os.lstat(path)
+                # Cheap path first: an untouched file keeps name, size and mtime; hash only otherwise.
+                if (rel, info.st_size, info.st_mtime_ns) in seen_stats:
+                    continue
+                sha = None if refusal(path) else file_sha256(path)
+            except FileNotFoundError:  # gone since the listing
                 continue
-            sha = file_sha256(path)
+            except RefusedFile:  # swapped for a link since the listing
+                sha = None
             if (rel, sha) not in seen:
                 pending.append((path, sha))
         return pending
@@ -190,7 +219,9 @@ class FeedbackStore:
 
     # -- ingestion -----------------------------------------------------------------------
     def ingest(self, kind: str) -> IngestReport:
-        """Move every pending file of ``kind`` into the lake, exactly once."""
+        """Move every pending file of ``kind`` into the lake, exactly once. Event files are
+        converted together in groups of up to ``GROUP_ROWS`` records (one vectorised pass, so
+        10,000 small files cost little more than one large one); each stays its own batch."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         with self._locked():
@@ -199,50 +230,91 @@ class FeedbackStore:
                 self._check_lake(entries)
             report = IngestReport(kind=kind)
             known_hashes = {e["sha256"]: e["file"] for e in entries if e["kind"] == kind and e["status"] == "ingested"}
+            group, rows = [], 0
             for path, sha in self._pending(kind, entries):
-                self._ingest_file(kind, path, sha, known_hashes, report)
+                read = self._read_file(kind, path, sha, known_hashes, report)
+                if read is None:
+                    continue
+                if kind == "catalog":
+                    self._ingest_catalog(*read, report)
+                    continue
+                group.append(read)
+                rows += read[2].records
+                if rows >= GROUP_ROWS:
+                    self._ingest_events(group, report)
+                    group, rows = [], 0
+            if group:
+                self._ingest_events(group, report)
             return report
 
-    def _ingest_file(self, kind: str, path: Path, sha: str, known_hashes: dict, report: IngestReport) -> None:
-        rel, stat = self._relative(path), path.stat()
+    def _read_file(self, kind: str, path: Path, sha: str | None, known_hashes: dict,
+                   report: IngestReport) -> tuple[dict, str, ParsedFile] | None:
+        """(ledger entry, batch id, records) of a file to ingest; None when it is a duplicate
+        or was quarantined whole (both recorded in the ledger)."""
+        rel, info = self._relative(path), os.lstat(path)
         report.files.append(rel)
-        entry = {"kind": kind, "file": rel, "sha256": sha, "size": stat.st_size,
-                 "mtime_ns": stat.st_mtime_ns, "ingested_at": time.time()}
+        entry = {"kind": kind, "file": rel, "sha256": sha, "size": info.st_size,
+                 "mtime_ns": info.st_mtime_ns, "ingested_at": time.time()}
         if sha in known_hashes:  # same bytes under another name: nothing new to read
             report.duplicate_files.append(rel)
             self._append_ledger({**entry, "status": "duplicate", "duplicate_of": known_hashes[sha]})
-            return
+            return None
         try:
+            if sha is None:
+                raise UnreadableFile(refusal(path) or "not a regular file: never followed or read")
             if not is_supported(path):
                 raise UnreadableFile(f"unsupported file type (expected {', '.join(SUFFIXES)}, optionally .gz)")
-            parsed = read_table(path)
-            batch_id = f"{Path(rel).name.split('.')[0]}-{sha[:8]}"
-            if kind == "events":
-                table, stats = coerce_events(parsed)
-                extra = self._write_event_batch(batch_id, table, stats)
-            else:
-                catalog, rejected = coerce_catalog(parsed)
-                extra = self._write_catalog_batch(batch_id, catalog, rejected)
-        except UnreadableFile as exc:
-            reason = str(exc)
-            report.quarantined_files.append({"file": rel, "reason": reason})
-            write_json_atomic(self.lake / "quarantine" / "files" / f"{rel}.{sha[:8]}.json",
-                               {**entry, "reason": reason, "replay_from": str(path)})
-            self._append_ledger({**entry, "status": "quarantined", "reason": reason})
-            return
-        report.batches.append(batch_id)
-        report.rows_in += extra["rows"]
-        report.texts_truncated += extra.get("texts_truncated", 0)
+            parsed = read_table(path, self.limits)
+            if kind == "events" and missing_event_columns(parsed):
+                raise UnreadableFile(missing_event_columns(parsed))
+        except (UnreadableFile, RefusedFile) as exc:
+            self._quarantine_file(entry, path, str(exc), report)
+            return None
         known_hashes[sha] = rel
-        self._append_ledger({**entry, "status": "ingested", "batch_id": batch_id, "format": LAKE_FORMAT, **extra})
+        return entry, f"{safe_stem(path.name)}-{sha[:8]}", parsed
 
-    def _write_event_batch(self, batch_id: str, table: pd.DataFrame, stats: dict) -> dict:
+    def _quarantine_file(self, entry: dict, path: Path, reason: str, report: IngestReport) -> None:
+        """Record a whole file as quarantined, by name (the record never holds its bytes)."""
+        report.quarantined_files.append({"file": entry["file"], "reason": reason})
+        # Named by a digest: any name the filesystem allows is fine.
+        digest = entry["sha256"] or hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+        write_json_atomic(self.lake / "quarantine" / "files" / entry["kind"] / f"{safe_stem(path.name)}-{digest[:16]}.json",
+                          {**entry, "reason": reason, "replay_from": str(path)})
+        self._append_ledger({**entry, "status": "quarantined", "reason": reason})
+
+    def _ingest_events(self, group: list[tuple[dict, str, ParsedFile]], report: IngestReport) -> None:
+        """Convert and pseudonymise the files of ``group`` together, then write one batch per
+        file and their ledger entries (after the batches are on disk)."""
+        table, _ = coerce_events([parsed for _, _, parsed in group])
         key = self.pseudonym_key()
         table["user_id"] = pseudonymize(table["user_id"], key, USER_PREFIX)
         table["session_id"] = pseudonymize(table["session_id"], key, SESSION_PREFIX)
-        table.insert(0, "batch_id", batch_id)
-        _write_parquet_atomic(table, self.lake / "events" / f"{batch_id}.parquet")
-        return {"rows": len(table), "key_id": key_id(key), **stats}
+        parts, truncated = table.pop("part").to_numpy(), table.pop("text_truncated").to_numpy()
+        bounds = np.searchsorted(parts, np.arange(len(group) + 1))  # rows are sorted by file
+        table.insert(0, "batch_id", np.repeat([batch_id for _, batch_id, _ in group], np.diff(bounds)))
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        done = []
+        for (entry, batch_id, _), start, stop in zip(group, bounds[:-1], bounds[1:]):
+            _write_arrow_atomic(arrow.slice(start, stop - start), self.lake / "events" / f"{batch_id}.parquet",
+                                durable=False)
+            extra = {"rows": int(stop - start), "key_id": key_id(key), "texts_truncated": int(truncated[start:stop].sum())}
+            report.batches.append(batch_id)
+            report.rows_in += extra["rows"]
+            report.texts_truncated += extra["texts_truncated"]
+            done.append({**entry, "status": "ingested", "batch_id": batch_id, "format": LAKE_FORMAT, **extra})
+        os.sync()  # every batch on disk (one sync, not one per file) before the ledger names them
+        self._append_ledger(*done)
+
+    def _ingest_catalog(self, entry: dict, batch_id: str, parsed: ParsedFile, report: IngestReport) -> None:
+        try:
+            catalog, rejected = coerce_catalog(parsed)
+        except UnreadableFile as exc:
+            self._quarantine_file(entry, self.landing_zone / entry["file"], str(exc), report)
+            return
+        extra = self._write_catalog_batch(batch_id, catalog, rejected)
+        report.batches.append(batch_id)
+        report.rows_in += extra["rows"]
+        self._append_ledger({**entry, "status": "ingested", "batch_id": batch_id, "format": LAKE_FORMAT, **extra})
 
     def _write_catalog_batch(self, batch_id: str, catalog: pd.DataFrame, rejected: pd.DataFrame) -> dict:
         catalog.insert(0, "batch_id", batch_id)
@@ -257,8 +329,12 @@ class FeedbackStore:
 
     def account(self, batch_id: str) -> dict | None:
         """The validation accounting of a batch (None while it is not validated)."""
-        path = self._account_path(batch_id)
-        return json.loads(path.read_text()) if path.exists() else None
+        try:
+            return json.loads(self._account_path(batch_id).read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:  # torn by a crash before the sync that follows it: validate again
+            return None
 
     def accounts(self) -> list[dict]:
         """Accounting of every validated events batch, in ingestion order."""
@@ -278,40 +354,68 @@ class FeedbackStore:
             entries = self.ledger()
             self._check_lake(entries)
             ingested = [e for e in entries if e["kind"] == "events" and e["status"] == "ingested"]
-            todo = [e for e in ingested if not self._account_path(e["batch_id"]).exists()]
+            todo = [e for e in ingested if self.account(e["batch_id"]) is None]  # a torn account too
             if not todo:
                 return []
-            seen = self._validated_keys()
-            accounts = []
-            for entry in todo:
-                batch_id = entry["batch_id"]
-                rows = pd.read_parquet(self.lake / "events" / f"{batch_id}.parquet")
-                keys = event_keys(rows)
-                valid, quarantined = split_valid_rows(rows, now=now, min_timestamp=min_timestamp,
-                                                      max_clock_skew_s=max_clock_skew_s, seen_keys=seen, keys=keys)
-                if len(valid) + len(quarantined) != len(rows):
-                    raise AssertionError(f"row accounting broken for {batch_id}: "
-                                         f"{len(rows)} in, {len(valid)} valid, {len(quarantined)} quarantined")
-                valid_keys = keys[valid.index.to_numpy()]
-                _write_parquet_atomic(valid.assign(key_hash=valid_keys), self.lake / "validated" / f"{batch_id}.parquet")
-                self._write_quarantined_rows(batch_id, quarantined)
-                seen = np.concatenate([seen, valid_keys])
-                account = {
-                    "batch_id": batch_id, "file": entry["file"], "rows_in": len(rows), "rows_valid": len(valid),
-                    "rows_quarantined": len(quarantined),
-                    "reasons": {str(k): int(v) for k, v in quarantined["reason"].value_counts().items()},
-                    "texts_truncated": int(entry.get("texts_truncated", 0)),
-                    "min_timestamp": int(min_timestamp), "max_clock_skew_s": int(max_clock_skew_s),
-                    "validated_at": time.time(), "run_id": run_id,
-                }
-                write_json_atomic(self._account_path(batch_id), account)
-                accounts.append(account)
+            seen = KeySet(self._validated_keys())
+            accounts, group, rows = [], [], 0
+            for entry in todo:  # in groups: one vectorised pass over many small batches
+                group.append(entry)
+                rows += entry.get("rows", 0)
+                if rows >= GROUP_ROWS or entry is todo[-1]:
+                    accounts += self._validate_group(group, seen, now=now, min_timestamp=min_timestamp,
+                                                     max_clock_skew_s=max_clock_skew_s, run_id=run_id)
+                    group, rows = [], 0
             return accounts
+
+    def _validate_group(self, entries: list[dict], seen: KeySet, *, run_id: str | None, **rules) -> list[dict]:
+        """Validate the batches of ``entries`` together (duplicates of an earlier batch of the
+        group count as in an earlier batch, as if validated one by one); write each batch's
+        valid rows, quarantined rows and accounting."""
+        batch_ids = [entry["batch_id"] for entry in entries]
+        rows = _read_parquets([self.lake / "events" / f"{b}.parquet" for b in batch_ids])
+        batch_of = pd.Index(batch_ids).get_indexer(rows["batch_id"])
+        keys = event_keys(rows)
+        valid, quarantined = split_valid_rows(rows, seen_keys=seen, keys=keys, batches=batch_of, **rules)
+        if len(valid) + len(quarantined) != len(rows):
+            raise AssertionError(f"row accounting broken: {len(rows)} in, {len(valid)} valid, "
+                                 f"{len(quarantined)} quarantined")
+        valid_keys = keys[valid.index.to_numpy()]
+        seen.add(valid_keys)
+        # Rows keep their order (and their position as index): each batch is a contiguous slice.
+        valid_bounds = np.searchsorted(batch_of[valid.index.to_numpy()], np.arange(len(entries) + 1))
+        bad_bounds = np.searchsorted(batch_of[quarantined.index.to_numpy()], np.arange(len(entries) + 1))
+        valid = pa.Table.from_pandas(valid.assign(key_hash=valid_keys), preserve_index=False)
+        reasons: dict[int, dict[str, int]] = {}
+        counts = pd.DataFrame({"batch": batch_of[quarantined.index.to_numpy()], "reason": quarantined["reason"]})
+        for (batch, reason), count in counts.value_counts(sort=False).items():
+            reasons.setdefault(int(batch), {})[str(reason)] = int(count)
+        accounts = []
+        for i, (entry, batch_id) in enumerate(zip(entries, batch_ids)):
+            good = valid.slice(valid_bounds[i], valid_bounds[i + 1] - valid_bounds[i])
+            n_bad = int(bad_bounds[i + 1] - bad_bounds[i])
+            _write_arrow_atomic(good, self.lake / "validated" / f"{batch_id}.parquet", durable=False)
+            if n_bad or (self.lake / "quarantine" / "rows" / f"{batch_id}.parquet").exists():  # (validated again)
+                self._write_quarantined_rows(batch_id, quarantined.iloc[bad_bounds[i] : bad_bounds[i + 1]], durable=False)
+            accounts.append({
+                "batch_id": batch_id, "file": entry["file"], "rows_in": good.num_rows + n_bad,
+                "rows_valid": good.num_rows, "rows_quarantined": n_bad, "reasons": reasons.get(i, {}),
+                "texts_truncated": int(entry.get("texts_truncated", 0)),
+                "min_timestamp": int(rules["min_timestamp"]), "max_clock_skew_s": int(rules["max_clock_skew_s"]),
+                "validated_at": time.time(), "run_id": run_id,
+            })
+        os.sync()  # the rows on disk before any account says the batch is validated
+        for account in accounts:
+            write_json_atomic(self._account_path(account["batch_id"]), account, durable=False)
+        os.sync()
+        return accounts
 
     def _validated_keys(self) -> np.ndarray:
         paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts() if not a.get("rejected")]
-        parts = [pq.read_table(p, columns=["key_hash"]).column(0).to_numpy() for p in paths if p.exists()]
-        return np.concatenate(parts).astype(np.uint64) if parts else np.zeros(0, dtype=np.uint64)
+        paths = [p for p in paths if p.exists()]
+        if not paths:
+            return np.zeros(0, dtype=np.uint64)
+        return _read_arrow(paths, ["key_hash"]).column(0).to_numpy().astype(np.uint64)
 
     def reject_batches(self, batch_ids: Iterable[str], reason: str) -> list[str]:
         """Move validated batches into quarantine whole (every row with ``reason``), so they
@@ -335,10 +439,10 @@ class FeedbackStore:
                 rejected.append(batch_id)
         return rejected
 
-    def _write_quarantined_rows(self, batch_id: str, rows: pd.DataFrame) -> None:
+    def _write_quarantined_rows(self, batch_id: str, rows: pd.DataFrame, durable: bool = True) -> None:
         path = self.lake / "quarantine" / "rows" / f"{batch_id}.parquet"
         if len(rows):
-            _write_parquet_atomic(rows.reset_index(drop=True), path)
+            _write_parquet_atomic(rows.reset_index(drop=True), path, durable)
         elif path.exists():
             path.unlink()
 
@@ -350,7 +454,10 @@ class FeedbackStore:
     def read(self, kind: str) -> pd.DataFrame:
         """Every ingested row of ``kind`` in ingestion order (with a ``batch_id`` column; events
         also carry ``source_row`` and ``problem``)."""
-        frames = [pd.read_parquet(self.lake / kind / f"{b}.parquet") for b in self.batches(kind)]
+        paths = [self.lake / kind / f"{b}.parquet" for b in self.batches(kind)]
+        if paths and kind == "events":
+            return _read_parquets(paths)
+        frames = [pd.read_parquet(path) for path in paths]
         if not frames:
             columns = [*ROW_COLUMNS, "problem"] if kind == "events" else ["batch_id", *CATALOG_COLUMNS]
             return pd.DataFrame(columns=columns)
@@ -362,10 +469,7 @@ class FeedbackStore:
         wanted = None if batch_ids is None else set(batch_ids)
         paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts()
                  if not a.get("rejected") and (wanted is None or a["batch_id"] in wanted)]
-        frames = [pd.read_parquet(p, columns=ROW_COLUMNS) for p in paths]
-        if not frames:
-            return _empty_events()
-        return pd.concat(frames, ignore_index=True)
+        return _read_parquets(paths, ROW_COLUMNS) if paths else _empty_events()
 
     def quarantined_rows(self, batch_id: str | None = None) -> pd.DataFrame:
         """Quarantined rows (with ``reason``) of one batch, or of all batches."""
@@ -399,13 +503,29 @@ def load_pseudonym_key(lake: Path | str) -> bytes:
     return key
 
 
+def _read_parquets(paths: list[Path], columns: list[str] | None = None) -> pd.DataFrame:
+    """Several Parquet files as one frame, in order, converted to pandas once."""
+    return _read_arrow(paths, columns).to_pandas()
+
+
+def _read_arrow(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
+    """Single-threaded reads: for many small files about 4x faster than ``pq.read_table`` each
+    (no dataset or thread-pool set-up per file)."""
+    tables = [pq.ParquetFile(path, pre_buffer=False).read(columns=columns, use_threads=False) for path in paths]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
 def _empty_events() -> pd.DataFrame:
     frame = pd.DataFrame({c: pd.Series(dtype="string") for c in ROW_COLUMNS})
     return frame.astype({"source_row": "int64", "value": "float64", "timestamp": "Int64"})
 
 
-def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+def _write_parquet_atomic(frame: pd.DataFrame, path: Path, durable: bool = True) -> None:
+    _write_arrow_atomic(pa.Table.from_pandas(frame, preserve_index=False), path, durable)
+
+
+def _write_arrow_atomic(table: pa.Table, path: Path, durable: bool = True) -> None:
     """LZ4: as small as the default Snappy here, and reads back about twice as fast."""
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False, compression="lz4")
+    with atomic_path(path, durable=durable) as tmp:
+        pq.write_table(table, tmp, compression="lz4")
 

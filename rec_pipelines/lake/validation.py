@@ -31,6 +31,38 @@ def event_keys(events: pd.DataFrame) -> np.ndarray:
     return pd.util.hash_pandas_object(events[DUPLICATE_KEY], index=False).to_numpy()
 
 
+class KeySet:
+    """A growing set of ``event_keys`` with fast membership: a sorted array searched with
+    ``searchsorted`` plus a small recent part, merged in when it reaches a quarter of the sorted
+    one, so validating many small batches costs O(n log n) overall instead of re-sorting every
+    key ever seen for each batch."""
+
+    def __init__(self, keys: np.ndarray | None = None):
+        self._sorted = np.unique(np.asarray(keys if keys is not None else [], dtype=np.uint64))
+        self._recent: list[np.ndarray] = []
+        self._recent_size = 0
+
+    def __len__(self) -> int:
+        return len(self._sorted) + self._recent_size
+
+    def add(self, keys: np.ndarray) -> None:
+        self._recent.append(np.asarray(keys, dtype=np.uint64))
+        self._recent_size += len(keys)
+        if self._recent_size > max(len(self._sorted) // 4, 4096):
+            self._sorted = np.union1d(self._sorted, np.concatenate(self._recent))
+            self._recent, self._recent_size = [], 0
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys, dtype=np.uint64)
+        found = np.zeros(len(keys), dtype=bool)
+        if len(self._sorted):
+            at = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
+            found = self._sorted[at] == keys
+        if self._recent_size:
+            found |= np.isin(keys, np.concatenate(self._recent))
+        return found
+
+
 def _mask(values) -> np.ndarray:
     if isinstance(values, pd.Series):
         return values.fillna(False).to_numpy(dtype=bool)
@@ -43,14 +75,19 @@ def split_valid_rows(
     now: float | None = None,
     min_timestamp: int = DEFAULT_MIN_TIMESTAMP,
     max_clock_skew_s: int = MAX_CLOCK_SKEW_S,
-    seen_keys: np.ndarray | None = None,
+    seen_keys: KeySet | np.ndarray | None = None,
     keys: np.ndarray | None = None,
+    batches: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (valid rows, quarantined rows with a ``reason`` column), order preserved.
 
     A ``problem`` column (text, missing where fine), as the lake stores it, is the first
     rule; it is not part of either output. ``seen_keys`` are ``event_keys`` of events validated
-    before; ``keys`` may pass this frame's ``event_keys`` when the caller has them already.
+    before (a ``KeySet`` or an array); ``keys`` may pass this frame's ``event_keys`` when the
+    caller has them already. ``batches`` (one number per row, rows of a batch contiguous and in
+    batch order) validates several batches at once with the reasons one-by-one validation
+    gives: a repeat within a batch is a "duplicate event", a repeat of a valid row of an
+    earlier batch a "duplicate of an event in an earlier batch".
     """
     now = time.time() if now is None else now
     n = len(events)
@@ -87,12 +124,18 @@ def split_valid_rows(
         flag(stamp < min_timestamp, f"timestamp before the floor ({_date(min_timestamp)})")
 
     keys = event_keys(events) if keys is None else keys
+    batches = np.zeros(n, dtype=np.int64) if batches is None else np.asarray(batches)
     fine = code == 0
-    duplicate = np.zeros(n, dtype=bool)
-    duplicate[fine] = pd.Series(keys[fine]).duplicated(keep="first").to_numpy()
-    flag(duplicate, "duplicate event")
+    repeats = pd.DataFrame({"batch": batches[fine], "key": keys[fine]})
+    within, anywhere = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    within[fine] = repeats.duplicated(keep="first").to_numpy()
+    anywhere[fine] = repeats["key"].duplicated(keep="first").to_numpy()
+    flag(within, "duplicate event")
+    earlier = anywhere & ~within
     if seen_keys is not None and len(seen_keys):
-        flag(np.isin(keys, seen_keys), "duplicate of an event in an earlier batch")
+        seen_keys = seen_keys if isinstance(seen_keys, KeySet) else KeySet(seen_keys)
+        earlier |= seen_keys.contains(keys)
+    flag(earlier, "duplicate of an event in an earlier batch")
 
     bad = code != 0
     text = np.asarray(reasons, dtype=object)[np.maximum(code, 0)]

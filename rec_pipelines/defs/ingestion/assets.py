@@ -16,6 +16,7 @@ from pydantic import Field
 from rec_models.data.features import FeedbackFeatures, compute_features
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS
 from rec_pipelines.defs.resources import LakeResource
+from rec_pipelines.lake import printable
 from rec_pipelines.lake.validation import (
     DEFAULT_MIN_TIMESTAMP,
     GE_MAX_ROWS,
@@ -43,7 +44,7 @@ def item_catalog(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ou
     store = lake.store()
     report = store.ingest("catalog")
     for bad in report.quarantined_files:
-        context.log.warning(f"quarantined catalog file {bad['file']}: {bad['reason']}")
+        context.log.warning(f"quarantined catalog file {printable(bad['file'])}: {bad['reason']}")
     catalog = store.catalog()
     context.log.info(f"catalog: {len(catalog)} items ({report.rows_in} rows from {len(report.batches)} new files)")
     return dg.Output(
@@ -68,7 +69,7 @@ def raw_feedback(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ou
     store = lake.store()
     report = store.ingest("events")
     for bad in report.quarantined_files:
-        context.log.warning(f"quarantined file {bad['file']}: {bad['reason']}")
+        context.log.warning(f"quarantined file {printable(bad['file'])}: {bad['reason']}")
     events = store.read("events")
     context.log.info(f"ingested {report.rows_in} rows from {len(report.batches)} new files; {len(events)} rows in all")
     return dg.Output(
