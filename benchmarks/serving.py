@@ -15,13 +15,19 @@
 3. HTTP: starts ``recsys serve --port PORT`` (the batching server) on a free loopback port and
    sends ``--http-requests`` of those requests from ``--clients`` concurrent keep-alive
    clients (closed loop), stopping early at ``--http-time-cap`` seconds.
-4. The same HTTP load against ``recsys serve --engine mlflow`` (MLflow's scoring server, one
+4. Under attack: the same clients, but ``--hostile-share`` (default 10 %) of the requests are
+   hostile (lone surrogates, 30,000-deep JSON, k = 10^400, non-string columns, oversized
+   bodies, rows and answers, 100 KB ids), while ``--stalled`` more connections send half a
+   request line and stop. Reports the good requests' error rate (target 0) and p99, what the
+   hostile ones got (4xx only), and the server's peak resident memory (``VmHWM``).
+5. The same HTTP load against ``recsys serve --engine mlflow`` (MLflow's scoring server, one
    request at a time through pandas) on the same model, for comparison (``--skip-mlflow``
    leaves it out).
 
 Ends with one JSON line: inprocess_p50/p99_ms (pyfunc), recommender_p50/p99_ms (bare),
 http_p50/p99_ms, http_rps (``recsys serve``), mean_batch_rows (request rows per forward pass
-under that load), and mlflow_http_p50/p99_ms, mlflow_http_rps.
+under that load), hostile_good_error_rate, hostile_good_p99_ms, hostile_statuses,
+server_peak_rss_mb, and mlflow_http_p50/p99_ms, mlflow_http_rps.
 Targets: in-process p99 <= 10 ms, HTTP p99 <= 50 ms. Clients and server share the machine;
 with C closed-loop clients the median latency is about C / throughput (Little's law).
 """
@@ -166,33 +172,51 @@ def wait_until_up(server: subprocess.Popen, port: int, timeout_s: float) -> floa
     raise RuntimeError(f"server not up after {timeout_s}s")
 
 
-def http_load(port: int, bodies: list[bytes], clients: int, n: int, time_cap_s: float) -> tuple[list[float], int, float]:
+def http_load(port: int, bodies: list[bytes], clients: int, n: int, time_cap_s: float,
+              good: list[bool] | None = None) -> tuple[list[float], int, float, dict]:
     """Closed loop: ``clients`` threads with keep-alive connections send ``n`` requests in
-    total (or stop at ``time_cap_s``). Returns latencies, error count, wall seconds."""
+    total (or stop at ``time_cap_s``). Returns the latencies and the error count (non-200 or
+    no answer) of the good requests (all, unless ``good`` marks some bodies hostile), wall
+    seconds, and the statuses the hostile ones got."""
+    good = good or [True] * len(bodies)
     counter = iter(range(n))
     lock = threading.Lock()
     latencies: list[float] = []
     errors = [0]
+    hostile: dict[str, int] = {}
     deadline = time.monotonic() + time_cap_s
 
     def client() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        mine, bad = [], 0
+        mine, bad, statuses = [], 0, []
         while time.monotonic() < deadline:
             with lock:
                 i = next(counter, None)
             if i is None:
                 break
+            body, is_good = bodies[i % len(bodies)], good[i % len(bodies)]
             started = time.perf_counter()
-            connection.request("POST", "/invocations", bodies[i % len(bodies)], {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
-            mine.append(time.perf_counter() - started)
-            bad += response.status != 200
+            try:
+                connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                status = response.status
+                if response.getheader("connection", "").lower() == "close":
+                    connection.close()  # reconnects on the next request
+            except (OSError, http.client.HTTPException) as error:
+                status = type(error).__name__
+                connection.close()
+            if is_good:
+                mine.append(time.perf_counter() - started)
+                bad += status != 200
+            else:
+                statuses.append(str(status))
         connection.close()
         with lock:
             latencies.extend(mine)
             errors[0] += bad
+            for status in statuses:
+                hostile[status] = hostile.get(status, 0) + 1
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     started = time.perf_counter()
@@ -200,7 +224,88 @@ def http_load(port: int, bodies: list[bytes], clients: int, n: int, time_cap_s: 
         thread.start()
     for thread in threads:
         thread.join()
-    return latencies, errors[0], time.perf_counter() - started
+    return latencies, errors[0], time.perf_counter() - started, hostile
+
+
+def hostile_bodies(good: list[bytes]) -> list[bytes]:
+    """Requests an adversary sends: each must get a 4xx and leave the good ones alone."""
+    deep = "[" * 30_000 + "]" * 30_000
+    return [
+        json.dumps({"dataframe_records": [{"user_id": "\ud800", "k": 10}]}).encode(),
+        deep.encode(),
+        ('{"dataframe_records": [{"user_id": "u1", "recent_item_ids": ' + deep + "}]}").encode(),
+        ('{"dataframe_records": [{"user_id": "u1", "k": 1' + "0" * 400 + "}]}").encode(),
+        json.dumps({"dataframe_split": {"columns": [1, None], "data": [["u1", 3]]}}).encode(),
+        json.dumps({"dataframe_records": [{"user_id": f"u{i}", "k": 1000} for i in range(1000)]}).encode(),
+        json.dumps({"dataframe_records": [{"user_id": "x" * 100_000, "k": 1000}]}).encode(),
+        b'{"dataframe_records": [' + b'{"user_id": "u1"},' * 20_000 + b'{"user_id": "u1"}]}',
+        good[0][:-5],  # truncated JSON
+    ]
+
+
+def stall(port: int, until: float, opened: list) -> None:
+    """A slow-loris client: half a request line, then silence; reconnect when cut off."""
+    while time.monotonic() < until:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(b"POST /invocations HTTP/1.1\r\nContent-")
+                opened.append(1)
+                sock.settimeout(max(0.1, until - time.monotonic()))
+                sock.recv(1)  # returns when the server closes the connection
+        except OSError:
+            time.sleep(0.1)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def serve_and_attack(root: Path, tracking_uri: str, bodies: list[bytes], args: argparse.Namespace) -> dict:
+    """``recsys serve`` under a mix of good and hostile requests plus stalled connections."""
+    port = free_port()
+    server = start_server(root, tracking_uri, port, "recsys")
+    try:
+        wait_until_up(server, port, 180)
+        http_load(port, bodies, args.clients, 100, 30)  # warm-up
+        rss_before = peak_rss_mb(server.pid)
+        attacks = hostile_bodies(bodies)
+        every = max(1, round(1 / args.hostile_share))
+        mixed, good, a = [], [], 0
+        for i, body in enumerate(bodies):
+            mixed.append(body)
+            good.append(True)
+            if i % every == every - 1:
+                mixed.append(attacks[a % len(attacks)])
+                good.append(False)
+                a += 1
+        opened: list = []
+        until = time.monotonic() + args.http_time_cap + 30
+        stalled = [threading.Thread(target=stall, args=(port, until, opened), daemon=True) for _ in range(args.stalled)]
+        for thread in stalled:
+            thread.start()
+        latencies, errors, wall, hostile = http_load(port, mixed, args.clients, args.http_requests, args.http_time_cap,
+                                                     good)
+        peak = peak_rss_mb(server.pid)
+        alive = server.poll() is None
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    p50, p99 = percentiles(latencies)
+    result = {"hostile_share": round(sum(hostile.values()) / (sum(hostile.values()) + len(latencies)), 3),
+              "hostile_good_requests": len(latencies), "hostile_good_errors": errors,
+              "hostile_good_error_rate": errors / max(1, len(latencies)), "hostile_good_p50_ms": round(p50, 2),
+              "hostile_good_p99_ms": round(p99, 2), "hostile_statuses": hostile, "stalled_connections": len(opened),
+              "server_rss_mb_before": round(rss_before), "server_peak_rss_mb": round(peak), "server_alive": alive}
+    print(f"  under attack ({result['hostile_share']:.0%} hostile, {len(opened)} stalled connections): good requests "
+          f"p50 {p50:.1f} ms  p99 {p99:.1f} ms, {errors} of {len(latencies)} failed; hostile got {hostile}; "
+          f"server peak RSS {peak:.0f} MB (was {rss_before:.0f} MB)", flush=True)
+    return result
 
 
 def serve_and_load(root: Path, tracking_uri: str, engine: str, bodies: list[bytes],
@@ -213,7 +318,7 @@ def serve_and_load(root: Path, tracking_uri: str, engine: str, bodies: list[byte
         print(f"recsys serve --engine {engine}: up in {wait_until_up(server, port, 180):.0f}s", flush=True)
         http_load(port, bodies, args.clients, 100, 30)  # warm-up
         before = model_stats(port, engine)
-        latencies, errors, wall = http_load(port, bodies, args.clients, args.http_requests, args.http_time_cap)
+        latencies, errors, wall, _ = http_load(port, bodies, args.clients, args.http_requests, args.http_time_cap)
         after = model_stats(port, engine)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -251,6 +356,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--http-time-cap", type=float, default=60.0, help="seconds")
     parser.add_argument("--skip-mlflow", action="store_true", help="do not measure MLflow's scoring server")
+    parser.add_argument("--hostile-share", type=float, default=0.1, help="share of hostile requests in step 4; 0 skips it")
+    parser.add_argument("--stalled", type=int, default=20, help="slow-loris connections during step 4")
     args = parser.parse_args()
     if not DATA.exists():
         print(f"skipped: {DATA} not found")
@@ -271,6 +378,7 @@ def main() -> int:
 
         bodies = [json.dumps({"dataframe_records": r.to_dict("records")}).encode() for r in requests]
         http_p50, http_p99, rps, sent, batch_rows = serve_and_load(root, tracking_uri, "recsys", bodies, args)
+        attack = serve_and_attack(root, tracking_uri, bodies, args) if args.hostile_share > 0 else {}
         mlflow_figures = {}
         if not args.skip_mlflow:
             m_p50, m_p99, m_rps, _, _ = serve_and_load(root, tracking_uri, "mlflow", bodies, args)
@@ -280,7 +388,7 @@ def main() -> int:
         "inprocess_p50_ms": round(pyfunc_p50, 3), "inprocess_p99_ms": round(pyfunc_p99, 3),
         "recommender_p50_ms": round(bare_p50, 3), "recommender_p99_ms": round(bare_p99, 3),
         "http_p50_ms": round(http_p50, 2), "http_p99_ms": round(http_p99, 2), "http_rps": round(rps, 1),
-        "mean_batch_rows": round(batch_rows, 2) if batch_rows else None, **mlflow_figures,
+        "mean_batch_rows": round(batch_rows, 2) if batch_rows else None, **attack, **mlflow_figures,
         "clients": args.clients, "http_requests": sent,
         "text_vectors": "all-MiniLM-L6-v2" if args.encode_text else "random", "epochs": args.epochs,
     }))

@@ -28,7 +28,7 @@ class ServerLimits:
     Memory: at most ``max_connections`` requests are in the server at once (more get 503), each
     holding at most ``max_body_bytes`` of body, its parsed JSON and ``max_response_bytes`` of
     answer, so the server's memory above the loaded model is bounded by roughly
-    ``max_connections * (10 * max_body_bytes + 2 * max_response_bytes)`` (about 200 MB with the
+    ``max_connections * (10 * max_body_bytes + 2 * max_response_bytes)`` (about 700 MB with the
     defaults; ``benchmarks/serving.py --hostile`` measures it under a barrage).
     """
 
