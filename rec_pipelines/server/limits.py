@@ -29,7 +29,7 @@ class ServerLimits:
     holding at most ``max_body_bytes`` of body, its parsed JSON and ``max_response_bytes`` of
     answer, so the server's memory above the loaded model is bounded by roughly
     ``max_connections * (10 * max_body_bytes + 2 * max_response_bytes)`` (about 700 MB with the
-    defaults; ``benchmarks/serving.py --hostile`` measures it under a barrage).
+    defaults; step 4 of ``benchmarks/serving.py`` measures it under a barrage).
     """
 
     max_body_bytes: int = field(default=256 * 1024, metadata={"help": "request body size (413 beyond)"})
