@@ -272,7 +272,7 @@ def serve_and_attack(root: Path, tracking_uri: str, bodies: list[bytes], args: a
         http_load(port, bodies, args.clients, 100, 30)  # warm-up
         rss_before = peak_rss_mb(server.pid)
         attacks = hostile_bodies(bodies)
-        every = max(1, round(1 / args.hostile_share))
+        every = max(1, round((1 - args.hostile_share) / args.hostile_share))  # good requests per hostile one
         mixed, good, a = [], [], 0
         for i, body in enumerate(bodies):
             mixed.append(body)

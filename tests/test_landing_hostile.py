@@ -160,3 +160,27 @@ def test_the_lake_mlflow_store_and_run_state_are_private(tmp_path, tiny_encoder_
     assert any(p.parent.name == "dagster_home" or "dagster_home" in p.parts for p in created)
     loose = [f"{p.relative_to(home)} {stat.filemode(p.stat().st_mode)}" for p in created if p.stat().st_mode & 0o077]
     assert loose == []
+
+
+def test_quarantine_csv_export_neutralises_formulas(recsys_env, capsys):
+    import csv
+
+    from rec_pipelines.cli import main
+
+    store = FeedbackStore(recsys_env.landing_location, recsys_env.lake, key_file=recsys_env.pseudonym_key_file)
+    formulas = ["=HYPERLINK(\"http://evil\")", "+1+1", "-2+3", "@SUM(A1)"]
+    rows = [{**ROWS[1], "item_id": formula, "value": 99.0, "text": formula} for formula in formulas]  # bad ratings
+    write_jsonl(store.landing_zone / "events" / "formulas.jsonl", [*rows, ROWS[0]])
+    store.ingest("events")
+    [account] = store.validate_pending()
+    assert account["rows_quarantined"] == len(formulas)
+    assert sorted(store.quarantined_rows()["item_id"]) == sorted(formulas)  # the lake keeps values verbatim
+
+    out = recsys_env.home / "quarantine.csv"
+    assert main(["quarantine", "--csv", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == len(formulas) and summary["by_reason"] == {"rating outside [0.5, 5.0]": len(formulas)}
+    with open(out, newline="", encoding="utf-8") as handle:
+        exported = list(csv.DictReader(handle))
+    assert sorted(row["item_id"] for row in exported) == sorted("'" + formula for formula in formulas)
+    assert all(not cell.startswith(("=", "+", "-", "@")) for row in exported for cell in row.values())

@@ -86,6 +86,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 DELEGATED = {
     "ingest": ("rec_pipelines.cli.ingest", "ingest feedback files through the pipeline's own code path"),
     "rollback": ("rec_pipelines.cli.rollback", "restore the previous champion"),
+    "quarantine": ("rec_pipelines.cli.quarantine", "what was quarantined, by reason; --csv FILE exports the rows"),
     "serve": ("rec_pipelines.cli.serve", "serve models:/<name>@champion over HTTP"),
     "evaluate": ("rec_models.evaluation.offline", "compare every model on a MovieLens-layout folder"),
 }
