@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(root: Path, *extra_args: str):
+def running_server(root: Path, *extra_args: str, env: dict | None = None):
     """A champion registered in a fresh MLflow store under ``root``, served by ``recsys serve``
     (plus ``extra_args``) in its own process group, which is always killed at the end. Yields
     url, bundle, log (server output), tracking_uri, registry, model_uri and run_id."""
@@ -47,7 +47,8 @@ def running_server(root: Path, *extra_args: str):
     registry.apply_decision(version.version, decide_promotion({"ndcg@10": 0.0}, None))
 
     port = free_port()
-    env = {**os.environ, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME}
+    env = {**os.environ, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME,
+           **(env or {})}
     log = root / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port),
@@ -65,7 +66,7 @@ def running_server(root: Path, *extra_args: str):
             except OSError:
                 time.sleep(0.5)
         yield SimpleNamespace(url=url, port=port, bundle=bundle, log=log, tracking_uri=tracking_uri, registry=registry,
-                              model_uri=info.model_uri, run_id=run.info.run_id, process=process)
+                              model_uri=info.model_uri, run_id=run.info.run_id, process=process, root=root)
     finally:  # the whole group: `recsys serve` execs `mlflow models serve`, which starts uvicorn
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -127,7 +128,7 @@ def test_known_user_with_fresh_history(server):
     assert status == 200
     rows = body["predictions"]
     assert [row["rank"] for row in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == set(OUTPUT_COLUMNS)
+    assert set(rows[0]) == {*OUTPUT_COLUMNS, "request_id"} and len({row["request_id"] for row in rows}) == 1
     titles = bundle.catalog.set_index("item_id")["title"]
     assert all(row["title"] == titles[row["item_id"]] for row in rows)
     assert not {row["item_id"] for row in rows} & set(recent + [bundle.vocab.ids[0]])
@@ -172,7 +173,9 @@ def test_dataframe_split_and_inputs_give_the_same_answer_as_records(server):
     _, by_records = post(server.url, records({"user_id": user, "k": 3}))
     _, by_split = post(server.url, {"dataframe_split": {"columns": ["user_id", "k"], "data": [[user, 3]]}})
     _, by_inputs = post(server.url, {"inputs": {"user_id": [user], "k": [3]}})
-    assert by_records == by_split == by_inputs and len(by_records["predictions"]) == 3
+    answers = [[{k: v for k, v in row.items() if k != "request_id"} for row in body["predictions"]]
+               for body in (by_records, by_split, by_inputs)]
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 3
 
 
 def test_concurrent_requests_are_answered_together_and_each_gets_its_own_answer(server):

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 EVENT_COLUMNS = ["user_id", "item_id", "event_type", "value", "timestamp", "session_id", "text"]
 REQUIRED_EVENT_COLUMNS = ["user_id", "item_id", "event_type", "timestamp"]
+# Optional: the ``request_id`` of the served list an event answers (from ``recsys serve``'s
+# answer); the lake keeps it, so online metrics can attribute the event to that list.
+OPTIONAL_EVENT_COLUMNS = ["request_id"]
 EVENT_DTYPES = {
     "user_id": "string",
     "item_id": "string",
@@ -42,3 +45,7 @@ DEFAULT_EVENT_WEIGHTS = {
 RATING_RANGE = (0.5, 5.0)
 
 CATALOG_COLUMNS = ["item_id", "title", "description", "category", "tags"]
+
+# What ``recsys serve`` served: one row per recommended item of one answered request row.
+IMPRESSION_COLUMNS = ["request_id", "user_id", "item_id", "rank", "model_version", "arm", "timestamp"]
+REQUIRED_IMPRESSION_COLUMNS = ["request_id", "user_id", "item_id", "rank", "arm", "timestamp"]

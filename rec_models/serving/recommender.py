@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from rec_models.data import ItemVocab
 from rec_models.data.privacy import (
+    PSEUDONYM_PATTERN,
     USER_PREFIX,
     existing_pseudonym_key,
     key_id,
@@ -133,6 +135,15 @@ class Recommender:
         if found is None and self.pseudonym_key is not None:
             found = table.get(pseudonymize([user_id], self.pseudonym_key, USER_PREFIX)[0])
         return found
+
+    def pseudonym(self, user_id: str) -> str | None:
+        """The pseudonym a request's user is known by: the id itself when it is one, the keyed
+        hash of a raw id when this recommender has the key, else None (never the raw id)."""
+        if re.fullmatch(PSEUDONYM_PATTERN, user_id):
+            return user_id
+        if self.pseudonym_key is not None:
+            return pseudonymize([user_id], self.pseudonym_key, USER_PREFIX)[0]
+        return None
 
     def history(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The stored (items, event types) of a user named by pseudonym or, with the key, by

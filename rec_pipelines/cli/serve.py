@@ -33,6 +33,11 @@ def parse_args(argv: list[str], settings: Settings) -> argparse.Namespace:
                         help="this server, or MLflow's scoring server (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="--engine mlflow: uvicorn workers (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=60, help="--engine mlflow: seconds per request (default: %(default)s)")
+    parser.add_argument("--challenger-share", type=float, default=0.0,
+                        help="share of users (stable per user) answered by models:/NAME@challenger when that alias "
+                             "exists (default: %(default)s)")
+    parser.add_argument("--impressions", action=argparse.BooleanOptionalAction, default=True,
+                        help="write what was served into <landing>/impressions/ (default: on for a local landing zone)")
     ServerLimits.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -80,15 +85,24 @@ def main(argv: list[str]) -> int:
     import torch
     import uvicorn
 
-    from rec_pipelines.server import ModelHolder, create_app, timed_protocol
+    from rec_pipelines.server import Arms, ImpressionLog, ModelHolder, create_app, timed_protocol
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     limits = ServerLimits.from_args(args)
     holder = ModelHolder(args.model_uri, settings.mlflow_tracking_uri)
+    challenger = None
+    if args.challenger_share > 0:
+        challenger = ModelHolder(args.model_uri.rsplit("@", 1)[0] + "@challenger", settings.mlflow_tracking_uri,
+                                 required=False)
+    impressions = None
+    if args.impressions and not settings.landing_zone_url:
+        impressions = ImpressionLog(settings.landing_zone / "impressions")
     print(f"serving {args.model_uri} (version {holder.current.version}, {holder.current.recommender.n_items} items) "
-          f"on http://{args.host}:{args.port}/invocations", flush=True)
-    app = create_app(holder, args.max_batch_rows, args.reload_interval, limits)
+          f"on http://{args.host}:{args.port}/invocations"
+          + (f"; impressions to {impressions.folder}" if impressions else ""), flush=True)
+    app = create_app(Arms(holder, challenger, args.challenger_share), args.max_batch_rows, args.reload_interval, limits,
+                     impressions)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False, loop="uvloop",
                 http=timed_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
                 timeout_graceful_shutdown=5)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rec_models.files import atomic_path, write_json_atomic
 
-KINDS = ("events", "catalog")
+KINDS = ("events", "catalog", "impressions")
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".pq")
 MARKER_SUFFIX = ".writing"
 IN_PROGRESS_SUFFIXES = (".tmp", ".part", MARKER_SUFFIX)

@@ -21,20 +21,25 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from rec_models.data.privacy import (
+    PSEUDONYM_PATTERN,
     scrub_texts,
 )
 from rec_models.data.schema import (
     CATALOG_COLUMNS,
     EVENT_COLUMNS,
+    OPTIONAL_EVENT_COLUMNS,
     REQUIRED_EVENT_COLUMNS,
+    REQUIRED_IMPRESSION_COLUMNS,
 )
 from rec_pipelines.lake.landing import open_landing_file
 from rec_pipelines.lake.validation import (
+    MAX_ID_CHARS,
     MAX_TEXT_CHARS,
 )
 
-ROW_COLUMNS = ["batch_id", "source_row", *EVENT_COLUMNS]
-TEXT_COLUMNS = ["user_id", "item_id", "event_type", "session_id", "text", "title", "description", "category", "tags"]
+ROW_COLUMNS = ["batch_id", "source_row", *EVENT_COLUMNS, *OPTIONAL_EVENT_COLUMNS]
+TEXT_COLUMNS = ["user_id", "item_id", "event_type", "session_id", "text", "title", "description", "category", "tags",
+                "request_id", "model_version", "arm"]
 _TEXT_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # control characters except tab/newline/CR
 
 
@@ -440,7 +445,7 @@ def coerce_events(parsed: ParsedFile | list[ParsedFile]) -> tuple[pd.DataFrame, 
         return frame[name] if name in frame.columns else pd.Series(None, index=index, dtype=object)
 
     out = pd.DataFrame({"source_row": frame["source_row"].astype("int64")}, index=index)
-    for name in ("user_id", "item_id", "event_type", "session_id"):
+    for name in ("user_id", "item_id", "event_type", "session_id", "request_id"):
         raw = column(name)
         note(_nested(raw), f"{name} is not a string or number")
         out[name] = _as_text(raw, lower=name == "event_type")
@@ -456,9 +461,51 @@ def coerce_events(parsed: ParsedFile | list[ParsedFile]) -> tuple[pd.DataFrame, 
     if "_bad" in frame.columns:  # bad records were appended after each file's good ones
         out = out.sort_values(["part", "source_row"], kind="stable")
     out = out.astype({"user_id": "string", "item_id": "string", "event_type": "string", "session_id": "string",
-                      "text": "string", "value": "float64", "timestamp": "Int64", "problem": "string"})
-    columns = ["source_row", *EVENT_COLUMNS, "problem", "part", "text_truncated"]
+                      "request_id": "string", "text": "string", "value": "float64", "timestamp": "Int64",
+                      "problem": "string"})
+    columns = ["source_row", *EVENT_COLUMNS, *OPTIONAL_EVENT_COLUMNS, "problem", "part", "text_truncated"]
     return out[columns].reset_index(drop=True), {"texts_truncated": int(truncated.sum())}
+
+
+def coerce_impressions(parsed: ParsedFile) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(impression rows, rows that break a rule, with a ``reason``). Impressions come from
+    ``recsys serve``: users by pseudonym only (a raw id is quarantined, never stored), ranks
+    from 1, one row per (request, rank)."""
+    frame = parsed.frame
+    missing = [c for c in REQUIRED_IMPRESSION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UnreadableFile(_missing_columns_reason(frame, REQUIRED_IMPRESSION_COLUMNS, "impression files"))
+    out = pd.DataFrame({"source_row": frame["source_row"].astype("int64")}, index=frame.index)
+    reason = np.full(len(frame), None, dtype=object)
+
+    def note(mask, text: str) -> None:
+        reason[np.asarray(mask, dtype=bool) & (reason == None)] = text  # noqa: E711
+
+    for name in ("request_id", "user_id", "item_id", "model_version", "arm"):
+        raw = frame[name] if name in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+        note(_nested(raw), f"{name} is not a string")
+        out[name] = _as_text(raw)
+        if name != "model_version":
+            note(out[name].isna().to_numpy(dtype=bool), f"missing {name}")
+        note((out[name].str.len() > MAX_ID_CHARS).fillna(False).to_numpy(dtype=bool),
+             f"{name} longer than {MAX_ID_CHARS} characters")
+    raw_id = ~out["user_id"].fillna("").str.fullmatch(PSEUDONYM_PATTERN).to_numpy(dtype=bool)
+    note(raw_id, "user_id is not a pseudonym (raw ids are never stored)")
+    out["user_id"] = out["user_id"].mask(pd.Series(raw_id, index=out.index))  # not even in quarantine
+    rank, bad = _as_number(frame["rank"])
+    note(bad | ~(rank >= 1).to_numpy(dtype=bool) | (rank % 1 != 0).to_numpy(dtype=bool), "rank is not an integer >= 1")
+    out["rank"] = rank.where(~pd.Series(reason != None, index=frame.index)).astype("Int64")  # noqa: E711
+    out["timestamp"], bad = _as_timestamp(frame["timestamp"])
+    note(bad | out["timestamp"].isna().to_numpy(dtype=bool), "timestamp is neither epoch seconds nor ISO 8601")
+    note(out.duplicated(["request_id", "rank"]).to_numpy(dtype=bool) & (reason == None), "duplicate (request_id, rank)")  # noqa: E711
+    bad_rows = reason != None  # noqa: E711
+    out = out.astype({c: "string" for c in ("request_id", "user_id", "item_id", "model_version", "arm")})
+    rejected = out[bad_rows].assign(reason=reason[bad_rows])
+    if parsed.bad:
+        rows, reasons = zip(*parsed.bad)
+        rejected = pd.concat([rejected, pd.DataFrame({"source_row": list(rows), "reason": list(reasons)})],
+                             ignore_index=True)
+    return out[~bad_rows].reset_index(drop=True), rejected.reset_index(drop=True)
 
 
 def coerce_catalog(parsed: ParsedFile) -> tuple[pd.DataFrame, pd.DataFrame]:

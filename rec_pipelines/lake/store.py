@@ -29,7 +29,7 @@ from rec_models.data.privacy import (
     pseudonymize,
     resolve_pseudonym_key,
 )
-from rec_models.data.schema import CATALOG_COLUMNS
+from rec_models.data.schema import CATALOG_COLUMNS, IMPRESSION_COLUMNS
 from rec_models.files import atomic_path, write_json_atomic
 from rec_pipelines.lake.landing import (
     KINDS,
@@ -51,6 +51,7 @@ from rec_pipelines.lake.parsing import (
     as_tag_list,
     coerce_catalog,
     coerce_events,
+    coerce_impressions,
     missing_event_columns,
     read_table,
 )
@@ -235,8 +236,8 @@ class FeedbackStore:
                 read = self._read_file(kind, path, sha, known_hashes, report)
                 if read is None:
                     continue
-                if kind == "catalog":
-                    self._ingest_catalog(*read, report)
+                if kind != "events":
+                    self._ingest_whole_file(*read, report)
                     continue
                 group.append(read)
                 rows += read[2].records
@@ -305,23 +306,25 @@ class FeedbackStore:
         os.sync()  # every batch on disk (one sync, not one per file) before the ledger names them
         self._append_ledger(*done)
 
-    def _ingest_catalog(self, entry: dict, batch_id: str, parsed: ParsedFile, report: IngestReport) -> None:
+    def _ingest_whole_file(self, entry: dict, batch_id: str, parsed: ParsedFile, report: IngestReport) -> None:
+        """A catalog or impressions file: its valid rows one batch, its bad rows quarantined."""
         try:
-            catalog, rejected = coerce_catalog(parsed)
+            rows, rejected = (coerce_catalog if entry["kind"] == "catalog" else coerce_impressions)(parsed)
         except UnreadableFile as exc:
             self._quarantine_file(entry, self.landing_zone / entry["file"], str(exc), report)
             return
-        extra = self._write_catalog_batch(batch_id, catalog, rejected)
+        extra = self._write_batch(entry["kind"], batch_id, rows, rejected)
         report.batches.append(batch_id)
         report.rows_in += extra["rows"]
         self._append_ledger({**entry, "status": "ingested", "batch_id": batch_id, "format": LAKE_FORMAT, **extra})
 
-    def _write_catalog_batch(self, batch_id: str, catalog: pd.DataFrame, rejected: pd.DataFrame) -> dict:
-        catalog.insert(0, "batch_id", batch_id)
+    def _write_batch(self, kind: str, batch_id: str, rows: pd.DataFrame, rejected: pd.DataFrame) -> dict:
+        rows.insert(0, "batch_id", batch_id)
         if len(rejected):
-            _write_parquet_atomic(rejected.assign(batch_id=batch_id), self.lake / "quarantine" / "rows" / f"{batch_id}.parquet")
-        _write_parquet_atomic(catalog, self.lake / "catalog" / f"{batch_id}.parquet")
-        return {"rows": len(catalog) + len(rejected), "rows_valid": len(catalog), "rows_quarantined": len(rejected)}
+            folder = self.lake / "quarantine" / ("rows" if kind == "catalog" else kind)
+            _write_parquet_atomic(rejected.assign(batch_id=batch_id), folder / f"{batch_id}.parquet")
+        _write_parquet_atomic(rows, self.lake / kind / f"{batch_id}.parquet")
+        return {"rows": len(rows) + len(rejected), "rows_valid": len(rows), "rows_quarantined": len(rejected)}
 
     # -- validation ----------------------------------------------------------------------
     def _account_path(self, batch_id: str) -> Path:
@@ -455,11 +458,12 @@ class FeedbackStore:
         """Every ingested row of ``kind`` in ingestion order (with a ``batch_id`` column; events
         also carry ``source_row`` and ``problem``)."""
         paths = [self.lake / kind / f"{b}.parquet" for b in self.batches(kind)]
-        if paths and kind == "events":
+        if paths and kind != "catalog":  # many small files (catalog files may differ in types)
             return _read_parquets(paths)
         frames = [pd.read_parquet(path) for path in paths]
         if not frames:
-            columns = [*ROW_COLUMNS, "problem"] if kind == "events" else ["batch_id", *CATALOG_COLUMNS]
+            columns = {"events": [*ROW_COLUMNS, "problem"], "catalog": ["batch_id", *CATALOG_COLUMNS],
+                       "impressions": ["batch_id", "source_row", *IMPRESSION_COLUMNS]}[kind]
             return pd.DataFrame(columns=columns)
         return pd.concat(frames, ignore_index=True)
 
@@ -510,8 +514,16 @@ def _read_parquets(paths: list[Path], columns: list[str] | None = None) -> pd.Da
 
 def _read_arrow(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
     """Single-threaded reads: for many small files about 4x faster than ``pq.read_table`` each
-    (no dataset or thread-pool set-up per file)."""
-    tables = [pq.ParquetFile(path, pre_buffer=False).read(columns=columns, use_threads=False) for path in paths]
+    (no dataset or thread-pool set-up per file). A column an older file lacks (such as
+    ``request_id``) comes back as nulls."""
+    tables = []
+    for path in paths:
+        source = pq.ParquetFile(path, pre_buffer=False)
+        present = None if columns is None else [c for c in columns if c in source.schema_arrow.names]
+        table = source.read(columns=present, use_threads=False)
+        for name in [c for c in columns or [] if c not in table.column_names]:
+            table = table.append_column(name, pa.nulls(len(table), pa.string()))
+        tables.append(table.select(columns) if columns else table)
     return pa.concat_tables(tables, promote_options="permissive")
 
 

@@ -105,6 +105,9 @@ def split_valid_rows(
         flag(events[column].isna(), f"missing {column}")
     item = events["item_id"].astype("string")
     flag(item.str.len() > MAX_ID_CHARS, f"item_id longer than {MAX_ID_CHARS} characters")
+    if "request_id" in events:
+        flag(events["request_id"].astype("string").str.len() > MAX_ID_CHARS,
+             f"request_id longer than {MAX_ID_CHARS} characters")
     flag(item.str.contains(_CONTROL_CHARS, regex=True), "control characters in item_id")
     flag(~events["event_type"].isin(EVENT_TYPES), "unknown event_type")
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
+from rec_pipelines.server.impressions import ImpressionLog
 from rec_pipelines.server.limits import RequestRefused, ServerLimits, parse_json, read_body
-from rec_pipelines.server.models import ModelHolder
+from rec_pipelines.server.models import Arms, ModelHolder
 
 RECORD_KEYS = ("dataframe_records", "dataframe_split", "inputs", "instances")
 
@@ -19,16 +23,17 @@ log = logging.getLogger("recsys.serve")
 
 
 class RequestBatcher:
-    """Answers the requests waiting at the same moment with one ``Recommender.answer`` call.
+    """Answers the requests waiting at the same moment with one ``Recommender.answer`` call per
+    arm (champion, challenger).
 
-    One worker thread runs the model; while it works, new requests queue up and go together
+    One worker thread runs the models; while it works, new requests queue up and go together
     into the next call (at most ``max_rows`` request rows per call). A request that arrives
     while the model is idle runs at once, alone. When a shared call fails, each request of it
     is answered alone, so only the request that fails gets the error.
     """
 
-    def __init__(self, holder: ModelHolder, max_rows: int = 256):
-        self.holder = holder
+    def __init__(self, arms: Arms | ModelHolder, max_rows: int = 256):
+        self.arms = arms if isinstance(arms, Arms) else Arms(arms)
         self.max_rows = max_rows
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="recommend")
@@ -36,9 +41,10 @@ class RequestBatcher:
         self.rows = 0
         self.failures = 0
 
-    async def answer(self, parsed: list) -> dict[str, list]:
+    async def answer(self, parsed: list, arms: list[str] | None = None) -> tuple[dict[str, list], list[int], list]:
+        """(answer columns, items per request row, model version per request row)."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((parsed, future))
+        await self.queue.put((parsed, arms or ["champion"] * len(parsed), future))
         return await future
 
     async def run(self) -> None:
@@ -48,34 +54,49 @@ class RequestBatcher:
             while not self.queue.empty() and rows < self.max_rows:
                 jobs.append(self.queue.get_nowait())
                 rows += len(jobs[-1][0])
-            recommender = self.holder.current.recommender  # one model for the whole batch
+            models = {arm: holder.current for arm, holder in self.arms.holders.items()}  # one model per arm and batch
             try:
-                await self._answer_together(recommender, jobs)
+                await self._answer_together(models, jobs)
             except Exception:  # noqa: BLE001 - isolate the request that fails
                 if len(jobs) > 1:
                     log.warning("a batch of %d requests failed; answering each alone", len(jobs))
                 for job in jobs:
                     try:
-                        await self._answer_together(recommender, [job])
+                        await self._answer_together(models, [job])
                     except Exception as error:  # noqa: BLE001 - this request, and only it, hears of it
                         self.failures += 1
                         log.exception("recommendation failed for a request of %d rows", len(job[0]))
-                        if not job[1].done():
-                            job[1].set_exception(error)
+                        if not job[2].done():
+                            job[2].set_exception(error)
 
-    async def _answer_together(self, recommender, jobs: list) -> None:
-        parsed = [request for job, _ in jobs for request in job]
+    async def _answer_together(self, models: dict, jobs: list) -> None:
         loop = asyncio.get_running_loop()
-        columns, counts = await loop.run_in_executor(self.executor, recommender.answer, parsed)
+        positions: dict[str, list[tuple[int, int]]] = {}
+        for j, (parsed, arms, _) in enumerate(jobs):
+            for r, arm in enumerate(arms):
+                positions.setdefault(arm, []).append((j, r))
+        slices = {}
+        for arm, where in positions.items():
+            model = models[arm]
+            requests = [jobs[j][0][r] for j, r in where]
+            columns, counts = await loop.run_in_executor(self.executor, model.recommender.answer, requests)
+            start = 0
+            for (j, r), n in zip(where, counts):
+                slices[j, r] = (columns, start, n, getattr(model, "version", None))
+                start += n
         self.batches += 1
-        self.rows += len(parsed)
-        start, row = 0, 0
-        for job, future in jobs:
-            n = sum(counts[row : row + len(job)])
-            row += len(job)
+        self.rows += sum(len(job[0]) for job in jobs)
+        for j, (parsed, _, future) in enumerate(jobs):
+            out: dict[str, list] = {}
+            counts, versions = [], []
+            for r in range(len(parsed)):
+                columns, start, n, version = slices[j, r]
+                for name, values in columns.items():
+                    out.setdefault(name, []).extend(values[start : start + n])
+                counts.append(n)
+                versions.append(version)
             if not future.done():  # the client may have gone
-                future.set_result({name: values[start : start + n] for name, values in columns.items()})
-            start += n
+                future.set_result((out, counts, versions))
 
 
 def request_rows(payload: object) -> list:
@@ -135,9 +156,11 @@ def check_size(parsed: list, limits: ServerLimits) -> None:
                                   "per request (sum of k)")
 
 
-def create_app(holder: ModelHolder, max_batch_rows: int = 256, reload_interval_s: float = 0.0,
-               limits: ServerLimits | None = None):
-    """The Starlette application: /invocations, /ping, /health, /model."""
+def create_app(arms: Arms | ModelHolder, max_batch_rows: int = 256, reload_interval_s: float = 0.0,
+               limits: ServerLimits | None = None, impressions: ImpressionLog | None = None):
+    """The Starlette application: /invocations, /ping, /health, /model, and POST /reload
+    (check the aliases now: what the promotion step calls, so a new champion is served within
+    a second instead of at the next poll). ``impressions`` records what was served."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -149,7 +172,9 @@ def create_app(holder: ModelHolder, max_batch_rows: int = 256, reload_interval_s
 
     limits = limits or ServerLimits()
     request_limits = limits.request_limits()
-    batcher = RequestBatcher(holder, max_batch_rows)
+    arms = arms if isinstance(arms, Arms) else Arms(arms)
+    batcher = RequestBatcher(arms, max_batch_rows)
+    reloader = ThreadPoolExecutor(1, thread_name_prefix="reload")
     codes = {400: "BAD_REQUEST", 408: "REQUEST_TIMEOUT", 413: "REQUEST_TOO_LARGE"}
 
     def error(status: int, code: str, message: str) -> Response:
@@ -170,50 +195,75 @@ def create_app(holder: ModelHolder, max_batch_rows: int = 256, reload_interval_s
             return error(400, "INVALID_PARAMETER_VALUE", f"invalid request: {exc}")
         if not parsed:
             return JSONResponse({"predictions": []})
+        routed = [arms.arm_of(request.user_id) for request in parsed]
         try:
-            columns = await batcher.answer(parsed)
+            columns, counts, versions = await batcher.answer(parsed, routed)
         except Exception:  # noqa: BLE001 - logged by the batcher; no stack trace to the client
             return error(500, "INTERNAL_ERROR", "internal error while recommending (see the server log)")
+        request_ids = [uuid.uuid4().hex for _ in parsed]
+        columns["request_id"] = [rid for rid, n in zip(request_ids, counts) for _ in range(n)]
         try:
-            body = encode_predictions(columns, OUTPUT_COLUMNS, limits.max_response_bytes)
+            body = encode_predictions(columns, [*OUTPUT_COLUMNS, "request_id"], limits.max_response_bytes)
         except RequestRefused as exc:
             return error(exc.status, codes[exc.status], str(exc))
+        if impressions is not None:
+            pseudonym = arms.holders["champion"].current.recommender.pseudonym
+            for arm in set(routed):
+                rows = [r for r, a in enumerate(routed) if a == arm]
+                starts = np.cumsum([0, *counts])
+                part = {name: [v for r in rows for v in values[starts[r] : starts[r + 1]]]
+                        for name, values in columns.items() if name in ("item_id", "rank")}
+                impressions.record([request_ids[r] for r in rows], [pseudonym(parsed[r].user_id) for r in rows],
+                                   part, [counts[r] for r in rows], versions[rows[0]], [arm] * len(rows))
         return Response(body, media_type="application/json")
 
     async def ping(request: Request) -> Response:
         return Response("\n", media_type="text/plain")
 
     async def model(request: Request) -> Response:
-        return JSONResponse({**holder.describe(), "batches": batcher.batches, "rows": batcher.rows,
-                             "failed_requests": batcher.failures})
+        written = {"impressions_written": impressions.written, "impression_files": impressions.files} \
+            if impressions is not None else {}
+        return JSONResponse({**arms.describe(), "batches": batcher.batches, "rows": batcher.rows,
+                             "failed_requests": batcher.failures, **written})
+
+    last_error: list = [None]
+
+    async def check_aliases() -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(reloader, arms.refresh)
+            last_error[0] = None
+        except Exception as exc:  # noqa: BLE001 - keep serving the current model; say so once
+            if str(exc) != last_error[0]:
+                log.exception("cannot check %s for a new version; still serving version %s",
+                              arms.holders["champion"].model_uri, arms.holders["champion"].current.version)
+            last_error[0] = str(exc)
+
+    async def reload(request: Request) -> Response:
+        await check_aliases()
+        return JSONResponse(arms.describe())
 
     async def follow_alias() -> None:
-        loop = asyncio.get_running_loop()
-        last_error = None
-        with ThreadPoolExecutor(1, thread_name_prefix="reload") as reloader:
-            while True:
-                await asyncio.sleep(reload_interval_s)
-                try:
-                    await loop.run_in_executor(reloader, holder.refresh)
-                    last_error = None
-                except Exception as exc:  # noqa: BLE001 - keep serving the current model; say so once
-                    if str(exc) != last_error:
-                        log.exception("cannot check %s for a new version; still serving version %s",
-                                      holder.model_uri, holder.current.version)
-                    last_error = str(exc)
+        while True:
+            await asyncio.sleep(reload_interval_s)
+            await check_aliases()
 
     @asynccontextmanager
     async def lifespan(app):
         tasks = [asyncio.create_task(batcher.run())]
         if reload_interval_s > 0:
             tasks.append(asyncio.create_task(follow_alias()))
+        if impressions is not None:
+            tasks.append(asyncio.create_task(impressions.run()))
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
             batcher.executor.shutdown(wait=False, cancel_futures=True)
+            reloader.shutdown(wait=False, cancel_futures=True)
+            if impressions is not None:
+                impressions.close()  # nothing served goes unrecorded, SIGTERM included
 
     routes = [Route("/invocations", invocations, methods=["POST"]), Route("/ping", ping), Route("/health", ping),
-              Route("/model", model)]
+              Route("/model", model), Route("/reload", reload, methods=["POST"])]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -4,6 +4,7 @@ newer champion that cannot be loaded leaves the live one serving, is reported by
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -59,16 +60,29 @@ class ModelHolder:
     traceback, later retries of it only at debug level.
     """
 
-    def __init__(self, model_uri: str, tracking_uri: str):
+    def __init__(self, model_uri: str, tracking_uri: str, required: bool = True):
         self.model_uri = model_uri
         self.tracking_uri = tracking_uri
-        self.current = load_model(model_uri, tracking_uri)
         self.failed: dict | None = None
+        self.current: LoadedModel | None = None
+        if required:
+            self.current = load_model(model_uri, tracking_uri)
+        else:  # e.g. the challenger: served once the alias exists
+            self._try_refresh()
+
+    def _try_refresh(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.refresh()
+        except MlflowException:  # no such alias (yet)
+            pass
 
     def refresh(self) -> bool:
         """Load the alias' version if it moved; True when a new model is now served."""
         version = alias_version(self.model_uri, self.tracking_uri)
-        if version is None or str(version.version) == self.current.version:
+        live = self.current.version if self.current is not None else None
+        if version is None or str(version.version) == live:
             self.failed = None  # the alias went back to the live version (a rollback)
             return False
         try:
@@ -83,13 +97,45 @@ class ModelHolder:
                 log.debug("version %s still cannot be loaded: %s", version.version, reason)
             else:
                 log.error("cannot load version %s of %s; still serving version %s", version.version,
-                          self.model_uri, self.current.version, exc_info=True)
+                          self.model_uri, live, exc_info=True)
             return False
-        previous, self.current, self.failed = self.current.version, loaded, None
+        previous, self.current, self.failed = live, loaded, None
         log.info("now serving %s (version %s, was %s)", self.model_uri, loaded.version, previous)
         return True
 
     def describe(self) -> dict:
         """What ``GET /model`` says: the live model and, when one exists, the newer champion
         that could not be loaded, with why."""
-        return {**self.current.describe(), "failed_version": self.failed}
+        live = self.current.describe() if self.current is not None else {"model_uri": self.model_uri, "version": None}
+        return {**live, "failed_version": self.failed}
+
+
+class Arms:
+    """Which model answers which user: the champion, and a ``challenger`` for a stable share of
+    users (a salted hash of the user id, so a user stays in one arm across requests and
+    restarts). Without a loaded challenger every user gets the champion."""
+
+    def __init__(self, champion: ModelHolder, challenger: ModelHolder | None = None, challenger_share: float = 0.0,
+                 salt: str = "recsys-arms"):
+        if not 0.0 <= challenger_share <= 1.0:
+            raise ValueError(f"challenger_share must be within [0, 1], got {challenger_share}")
+        self.holders = {"champion": champion, **({"challenger": challenger} if challenger is not None else {})}
+        self.challenger_share = challenger_share
+        self.salt = salt
+
+    def arm_of(self, user_id: str) -> str:
+        challenger = self.holders.get("challenger")
+        if challenger is None or challenger.current is None or self.challenger_share <= 0:
+            return "champion"
+        digest = hashlib.sha256(f"{self.salt}:{user_id}".encode("utf-8", "surrogatepass")).digest()
+        return "challenger" if int.from_bytes(digest[:8], "big") / 2**64 < self.challenger_share else "champion"
+
+    def refresh(self) -> None:
+        for holder in self.holders.values():
+            holder.refresh()
+
+    def describe(self) -> dict:
+        champion = self.holders["champion"].describe()
+        if "challenger" in self.holders:
+            champion["challenger"] = {**self.holders["challenger"].describe(), "share": self.challenger_share}
+        return champion

@@ -15,7 +15,7 @@ from dagster._core.storage.tags import RUN_KEY_TAG
 
 from rec_pipelines.defs.resources import LakeResource
 from rec_pipelines.defs.training.assets import RETRAIN_TAG
-from rec_pipelines.lake import KINDS, fingerprint
+from rec_pipelines.lake import fingerprint
 from rec_pipelines.settings import Settings
 
 SETTINGS = Settings.from_env()
@@ -57,6 +57,9 @@ full_retrain_schedule = dg.ScheduleDefinition(
 )
 
 
+RETRAIN_KINDS = ("events", "catalog")  # impressions are read by online_metrics, not retrains
+
+
 @dg.sensor(
     job=microbatch_retrain_job,
     minimum_interval_seconds=SETTINGS.sensor_interval_s,
@@ -82,7 +85,7 @@ def landing_zone_sensor(context: dg.SensorEvaluationContext, lake: LakeResource)
     """
     store = lake.store()
     pending = {p.relative_to(store.landing_zone).as_posix(): fingerprint(p)
-               for kind in KINDS for p in store.pending_files(kind)}
+               for kind in RETRAIN_KINDS for p in store.pending_files(kind)}
     cursor = json.loads(context.cursor) if context.cursor else {}
     # name -> {"fp": size:mtime, "run_key": the request that asked for it}. Forget what the
     # ledger has ingested (or what vanished or changed); keep what still waits for its run.
