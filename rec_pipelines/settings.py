@@ -39,6 +39,9 @@ class Settings(ModelSettings):
     model_name: str = env_field("RECSYS_MODEL_NAME", "recsys-sasrec", "registered model name")
     full_retrain_cron: str = env_field("RECSYS_FULL_RETRAIN_CRON", "0 2 * * *", "schedule of the full retrain")
     sensor_interval_s: int = env_field("RECSYS_SENSOR_INTERVAL_S", 10, "seconds between landing-zone sensor ticks")
+    serve_urls: str = env_field("RECSYS_SERVE_URLS", "", "comma-separated base URLs of `recsys serve` processes "
+                                "told of a new champion at once (`POST /reload`); they poll the registry anyway",
+                                "none")
     ingest_max_file_bytes: int = env_field("RECSYS_INGEST_MAX_FILE_BYTES", 1 << 30,
                                            "largest landing file once decompressed; larger ones are quarantined")
     ingest_max_line_bytes: int = env_field("RECSYS_INGEST_MAX_LINE_BYTES", 1 << 20,
@@ -100,6 +103,7 @@ class Settings(ModelSettings):
             "RECSYS_INGEST_MAX_FILE_BYTES": str(self.ingest_max_file_bytes),
             "RECSYS_INGEST_MAX_LINE_BYTES": str(self.ingest_max_line_bytes),
             "RECSYS_UMASK": self.umask,
+            "RECSYS_SERVE_URLS": self.serve_urls,
         }
 
     def apply_umask(self) -> None:

@@ -3,6 +3,7 @@ to the environment decided in ``rec_pipelines.settings``."""
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Optional
 
@@ -72,6 +73,28 @@ class MlflowResource(dg.ConfigurableResource):
         return ModelRegistry(self.tracking_uri, self.artifact_root, self.model_name)
 
 
+class ServingResource(dg.ConfigurableResource):
+    """The ``recsys serve`` processes to tell of a new champion (comma-separated base URLs)."""
+
+    urls: str = ""
+
+    def notify(self, log) -> dict[str, str]:
+        """``POST <url>/reload`` to each server, so it loads the alias' new version now (within
+        a second) instead of at its next poll; a server that does not answer is logged, not an
+        error (it still polls)."""
+        import urllib.request
+
+        answers = {}
+        for url in [u.strip().rstrip("/") for u in self.urls.split(",") if u.strip()]:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/reload", method="POST"), timeout=10) as reply:
+                    answers[url] = f"serving version {json.loads(reply.read()).get('version')}"
+            except (OSError, ValueError) as error:
+                log.warning(f"could not tell {url} of the new champion ({error}); it will find it by polling")
+                answers[url] = f"unreachable: {error}"
+        return answers
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     settings = Settings.from_env()
@@ -91,6 +114,7 @@ def resources() -> dg.Definitions:
                 artifact_root=str(settings.mlflow_artifact_root),
                 model_name=settings.model_name,
             ),
+            "serving": ServingResource(urls=settings.serve_urls),
             "io_manager": dg.FilesystemIOManager(base_dir=str(settings.lake / "assets")),
         }
     )

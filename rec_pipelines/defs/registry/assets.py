@@ -4,7 +4,7 @@
 import dagster as dg
 import pandas as pd
 
-from rec_pipelines.defs.resources import MlflowResource
+from rec_pipelines.defs.resources import MlflowResource, ServingResource
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.registry import decide_promotion
 from rec_pipelines.training import (
@@ -63,10 +63,12 @@ def champion_model(
     candidate_model: TrainedModel,
     model_evaluation: dict,
     mlflow: MlflowResource,
+    serving: ServingResource,
 ) -> dg.Output[dict]:
     """Registers the candidate (alias ``challenger``) and moves ``champion`` to it only if it
     is not worse than the champion on the same held-out data. The reason is tagged on the
-    version; serving loads ``models:/<name>@champion``."""
+    version; serving loads ``models:/<name>@champion``, and the servers in
+    ``RECSYS_SERVE_URLS`` are told at once."""
     import json
 
     registry = mlflow.registry()
@@ -91,6 +93,7 @@ def champion_model(
         },
     )
     registry.apply_decision(version.version, decision)
+    notified = serving.notify(context.log)  # the aliases moved (challenger always, champion if promoted)
     champion_now = registry.version_by_alias("champion")
     context.log.info(f"version {version.version}: {'PROMOTED' if decision.promoted else 'not promoted'} ({decision.reason})")
     return dg.Output(
@@ -103,5 +106,6 @@ def champion_model(
             "champion_version": champion_now.version if champion_now else "none",
             "model_uri": dg.MetadataValue.text(f"models:/{registry.model_name}@champion"),
             "mlflow_run_id": candidate_model.run_id,
+            "servers_notified": dg.MetadataValue.json(notified),
         },
     )
