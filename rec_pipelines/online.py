@@ -59,7 +59,7 @@ def _attributed(impressions: pd.DataFrame, events: pd.DataFrame, window_s: int) 
     if "request_id" in events:
         named = events[events["request_id"].notna()]
         by_id = named.merge(impressions, on=["request_id", "item_id"], suffixes=("", "_served"))[columns]
-        events = events[events["request_id"].isna()]
+        events = events[events["request_id"].isna()].drop(columns="request_id")
     # The latest list that showed the item to the user at most window_s before the event.
     left = events.assign(user_id=events["user_id"].astype(str), item_id=events["item_id"].astype(str)) \
         .sort_values("timestamp", kind="stable")
@@ -108,7 +108,7 @@ def challenger_not_worse(lists: pd.DataFrame, champion_version: str, challenger_
     pooled = (ours.sum() + theirs.sum()) / (len(ours) + len(theirs))
     se = math.sqrt(max(pooled * (1 - pooled) * (1 / len(ours) + 1 / len(theirs)), 1e-12))
     score = (p1 - p0) / se
-    verdict = score > -z
+    verdict = bool(score > -z)
     return verdict, (f"online CTR challenger {p1:.4f} ({len(ours)} lists) vs champion {p0:.4f} ({len(theirs)} lists), "
                      f"z = {score:+.2f}: {'not worse' if verdict else 'worse'}")
 
