@@ -18,7 +18,10 @@ EXPECTED_ASSETS = {
                                      "item_catalog"}),
     "model_evaluation": ("registry", {"candidate_model", "training_data", "item_text_embeddings"}),
     "champion_model": ("registry", {"candidate_model", "model_evaluation"}),
+    "online_metrics": ("online", {"validated_feedback"}),
+    "online_promotion": ("online", {"online_metrics"}),
 }
+ONLINE_ASSETS = {"online_metrics", "online_promotion"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,11 @@ def test_automation_snapshot(defs):
     for job_name in ("microbatch_retrain_job", "full_retrain_job"):
         job = defs.resolve_job_def(job_name)
         assert job.tags["recsys/model"] == "recsys-sasrec"  # the queue's per-model limit key
-        assert len(job.asset_layer.executable_asset_keys) == len(EXPECTED_ASSETS)
+        assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == set(EXPECTED_ASSETS) - ONLINE_ASSETS
+    online = defs.resolve_schedule_def("online_metrics_schedule")
+    assert online.job_name == "online_metrics_job" and online.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert {k.to_user_string() for k in defs.resolve_job_def("online_metrics_job").asset_layer.executable_asset_keys} \
+        == ONLINE_ASSETS
 
 
 def test_instance_config_limits_one_retrain_per_model(tmp_path, monkeypatch):

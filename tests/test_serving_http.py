@@ -47,7 +47,8 @@ def running_server(root: Path, *extra_args: str, env: dict | None = None):
     registry.apply_decision(version.version, decide_promotion({"ndcg@10": 0.0}, None))
 
     port = free_port()
-    env = {**os.environ, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME,
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "DAGSTER_", "MLFLOW_"))}
+    env = {**inherited, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME,
            **(env or {})}
     log = root / "server.log"
     with open(log, "wb") as out:

@@ -87,5 +87,6 @@ def online_promotion(context: dg.AssetExecutionContext, config: OnlineGateConfig
 
 online_metrics_job = dg.define_asset_job("online_metrics_job", selection=[online_metrics, online_promotion],
                                          description="Online metrics from impressions and the optional online gate.")
-online_metrics_schedule = dg.ScheduleDefinition(job=online_metrics_job, cron_schedule="*/15 * * * *",
+online_metrics_schedule = dg.ScheduleDefinition(name="online_metrics_schedule", job=online_metrics_job,
+                                                cron_schedule="*/15 * * * *",
                                                 default_status=dg.DefaultScheduleStatus.STOPPED)

@@ -33,16 +33,18 @@ def _train_config(mode: str) -> dict:
     return {"ops": {"candidate_model": {"config": {"mode": mode}}}}
 
 
+RETRAIN_ASSETS = dg.AssetSelection.all() - dg.AssetSelection.groups("online")  # online metrics run on their own
+
 microbatch_retrain_job = dg.define_asset_job(
     "microbatch_retrain_job",
-    selection=dg.AssetSelection.all(),
+    selection=RETRAIN_ASSETS,
     config=_train_config("auto"),
     tags=RETRAIN_TAGS,
     description="Ingest new feedback and fine-tune the champion on it (full retrain if none exists).",
 )
 full_retrain_job = dg.define_asset_job(
     "full_retrain_job",
-    selection=dg.AssetSelection.all(),
+    selection=RETRAIN_ASSETS,
     config=_train_config("full"),
     tags=RETRAIN_TAGS,
     description="Rebuild everything and train from scratch on all feedback.",
