@@ -2,7 +2,11 @@
 
 1. Retrain path: with a real ``dagster-daemon`` running the landing-zone sensor, drop a
    feedback batch into the landing zone and measure the seconds until a new model version is
-   loadable from ``models:/NAME@champion`` (median over several batches).
+   loadable from ``models:/NAME@champion`` (median over several batches), and until the
+   first HTTP answer of a running ``recsys serve`` comes from it (``retrain_to_served_s``):
+   the promotion step tells the server (``RECSYS_SERVE_URLS``, ``POST /reload``), whose own
+   poll is set to 60 s so that only the push can make it fast. A client asks every 0.1 s and
+   reads the answer's ``x-recsys-model-version`` header.
 2. In-request path: time from an event to a recommendation list that reflects it, when the
    user's recent items come with the request (no retrain).
 3. Micro-batch vs full retrain on the same data: the training step's wall-time ratio, and the
@@ -15,7 +19,7 @@ Runs on the embedded simulator in a fresh temp home (nothing of yours is touched
 
     .venv/bin/python benchmarks/freshness.py [--batches 3] [--sensor-interval 5]
 
-Ends with one JSON line: {"retrain_to_champion_s_median", "in_request_ms",
+Ends with one JSON line: {"retrain_to_champion_s_median", "retrain_to_served_s_median", "in_request_ms",
 "microbatch_over_full_time", "microbatch_ndcg_ratio", ...}.
 """
 
@@ -73,7 +77,46 @@ def main() -> int:
         defs.resolve_job_def("full_retrain_job").execute_in_process(instance=instance, run_config=full_config)
         print(f"initial full retrain: {time.perf_counter() - started:.1f}s, champion v{registry.version_by_alias(CHAMPION).version}")
 
-    # -- 1. retrain path, through the real daemon ------------------------------------------
+    # -- 1. retrain path, through the real daemon, to a running server ----------------------
+    import socket
+    import threading
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port),
+                               "--reload-interval", "60"], stdout=open(home / "serve.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    os.environ["RECSYS_SERVE_URLS"] = url  # the daemon's runs tell the server of a new champion
+    answers: list[tuple[float, str]] = []  # (perf_counter, model version of the answer)
+    stop_probe = threading.Event()
+    probe_body = json.dumps({"dataframe_records": [{"user_id": "u00001", "k": 10}]}).encode()
+
+    def probe() -> None:
+        while not stop_probe.is_set():
+            try:
+                request = urllib.request.Request(f"{url}/invocations", data=probe_body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=5) as answer:
+                    answer.read()
+                    answers.append((time.perf_counter(), answer.headers.get("x-recsys-model-version", "")))
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, (home / "serve.log").read_text()[-2000:]
+            time.sleep(0.5)
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    served_latencies = []
     bin_dir = Path(sys.executable).parent
     daemon = subprocess.Popen(
         [str(bin_dir / "dagster-daemon"), "run", "-m", "rec_pipelines.definitions"],
@@ -102,16 +145,26 @@ def main() -> int:
             elapsed = time.perf_counter() - dropped
             outcomes.append(outcome or "timeout")
             reason = new[0].tags.get("promotion.reason", "") if outcome else ""
-            print(f"batch {batch}: {outcome or 'timeout'} after {elapsed:.1f}s ({reason})")
+            served = ""
             if outcome == "promoted":
                 latencies.append(elapsed)
+                while time.perf_counter() - dropped < args.timeout:  # the first answer from the new version
+                    first = next((t for t, v in list(answers) if t > dropped and new[0].version in v.split(",")), None)
+                    if first is not None:
+                        served_latencies.append(first - dropped)
+                        served = f", served over HTTP after {first - dropped:.1f}s"
+                        break
+                    time.sleep(0.1)
+            print(f"batch {batch}: {outcome or 'timeout'} after {elapsed:.1f}s{served} ({reason})")
             time.sleep(1)
     finally:
-        os.killpg(daemon.pid, 15)
-        try:
-            daemon.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, 9)
+        stop_probe.set()
+        for process in (daemon, server):
+            os.killpg(process.pid, 15)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
 
     # -- 2. in-request path --------------------------------------------------------------
     import torch
@@ -176,6 +229,8 @@ def main() -> int:
     result = {
         "retrain_to_champion_s_median": statistics.median(latencies) if latencies else None,
         "retrain_to_champion_s": [round(x, 1) for x in latencies],
+        "retrain_to_served_s_median": statistics.median(served_latencies) if served_latencies else None,
+        "retrain_to_served_s": [round(x, 1) for x in served_latencies],
         "batch_outcomes": outcomes,
         "sensor_interval_s": args.sensor_interval,
         "in_request_ms": round(in_request_ms, 2),

@@ -215,7 +215,8 @@ def create_app(arms: Arms | ModelHolder, max_batch_rows: int = 256, reload_inter
                         for name, values in columns.items() if name in ("item_id", "rank")}
                 impressions.record([request_ids[r] for r in rows], [pseudonym(parsed[r].user_id) for r in rows],
                                    part, [counts[r] for r in rows], versions[rows[0]], [arm] * len(rows))
-        return Response(body, media_type="application/json")
+        version_header = ",".join(sorted({str(v) for v in versions}))  # which model versions answered
+        return Response(body, media_type="application/json", headers={"x-recsys-model-version": version_header})
 
     async def ping(request: Request) -> Response:
         return Response("\n", media_type="text/plain")
