@@ -72,6 +72,28 @@ def _attributed(impressions: pd.DataFrame, events: pd.DataFrame, window_s: int) 
     return both.drop_duplicates().astype({"rank": "int64"})
 
 
+def interleaving_wins(impressions: pd.DataFrame, events: pd.DataFrame, window_s: int = 3600,
+                      click_types: tuple[str, ...] = CLICK_TYPES) -> dict | None:
+    """Team-draft interleaving: per interleaved list (items of both arms), which arm's items
+    got more attributed clicks. Returns wins, losses and ties of the challenger, its preference
+    (wins - losses) / (wins + losses) and a sign-test z; None without interleaved lists."""
+    mixed = impressions.groupby("request_id")["arm"].nunique()
+    mixed = mixed[mixed > 1].index
+    if not len(mixed):
+        return None
+    served = impressions[impressions["request_id"].isin(mixed)].astype({"rank": "int64"})
+    hits = _attributed(served, events[events["event_type"].isin(click_types)], window_s)
+    credited = hits.merge(served[["request_id", "rank", "arm"]], on=["request_id", "rank"])
+    per_list = credited.pivot_table(index="request_id", columns="arm", values="rank", aggfunc="size", fill_value=0)
+    per_list = per_list.reindex(index=mixed, columns=["champion", "challenger"], fill_value=0)
+    wins = int((per_list["challenger"] > per_list["champion"]).sum())
+    losses = int((per_list["challenger"] < per_list["champion"]).sum())
+    decided = wins + losses
+    return {"lists": len(mixed), "wins": wins, "losses": losses, "ties": len(mixed) - decided,
+            "preference": (wins - losses) / decided if decided else 0.0,
+            "z": (wins - losses) / math.sqrt(decided) if decided else 0.0}
+
+
 def summarize(lists: pd.DataFrame, bucket_s: int | None = 3600) -> pd.DataFrame:
     """Per model version, arm and (when ``bucket_s``) time window: lists, CTR@k, conversion and
     MRR with 95 % intervals."""

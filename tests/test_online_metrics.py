@@ -131,3 +131,43 @@ def test_online_job_logs_metrics_and_promotes_a_better_challenger(dagster_env, t
     assert 0.1 < run.data.metrics["online_ctr"] < 0.3 and run.data.metrics["online_lists"] == 200
     metadata = online.asset_materializations_for_node("online_metrics")[0].metadata
     assert "data:image/png;base64" in metadata["ctr_plot"].value
+
+
+def test_team_draft_keeps_each_item_with_the_team_that_placed_it():
+    import random
+
+    from rec_pipelines.server.app import team_draft
+
+    def answer(items, arm):
+        return {"item_id": items, "rank": list(range(1, len(items) + 1)), "score": [0.0] * len(items),
+                "arm": [arm] * len(items), "model_version": ["1" if arm == "champion" else "2"] * len(items)}
+
+    champion, challenger = answer(list("abcdefgh"), "champion"), answer(list("bxaycz"), "challenger")
+    for seed in range(20):
+        merged = team_draft(champion, challenger, 6, random.Random(seed))
+        assert len(merged["item_id"]) == 6 == len(set(merged["item_id"]))
+        assert merged["rank"] == [1, 2, 3, 4, 5, 6]
+        counts = {arm: merged["arm"].count(arm) for arm in ("champion", "challenger")}
+        assert abs(counts["champion"] - counts["challenger"]) <= 1
+        for item, arm in zip(merged["item_id"], merged["arm"]):
+            assert item in (champion if arm == "champion" else challenger)["item_id"]
+        # each team's picks keep its own order
+        for arm, source in (("champion", champion), ("challenger", challenger)):
+            mine = [i for i, a in zip(merged["item_id"], merged["arm"]) if a == arm]
+            assert mine == sorted(mine, key=source["item_id"].index)
+
+
+def test_interleaving_credits_clicks_to_the_arm_that_placed_the_item():
+    from rec_pipelines.online import interleaving_wins
+
+    rows = []
+    for i in range(100):
+        for rank, (item, arm) in enumerate([(f"a{i}", "champion"), (f"b{i}", "challenger"), (f"c{i}", "champion"),
+                                            (f"d{i}", "challenger")], start=1):
+            rows.append({"request_id": f"r{i}", "user_id": f"u{i}", "item_id": item, "rank": rank,
+                         "model_version": "1" if arm == "champion" else "2", "arm": arm, "timestamp": T0})
+    served = pd.DataFrame(rows)
+    clicks = events(*[(f"u{i}", f"b{i}" if i % 4 else f"a{i}", "click", T0 + 5, None) for i in range(100)])
+    result = interleaving_wins(served, clicks, 3600, ("click",))
+    assert result["lists"] == 100 and result["wins"] == 75 and result["losses"] == 25 and result["ties"] == 0
+    assert result["preference"] == pytest.approx(0.5) and result["z"] == pytest.approx(50 / 10)

@@ -36,6 +36,9 @@ def parse_args(argv: list[str], settings: Settings) -> argparse.Namespace:
     parser.add_argument("--challenger-share", type=float, default=0.0,
                         help="share of users (stable per user) answered by models:/NAME@challenger when that alias "
                              "exists (default: %(default)s)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="answer every user with the champion's and the challenger's lists merged by team draft "
+                             "(each item credited to its model in the impressions)")
     parser.add_argument("--impressions", action=argparse.BooleanOptionalAction, default=True,
                         help="write what was served into <landing>/impressions/ (default: on for a local landing zone)")
     ServerLimits.add_arguments(parser)
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> int:
     limits = ServerLimits.from_args(args)
     holder = ModelHolder(args.model_uri, settings.mlflow_tracking_uri)
     challenger = None
-    if args.challenger_share > 0:
+    if args.challenger_share > 0 or args.interleave:
         challenger = ModelHolder(args.model_uri.rsplit("@", 1)[0] + "@challenger", settings.mlflow_tracking_uri,
                                  required=False)
     impressions = None
@@ -101,8 +104,8 @@ def main(argv: list[str]) -> int:
     print(f"serving {args.model_uri} (version {holder.current.version}, {holder.current.recommender.n_items} items) "
           f"on http://{args.host}:{args.port}/invocations"
           + (f"; impressions to {impressions.folder}" if impressions else ""), flush=True)
-    app = create_app(Arms(holder, challenger, args.challenger_share), args.max_batch_rows, args.reload_interval, limits,
-                     impressions)
+    arms = Arms(holder, challenger, args.challenger_share, interleave=args.interleave)
+    app = create_app(arms, args.max_batch_rows, args.reload_interval, limits, impressions)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False, loop="uvloop",
                 http=timed_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
                 timeout_graceful_shutdown=5)

@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 from rec_pipelines.server.impressions import ImpressionLog
 from rec_pipelines.server.limits import RequestRefused, ServerLimits, parse_json, read_body
@@ -42,7 +41,9 @@ class RequestBatcher:
         self.failures = 0
 
     async def answer(self, parsed: list, arms: list[str] | None = None) -> tuple[dict[str, list], list[int], list]:
-        """(answer columns, items per request row, model version per request row)."""
+        """(answer columns, with the ``arm`` and ``model_version`` of each item; items per
+        request row; the model versions that answered). ``arms`` per request row: champion,
+        challenger or interleave (both lists merged by team draft)."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((parsed, arms or ["champion"] * len(parsed), future))
         return await future
@@ -74,7 +75,8 @@ class RequestBatcher:
         positions: dict[str, list[tuple[int, int]]] = {}
         for j, (parsed, arms, _) in enumerate(jobs):
             for r, arm in enumerate(arms):
-                positions.setdefault(arm, []).append((j, r))
+                for one in (("champion", "challenger") if arm == INTERLEAVE else (arm,)):
+                    positions.setdefault(one, []).append((j, r))
         slices = {}
         for arm, where in positions.items():
             model = models[arm]
@@ -82,21 +84,57 @@ class RequestBatcher:
             columns, counts = await loop.run_in_executor(self.executor, model.recommender.answer, requests)
             start = 0
             for (j, r), n in zip(where, counts):
-                slices[j, r] = (columns, start, n, getattr(model, "version", None))
+                part = {name: values[start : start + n] for name, values in columns.items()}
+                part["arm"], part["model_version"] = [arm] * n, [getattr(model, "version", None)] * n
+                slices[j, r, arm] = part
                 start += n
         self.batches += 1
         self.rows += sum(len(job[0]) for job in jobs)
-        for j, (parsed, _, future) in enumerate(jobs):
+        for j, (parsed, arms, future) in enumerate(jobs):
             out: dict[str, list] = {}
-            counts, versions = [], []
-            for r in range(len(parsed)):
-                columns, start, n, version = slices[j, r]
-                for name, values in columns.items():
-                    out.setdefault(name, []).extend(values[start : start + n])
-                counts.append(n)
-                versions.append(version)
+            counts, versions = [], set()
+            for r, arm in enumerate(arms):
+                if arm == INTERLEAVE:
+                    part = team_draft(slices[j, r, "champion"], slices[j, r, "challenger"], parsed[r].k)
+                else:
+                    part = slices[j, r, arm]
+                for name, values in part.items():
+                    out.setdefault(name, []).extend(values)
+                counts.append(len(part["item_id"]))
+                versions.update(part["model_version"])
             if not future.done():  # the client may have gone
-                future.set_result((out, counts, versions))
+                future.set_result((out, counts, sorted(str(v) for v in versions)))
+
+
+INTERLEAVE = "interleave"
+
+
+def team_draft(a: dict[str, list], b: dict[str, list], k: int, rng: random.Random | None = None) -> dict[str, list]:
+    """Team-draft interleaving of two ranked answers (column dicts with an ``arm`` column):
+    the team with fewer picks (a coin flip on ties) adds its best item not yet taken, so each
+    item keeps the ``arm`` of the team that placed it; ranks are renumbered."""
+    rng = rng or random.Random()
+    merged: dict[str, list] = {name: [] for name in a}
+    taken: set = set()
+    picks, cursor = [0, 0], [0, 0]
+    teams = (a, b)
+    while len(merged["item_id"]) < k and (cursor[0] < len(a["item_id"]) or cursor[1] < len(b["item_id"])):
+        team = 0 if picks[0] < picks[1] or (picks[0] == picks[1] and rng.random() < 0.5) else 1
+        if cursor[team] >= len(teams[team]["item_id"]):
+            team = 1 - team
+        source = teams[team]
+        while cursor[team] < len(source["item_id"]) and source["item_id"][cursor[team]] in taken:
+            cursor[team] += 1
+        if cursor[team] >= len(source["item_id"]):
+            picks[team] = k  # this team has nothing new left
+            continue
+        i = cursor[team]
+        for name in merged:
+            merged[name].append(source[name][i])
+        taken.add(source["item_id"][i])
+        picks[team] += 1
+    merged["rank"] = list(range(1, len(merged["item_id"]) + 1))
+    return merged
 
 
 def request_rows(payload: object) -> list:
@@ -208,14 +246,8 @@ def create_app(arms: Arms | ModelHolder, max_batch_rows: int = 256, reload_inter
             return error(exc.status, codes[exc.status], str(exc))
         if impressions is not None:
             pseudonym = arms.holders["champion"].current.recommender.pseudonym
-            for arm in set(routed):
-                rows = [r for r, a in enumerate(routed) if a == arm]
-                starts = np.cumsum([0, *counts])
-                part = {name: [v for r in rows for v in values[starts[r] : starts[r + 1]]]
-                        for name, values in columns.items() if name in ("item_id", "rank")}
-                impressions.record([request_ids[r] for r in rows], [pseudonym(parsed[r].user_id) for r in rows],
-                                   part, [counts[r] for r in rows], versions[rows[0]], [arm] * len(rows))
-        version_header = ",".join(sorted({str(v) for v in versions}))  # which model versions answered
+            impressions.record(request_ids, [pseudonym(request.user_id) for request in parsed], columns, counts)
+        version_header = ",".join(versions)  # which model versions answered
         return Response(body, media_type="application/json", headers={"x-recsys-model-version": version_header})
 
     async def ping(request: Request) -> Response:

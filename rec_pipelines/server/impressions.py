@@ -34,18 +34,18 @@ class ImpressionLog:
         self.files = 0
         self._sequence = itertools.count()
 
-    def record(self, request_ids: list[str], users: list[str | None], columns: dict[str, list], counts: list[int],
-               model_version: str | None, arms: list[str]) -> None:
-        """Buffer the answer of request rows (``columns`` as ``Recommender.answer`` returns
-        them, ``counts`` items per request row)."""
+    def record(self, request_ids: list[str], users: list[str | None], columns: dict[str, list],
+               counts: list[int]) -> None:
+        """Buffer the answer of request rows: ``columns`` hold ``item_id``, ``rank``, ``arm`` and
+        ``model_version`` per item, ``counts`` the items of each request row."""
         now = int(time.time())
         start = 0
-        for request_id, user, count, arm in zip(request_ids, users, counts, arms):
-            for offset in range(count):
+        for request_id, user, count in zip(request_ids, users, counts):
+            for i in range(start, start + count):
                 self.rows.append(json.dumps({
-                    "request_id": request_id, "user_id": user, "item_id": columns["item_id"][start + offset],
-                    "rank": columns["rank"][start + offset], "model_version": model_version, "arm": arm,
-                    "timestamp": now}))
+                    "request_id": request_id, "user_id": user, "item_id": columns["item_id"][i],
+                    "rank": columns["rank"][i], "model_version": columns["model_version"][i],
+                    "arm": columns["arm"][i], "timestamp": now}))
             start += count
         if len(self.rows) >= self.max_rows:
             self.flush()

@@ -116,16 +116,23 @@ class Arms:
     restarts). Without a loaded challenger every user gets the champion."""
 
     def __init__(self, champion: ModelHolder, challenger: ModelHolder | None = None, challenger_share: float = 0.0,
-                 salt: str = "recsys-arms"):
+                 salt: str = "recsys-arms", interleave: bool = False):
         if not 0.0 <= challenger_share <= 1.0:
             raise ValueError(f"challenger_share must be within [0, 1], got {challenger_share}")
         self.holders = {"champion": champion, **({"challenger": challenger} if challenger is not None else {})}
         self.challenger_share = challenger_share
         self.salt = salt
+        self.interleave = interleave
 
     def arm_of(self, user_id: str) -> str:
+        """champion, challenger, or interleave (every user gets both lists merged, when
+        ``interleave`` and a challenger is loaded)."""
         challenger = self.holders.get("challenger")
-        if challenger is None or challenger.current is None or self.challenger_share <= 0:
+        if challenger is None or challenger.current is None:
+            return "champion"
+        if self.interleave:
+            return "interleave"
+        if self.challenger_share <= 0:
             return "champion"
         digest = hashlib.sha256(f"{self.salt}:{user_id}".encode("utf-8", "surrogatepass")).digest()
         return "challenger" if int.from_bytes(digest[:8], "big") / 2**64 < self.challenger_share else "champion"
@@ -137,5 +144,6 @@ class Arms:
     def describe(self) -> dict:
         champion = self.holders["champion"].describe()
         if "challenger" in self.holders:
-            champion["challenger"] = {**self.holders["challenger"].describe(), "share": self.challenger_share}
+            champion["challenger"] = {**self.holders["challenger"].describe(), "share": self.challenger_share,
+                                      "interleave": self.interleave}
         return champion

@@ -7,7 +7,14 @@ import pandas as pd
 from pydantic import Field
 
 from rec_pipelines.defs.resources import LakeResource, MlflowResource, ServingResource
-from rec_pipelines.online import CLICK_TYPES, attribute, challenger_not_worse, online_figure, summarize
+from rec_pipelines.online import (
+    CLICK_TYPES,
+    attribute,
+    challenger_not_worse,
+    interleaving_wins,
+    online_figure,
+    summarize,
+)
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.registry.gate import PromotionDecision
 
@@ -31,7 +38,9 @@ def online_metrics(context: dg.AssetExecutionContext, config: OnlineMetricsConfi
     impressions = store.read("impressions")
     if not len(impressions):
         return dg.Output(pd.DataFrame(), metadata={"lists": 0, "note": "no impressions yet (is recsys serve running?)"})
-    lists = attribute(impressions, store.read_validated(), config.window_s, tuple(config.click_event_types))
+    events = store.read_validated()
+    lists = attribute(impressions, events, config.window_s, tuple(config.click_event_types))
+    interleaved = interleaving_wins(impressions, events, config.window_s, tuple(config.click_event_types))
     table = summarize(lists, config.bucket_s)
     totals = summarize(lists, None)
     registry = mlflow.registry()
@@ -51,6 +60,7 @@ def online_metrics(context: dg.AssetExecutionContext, config: OnlineMetricsConfi
         "new_impression_files": len(report.batches),
         "quarantined_impression_files": dg.MetadataValue.json(report.quarantined_files),
         "totals": dg.MetadataValue.md(shown.to_markdown(index=False, floatfmt=".4f")),
+        "interleaving": dg.MetadataValue.json(interleaved),
         "ctr_plot": dg.MetadataValue.md(figure_to_md(online_figure(table), alt="online CTR per model version")),
     })
 
