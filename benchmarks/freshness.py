@@ -92,6 +92,7 @@ def main() -> int:
     os.environ["RECSYS_SERVE_URLS"] = url  # the daemon's runs tell the server of a new champion
     answers: list[tuple[float, str]] = []  # (perf_counter, model version of the answer)
     stop_probe = threading.Event()
+    probe_errors: list[str] = []
     probe_body = json.dumps({"dataframe_records": [{"user_id": "u00001", "k": 10}]}).encode()
 
     def probe() -> None:
@@ -102,8 +103,8 @@ def main() -> int:
                 with urllib.request.urlopen(request, timeout=5) as answer:
                     answer.read()
                     answers.append((time.perf_counter(), answer.headers.get("x-recsys-model-version", "")))
-            except OSError:
-                pass
+            except Exception as error:  # noqa: BLE001 - keep probing whatever one request met
+                probe_errors.append(f"{type(error).__name__}: {error}")
             time.sleep(0.1)
 
     deadline = time.monotonic() + 120
@@ -231,6 +232,7 @@ def main() -> int:
         "retrain_to_champion_s": [round(x, 1) for x in latencies],
         "retrain_to_served_s_median": statistics.median(served_latencies) if served_latencies else None,
         "retrain_to_served_s": [round(x, 1) for x in served_latencies],
+        "probe_answers": len(answers), "probe_errors": len(probe_errors), "probe_error_examples": probe_errors[:3],
         "batch_outcomes": outcomes,
         "sensor_interval_s": args.sensor_interval,
         "in_request_ms": round(in_request_ms, 2),

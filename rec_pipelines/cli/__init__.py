@@ -22,17 +22,6 @@ from pathlib import Path
 from rec_pipelines.settings import prepare_environment
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from rec_models.simulator import FeedbackSimulator, next_batch_index
-
-    settings = prepare_environment()
-    landing = settings.local_landing_zone("simulate")
-    batch = args.batch if args.batch is not None else next_batch_index(landing)
-    for path in FeedbackSimulator().write_batch(landing, batch):
-        print(path)
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from rec_pipelines.cli.demo import run_demo
 
@@ -86,6 +75,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 DELEGATED = {
     "ingest": ("rec_pipelines.cli.ingest", "ingest feedback files through the pipeline's own code path"),
     "rollback": ("rec_pipelines.cli.rollback", "restore the previous champion"),
+    "simulate": ("rec_pipelines.cli.simulate", "drop the next simulated batch, or (--online) play simulated users "
+                 "against a running server"),
     "quarantine": ("rec_pipelines.cli.quarantine", "what was quarantined, by reason; --csv FILE exports the rows"),
     "serve": ("rec_pipelines.cli.serve", "serve models:/<name>@champion over HTTP"),
     "evaluate": ("rec_models.evaluation.offline", "compare every model on a MovieLens-layout folder"),
@@ -106,10 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--full", action="store_true", help="full retrain first even if a champion exists")
     demo.add_argument("--users", type=int, default=3, help="users to print recommendations for")
     demo.set_defaults(func=cmd_demo)
-
-    simulate = commands.add_parser("simulate", help="drop the next simulated feedback batch into the landing zone")
-    simulate.add_argument("--batch", type=int, default=None, help="batch number (default: the next one)")
-    simulate.set_defaults(func=cmd_simulate)
 
     ui = commands.add_parser("ui", help="start Dagster (webserver + daemon) and MLflow UIs")
     ui.add_argument("--host", default="127.0.0.1")
