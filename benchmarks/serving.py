@@ -159,6 +159,15 @@ def start_server(root: Path, tracking_uri: str, port: int, engine: str) -> subpr
                             cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group; SIGKILL after 10 s."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
 def wait_until_up(server: subprocess.Popen, port: int, timeout_s: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
@@ -291,11 +300,7 @@ def serve_and_attack(root: Path, tracking_uri: str, bodies: list[bytes], args: a
         peak = peak_rss_mb(server.pid)
         alive = server.poll() is None
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
     p50, p99 = percentiles(latencies)
     result = {"hostile_share": round(sum(hostile.values()) / (sum(hostile.values()) + len(latencies)), 3),
               "hostile_good_requests": len(latencies), "hostile_good_errors": errors,
@@ -321,11 +326,7 @@ def serve_and_load(root: Path, tracking_uri: str, engine: str, bodies: list[byte
         latencies, errors, wall, _ = http_load(port, bodies, args.clients, args.http_requests, args.http_time_cap)
         after = model_stats(port, engine)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
     p50, p99 = percentiles(latencies)
     rps = len(latencies) / wall
     batch_rows = None
