@@ -150,7 +150,7 @@ def main() -> int:
             if outcome == "promoted":
                 latencies.append(elapsed)
                 while time.perf_counter() - dropped < args.timeout:  # the first answer from the new version
-                    first = next((t for t, v in list(answers) if t > dropped and new[0].version in v.split(",")), None)
+                    first = next((t for t, v in list(answers) if t > dropped and str(new[0].version) in v.split(",")), None)
                     if first is not None:
                         served_latencies.append(first - dropped)
                         served = f", served over HTTP after {first - dropped:.1f}s"

@@ -113,3 +113,35 @@ def test_reload_serves_a_new_champion_at_once(server):
         described = json.loads(answer.read())
     assert described["version"] == str(version.version) != before
     assert time.monotonic() - started < 5
+
+
+def test_interleaving_merges_both_lists_and_credits_each_item(tmp_path):
+    from rec_models.serving import example_request
+
+    with running_server(tmp_path, "--interleave", env={KEY_ENV: KEY}) as served:
+        # A challenger trained differently (3 epochs, another seed) so the two lists differ.
+        from test_serving import make_bundle
+
+        other = make_bundle(tmp_path / "other", max_epochs=3, seed=5)
+        with served.registry.start_run("challenger") as run:
+            info = served.registry.log_recommender(other.path, example_request(["u1"], []))
+        version = served.registry.register(info.model_uri, run.info.run_id, tags={})
+        deadline = time.monotonic() + 30
+        while (get(served.url, "/model").get("challenger") or {}).get("version") != str(version.version):
+            assert time.monotonic() < deadline, served.log.read_text()[-2000:]
+            time.sleep(0.3)
+        users = served.bundle.sequences.user_ids[:20]
+        answers = [post(served.url, records({"user_id": u, "k": 6}))[1]["predictions"] for u in users]
+        os.killpg(served.process.pid, signal.SIGTERM)
+        served.process.wait(timeout=30)
+    rows = impression_rows(tmp_path)
+    assert len(rows) == 20 * 6 and all(len({r["item_id"] for r in a}) == 6 for a in answers)
+    by_request: dict = {}
+    for row in rows:
+        by_request.setdefault(row["request_id"], []).append(row)
+    assert len(by_request) == 20
+    for items in by_request.values():
+        counts = {arm: sum(r["arm"] == arm for r in items) for arm in ("champion", "challenger")}
+        assert abs(counts["champion"] - counts["challenger"]) <= 1  # team draft: balanced teams
+        assert {r["model_version"] for r in items if r["arm"] == "challenger"} == {str(version.version)}
+        assert {r["model_version"] for r in items if r["arm"] == "champion"} == {"1"}
