@@ -1,7 +1,8 @@
 """The lake: exactly-once ingestion of landing files into per-file batches (content-hash
 ledger, pseudonymised ids, quarantine with reasons), per-batch validation, and reading the
 validated feedback back. See docs/lake.md for the contract and the on-disk layout.
-(410 lines: ``FeedbackStore`` is one lock-holding object whose methods share the ledger.)"""
+Validation of ingested batches is the ``ValidatedBatches`` part (``batches.py``); Parquet reads
+and atomic writes are in ``tables.py``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rec_models.data.privacy import (
     KEY_ENV,
@@ -30,7 +30,15 @@ from rec_models.data.privacy import (
     resolve_pseudonym_key,
 )
 from rec_models.data.schema import CATALOG_COLUMNS, IMPRESSION_COLUMNS
-from rec_models.files import atomic_path, write_json_atomic
+from rec_models.files import write_json_atomic
+from rec_pipelines.lake.batches import GROUP_ROWS, ValidatedBatches
+from rec_pipelines.lake.conversion import (
+    as_tag_list,
+    coerce_catalog,
+    coerce_events,
+    coerce_impressions,
+    missing_event_columns,
+)
 from rec_pipelines.lake.landing import (
     KINDS,
     MARKER_SUFFIX,
@@ -48,24 +56,12 @@ from rec_pipelines.lake.parsing import (
     IngestLimits,
     ParsedFile,
     UnreadableFile,
-    as_tag_list,
-    coerce_catalog,
-    coerce_events,
-    coerce_impressions,
-    missing_event_columns,
     read_table,
 )
-from rec_pipelines.lake.validation import (
-    DEFAULT_MIN_TIMESTAMP,
-    MAX_CLOCK_SKEW_S,
-    KeySet,
-    event_keys,
-    split_valid_rows,
-)
+from rec_pipelines.lake.tables import empty_events, read_parquets, write_arrow_atomic, write_parquet_atomic
 from rec_pipelines.settings import is_remote_url
 
 LAKE_FORMAT = 2  # 1: before pseudonymisation and per-batch validation
-GROUP_ROWS = 500_000  # records of event files converted (and validated) in one vectorised pass
 
 
 class LakeError(RuntimeError):
@@ -98,7 +94,7 @@ class IngestReport:
         }
 
 
-class FeedbackStore:
+class FeedbackStore(ValidatedBatches):
     """Reads the landing zone into the lake and keeps the ledger of what was read.
 
     ``pseudonym_key`` overrides the key otherwise taken from ``$RECSYS_PSEUDONYM_KEY`` or
@@ -296,7 +292,7 @@ class FeedbackStore:
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         done = []
         for (entry, batch_id, _), start, stop in zip(group, bounds[:-1], bounds[1:]):
-            _write_arrow_atomic(arrow.slice(start, stop - start), self.lake / "events" / f"{batch_id}.parquet",
+            write_arrow_atomic(arrow.slice(start, stop - start), self.lake / "events" / f"{batch_id}.parquet",
                                 durable=False)
             extra = {"rows": int(stop - start), "key_id": key_id(key), "texts_truncated": int(truncated[start:stop].sum())}
             report.batches.append(batch_id)
@@ -322,132 +318,9 @@ class FeedbackStore:
         rows.insert(0, "batch_id", batch_id)
         if len(rejected):
             folder = self.lake / "quarantine" / ("rows" if kind == "catalog" else kind)
-            _write_parquet_atomic(rejected.assign(batch_id=batch_id), folder / f"{batch_id}.parquet")
-        _write_parquet_atomic(rows, self.lake / kind / f"{batch_id}.parquet")
+            write_parquet_atomic(rejected.assign(batch_id=batch_id), folder / f"{batch_id}.parquet")
+        write_parquet_atomic(rows, self.lake / kind / f"{batch_id}.parquet")
         return {"rows": len(rows) + len(rejected), "rows_valid": len(rows), "rows_quarantined": len(rejected)}
-
-    # -- validation ----------------------------------------------------------------------
-    def _account_path(self, batch_id: str) -> Path:
-        return self.lake / "validated" / f"{batch_id}.json"
-
-    def account(self, batch_id: str) -> dict | None:
-        """The validation accounting of a batch (None while it is not validated)."""
-        try:
-            return json.loads(self._account_path(batch_id).read_text())
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:  # torn by a crash before the sync that follows it: validate again
-            return None
-
-    def accounts(self) -> list[dict]:
-        """Accounting of every validated events batch, in ingestion order."""
-        return [a for a in map(self.account, self.batches("events")) if a is not None]
-
-    def validate_pending(
-        self,
-        *,
-        now: float | None = None,
-        min_timestamp: int = DEFAULT_MIN_TIMESTAMP,
-        max_clock_skew_s: int = MAX_CLOCK_SKEW_S,
-        run_id: str | None = None,
-    ) -> list[dict]:
-        """Validate every ingested events batch that is not validated yet, each exactly once;
-        return their accounting (rows_in = rows_valid + rows_quarantined, reasons)."""
-        with self._locked():
-            entries = self.ledger()
-            self._check_lake(entries)
-            ingested = [e for e in entries if e["kind"] == "events" and e["status"] == "ingested"]
-            todo = [e for e in ingested if self.account(e["batch_id"]) is None]  # a torn account too
-            if not todo:
-                return []
-            seen = KeySet(self._validated_keys())
-            accounts, group, rows = [], [], 0
-            for entry in todo:  # in groups: one vectorised pass over many small batches
-                group.append(entry)
-                rows += entry.get("rows", 0)
-                if rows >= GROUP_ROWS or entry is todo[-1]:
-                    accounts += self._validate_group(group, seen, now=now, min_timestamp=min_timestamp,
-                                                     max_clock_skew_s=max_clock_skew_s, run_id=run_id)
-                    group, rows = [], 0
-            return accounts
-
-    def _validate_group(self, entries: list[dict], seen: KeySet, *, run_id: str | None, **rules) -> list[dict]:
-        """Validate the batches of ``entries`` together (duplicates of an earlier batch of the
-        group count as in an earlier batch, as if validated one by one); write each batch's
-        valid rows, quarantined rows and accounting."""
-        batch_ids = [entry["batch_id"] for entry in entries]
-        rows = _read_parquets([self.lake / "events" / f"{b}.parquet" for b in batch_ids])
-        batch_of = pd.Index(batch_ids).get_indexer(rows["batch_id"])
-        keys = event_keys(rows)
-        valid, quarantined = split_valid_rows(rows, seen_keys=seen, keys=keys, batches=batch_of, **rules)
-        if len(valid) + len(quarantined) != len(rows):
-            raise AssertionError(f"row accounting broken: {len(rows)} in, {len(valid)} valid, "
-                                 f"{len(quarantined)} quarantined")
-        valid_keys = keys[valid.index.to_numpy()]
-        seen.add(valid_keys)
-        # Rows keep their order (and their position as index): each batch is a contiguous slice.
-        valid_bounds = np.searchsorted(batch_of[valid.index.to_numpy()], np.arange(len(entries) + 1))
-        bad_bounds = np.searchsorted(batch_of[quarantined.index.to_numpy()], np.arange(len(entries) + 1))
-        valid = pa.Table.from_pandas(valid.assign(key_hash=valid_keys), preserve_index=False)
-        reasons: dict[int, dict[str, int]] = {}
-        counts = pd.DataFrame({"batch": batch_of[quarantined.index.to_numpy()], "reason": quarantined["reason"]})
-        for (batch, reason), count in counts.value_counts(sort=False).items():
-            reasons.setdefault(int(batch), {})[str(reason)] = int(count)
-        accounts = []
-        for i, (entry, batch_id) in enumerate(zip(entries, batch_ids)):
-            good = valid.slice(valid_bounds[i], valid_bounds[i + 1] - valid_bounds[i])
-            n_bad = int(bad_bounds[i + 1] - bad_bounds[i])
-            _write_arrow_atomic(good, self.lake / "validated" / f"{batch_id}.parquet", durable=False)
-            if n_bad or (self.lake / "quarantine" / "rows" / f"{batch_id}.parquet").exists():  # (validated again)
-                self._write_quarantined_rows(batch_id, quarantined.iloc[bad_bounds[i] : bad_bounds[i + 1]], durable=False)
-            accounts.append({
-                "batch_id": batch_id, "file": entry["file"], "rows_in": good.num_rows + n_bad,
-                "rows_valid": good.num_rows, "rows_quarantined": n_bad, "reasons": reasons.get(i, {}),
-                "texts_truncated": int(entry.get("texts_truncated", 0)),
-                "min_timestamp": int(rules["min_timestamp"]), "max_clock_skew_s": int(rules["max_clock_skew_s"]),
-                "validated_at": time.time(), "run_id": run_id,
-            })
-        os.sync()  # the rows on disk before any account says the batch is validated
-        for account in accounts:
-            write_json_atomic(self._account_path(account["batch_id"]), account, durable=False)
-        os.sync()
-        return accounts
-
-    def _validated_keys(self) -> np.ndarray:
-        paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts() if not a.get("rejected")]
-        paths = [p for p in paths if p.exists()]
-        if not paths:
-            return np.zeros(0, dtype=np.uint64)
-        return _read_arrow(paths, ["key_hash"]).column(0).to_numpy().astype(np.uint64)
-
-    def reject_batches(self, batch_ids: Iterable[str], reason: str) -> list[str]:
-        """Move validated batches into quarantine whole (every row with ``reason``), so they
-        never reach training; returns the batches rejected now. The raw files stay for replay."""
-        rejected = []
-        with self._locked():
-            for batch_id in batch_ids:
-                account = self.account(batch_id)
-                if account is None or account.get("rejected"):
-                    continue
-                path = self.lake / "validated" / f"{batch_id}.parquet"
-                valid = pd.read_parquet(path).drop(columns="key_hash")
-                earlier = self.quarantined_rows(batch_id)
-                rows = pd.concat([earlier, valid.assign(reason=reason)], ignore_index=True)
-                rows = rows.sort_values("source_row", kind="stable") if "source_row" in rows else rows
-                self._write_quarantined_rows(batch_id, rows)
-                account.update(rows_valid=0, rows_quarantined=account["rows_in"], rejected=reason,
-                               reasons={**account["reasons"], reason: len(valid)})
-                write_json_atomic(self._account_path(batch_id), account)
-                path.unlink()
-                rejected.append(batch_id)
-        return rejected
-
-    def _write_quarantined_rows(self, batch_id: str, rows: pd.DataFrame, durable: bool = True) -> None:
-        path = self.lake / "quarantine" / "rows" / f"{batch_id}.parquet"
-        if len(rows):
-            _write_parquet_atomic(rows.reset_index(drop=True), path, durable)
-        elif path.exists():
-            path.unlink()
 
     # -- reading the lake ----------------------------------------------------------------
     def batches(self, kind: str) -> list[str]:
@@ -459,7 +332,7 @@ class FeedbackStore:
         also carry ``source_row`` and ``problem``)."""
         paths = [self.lake / kind / f"{b}.parquet" for b in self.batches(kind)]
         if paths and kind != "catalog":  # many small files (catalog files may differ in types)
-            return _read_parquets(paths)
+            return read_parquets(paths)
         frames = [pd.read_parquet(path) for path in paths]
         if not frames:
             columns = {"events": [*ROW_COLUMNS, "problem"], "catalog": ["batch_id", *CATALOG_COLUMNS],
@@ -473,14 +346,14 @@ class FeedbackStore:
         wanted = None if batch_ids is None else set(batch_ids)
         paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts()
                  if not a.get("rejected") and (wanted is None or a["batch_id"] in wanted)]
-        return _read_parquets(paths, ROW_COLUMNS) if paths else _empty_events()
+        return read_parquets(paths, ROW_COLUMNS) if paths else empty_events()
 
     def quarantined_rows(self, batch_id: str | None = None) -> pd.DataFrame:
         """Quarantined rows (with ``reason``) of one batch, or of all batches."""
         folder = self.lake / "quarantine" / "rows"
         paths = [folder / f"{batch_id}.parquet"] if batch_id else sorted(folder.glob("*.parquet"))
         frames = [pd.read_parquet(p) for p in paths if p.exists()]
-        return pd.concat(frames, ignore_index=True) if frames else _empty_events().assign(reason=pd.Series(dtype="string"))
+        return pd.concat(frames, ignore_index=True) if frames else empty_events().assign(reason=pd.Series(dtype="string"))
 
     def catalog(self) -> pd.DataFrame:
         """The current catalog: later entries for an item replace earlier ones."""
@@ -505,39 +378,3 @@ def load_pseudonym_key(lake: Path | str) -> bytes:
         raise LakeError(f"no pseudonym key: {KEY_ENV} is not set and {key_file_of(lake)} does not exist "
                         "(nothing ingested yet)")
     return key
-
-
-def _read_parquets(paths: list[Path], columns: list[str] | None = None) -> pd.DataFrame:
-    """Several Parquet files as one frame, in order, converted to pandas once."""
-    return _read_arrow(paths, columns).to_pandas()
-
-
-def _read_arrow(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
-    """Single-threaded reads: for many small files about 4x faster than ``pq.read_table`` each
-    (no dataset or thread-pool set-up per file). A column an older file lacks (such as
-    ``request_id``) comes back as nulls."""
-    tables = []
-    for path in paths:
-        source = pq.ParquetFile(path, pre_buffer=False)
-        present = None if columns is None else [c for c in columns if c in source.schema_arrow.names]
-        table = source.read(columns=present, use_threads=False)
-        for name in [c for c in columns or [] if c not in table.column_names]:
-            table = table.append_column(name, pa.nulls(len(table), pa.string()))
-        tables.append(table.select(columns) if columns else table)
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-def _empty_events() -> pd.DataFrame:
-    frame = pd.DataFrame({c: pd.Series(dtype="string") for c in ROW_COLUMNS})
-    return frame.astype({"source_row": "int64", "value": "float64", "timestamp": "Int64"})
-
-
-def _write_parquet_atomic(frame: pd.DataFrame, path: Path, durable: bool = True) -> None:
-    _write_arrow_atomic(pa.Table.from_pandas(frame, preserve_index=False), path, durable)
-
-
-def _write_arrow_atomic(table: pa.Table, path: Path, durable: bool = True) -> None:
-    """LZ4: as small as the default Snappy here, and reads back about twice as fast."""
-    with atomic_path(path, durable=durable) as tmp:
-        pq.write_table(table, tmp, compression="lz4")
-

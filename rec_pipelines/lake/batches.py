@@ -1,0 +1,154 @@
+"""Validation of ingested event batches, each exactly once, with its accounting (rows_in =
+rows_valid + rows_quarantined), and rejection of whole batches: the part of ``FeedbackStore``
+that works on batches already in the lake (docs/lake.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from rec_models.files import write_json_atomic
+from rec_pipelines.lake.tables import read_arrow, read_parquets, write_arrow_atomic, write_parquet_atomic
+from rec_pipelines.lake.validation import (
+    DEFAULT_MIN_TIMESTAMP,
+    MAX_CLOCK_SKEW_S,
+    KeySet,
+    event_keys,
+    split_valid_rows,
+)
+
+GROUP_ROWS = 500_000  # records of event files converted, or batches validated, in one vectorised pass
+
+
+class ValidatedBatches:
+    """Mixed into ``FeedbackStore``: uses its ``lake``, ``ledger()``, ``_locked()``,
+    ``_check_lake()`` and ``batches()``."""
+
+    def _account_path(self, batch_id: str) -> Path:
+        return self.lake / "validated" / f"{batch_id}.json"
+
+    def account(self, batch_id: str) -> dict | None:
+        """The validation accounting of a batch (None while it is not validated)."""
+        try:
+            return json.loads(self._account_path(batch_id).read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:  # torn by a crash before the sync that follows it: validate again
+            return None
+
+    def accounts(self) -> list[dict]:
+        """Accounting of every validated events batch, in ingestion order."""
+        return [a for a in map(self.account, self.batches("events")) if a is not None]
+
+    def validate_pending(
+        self,
+        *,
+        now: float | None = None,
+        min_timestamp: int = DEFAULT_MIN_TIMESTAMP,
+        max_clock_skew_s: int = MAX_CLOCK_SKEW_S,
+        run_id: str | None = None,
+    ) -> list[dict]:
+        """Validate every ingested events batch that is not validated yet, each exactly once;
+        return their accounting (rows_in = rows_valid + rows_quarantined, reasons)."""
+        with self._locked():
+            entries = self.ledger()
+            self._check_lake(entries)
+            ingested = [e for e in entries if e["kind"] == "events" and e["status"] == "ingested"]
+            todo = [e for e in ingested if self.account(e["batch_id"]) is None]  # a torn account too
+            if not todo:
+                return []
+            seen = KeySet(self._validated_keys())
+            accounts, group, rows = [], [], 0
+            for entry in todo:  # in groups: one vectorised pass over many small batches
+                group.append(entry)
+                rows += entry.get("rows", 0)
+                if rows >= GROUP_ROWS or entry is todo[-1]:
+                    accounts += self._validate_group(group, seen, now=now, min_timestamp=min_timestamp,
+                                                     max_clock_skew_s=max_clock_skew_s, run_id=run_id)
+                    group, rows = [], 0
+            return accounts
+
+    def _validate_group(self, entries: list[dict], seen: KeySet, *, run_id: str | None, **rules) -> list[dict]:
+        """Validate the batches of ``entries`` together (duplicates of an earlier batch of the
+        group count as in an earlier batch, as if validated one by one); write each batch's
+        valid rows, quarantined rows and accounting."""
+        batch_ids = [entry["batch_id"] for entry in entries]
+        rows = read_parquets([self.lake / "events" / f"{b}.parquet" for b in batch_ids])
+        batch_of = pd.Index(batch_ids).get_indexer(rows["batch_id"])
+        keys = event_keys(rows)
+        valid, quarantined = split_valid_rows(rows, seen_keys=seen, keys=keys, batches=batch_of, **rules)
+        if len(valid) + len(quarantined) != len(rows):
+            raise AssertionError(f"row accounting broken: {len(rows)} in, {len(valid)} valid, "
+                                 f"{len(quarantined)} quarantined")
+        valid_keys = keys[valid.index.to_numpy()]
+        seen.add(valid_keys)
+        # Rows keep their order (and their position as index): each batch is a contiguous slice.
+        valid_bounds = np.searchsorted(batch_of[valid.index.to_numpy()], np.arange(len(entries) + 1))
+        bad_bounds = np.searchsorted(batch_of[quarantined.index.to_numpy()], np.arange(len(entries) + 1))
+        valid = pa.Table.from_pandas(valid.assign(key_hash=valid_keys), preserve_index=False)
+        reasons: dict[int, dict[str, int]] = {}
+        counts = pd.DataFrame({"batch": batch_of[quarantined.index.to_numpy()], "reason": quarantined["reason"]})
+        for (batch, reason), count in counts.value_counts(sort=False).items():
+            reasons.setdefault(int(batch), {})[str(reason)] = int(count)
+        accounts = []
+        for i, (entry, batch_id) in enumerate(zip(entries, batch_ids)):
+            good = valid.slice(valid_bounds[i], valid_bounds[i + 1] - valid_bounds[i])
+            n_bad = int(bad_bounds[i + 1] - bad_bounds[i])
+            write_arrow_atomic(good, self.lake / "validated" / f"{batch_id}.parquet", durable=False)
+            if n_bad or (self.lake / "quarantine" / "rows" / f"{batch_id}.parquet").exists():  # (validated again)
+                self._write_quarantined_rows(batch_id, quarantined.iloc[bad_bounds[i] : bad_bounds[i + 1]], durable=False)
+            accounts.append({
+                "batch_id": batch_id, "file": entry["file"], "rows_in": good.num_rows + n_bad,
+                "rows_valid": good.num_rows, "rows_quarantined": n_bad, "reasons": reasons.get(i, {}),
+                "texts_truncated": int(entry.get("texts_truncated", 0)),
+                "min_timestamp": int(rules["min_timestamp"]), "max_clock_skew_s": int(rules["max_clock_skew_s"]),
+                "validated_at": time.time(), "run_id": run_id,
+            })
+        os.sync()  # the rows on disk before any account says the batch is validated
+        for account in accounts:
+            write_json_atomic(self._account_path(account["batch_id"]), account, durable=False)
+        os.sync()
+        return accounts
+
+    def _validated_keys(self) -> np.ndarray:
+        paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts() if not a.get("rejected")]
+        paths = [p for p in paths if p.exists()]
+        if not paths:
+            return np.zeros(0, dtype=np.uint64)
+        return read_arrow(paths, ["key_hash"]).column(0).to_numpy().astype(np.uint64)
+
+    def reject_batches(self, batch_ids: Iterable[str], reason: str) -> list[str]:
+        """Move validated batches into quarantine whole (every row with ``reason``), so they
+        never reach training; returns the batches rejected now. The raw files stay for replay."""
+        rejected = []
+        with self._locked():
+            for batch_id in batch_ids:
+                account = self.account(batch_id)
+                if account is None or account.get("rejected"):
+                    continue
+                path = self.lake / "validated" / f"{batch_id}.parquet"
+                valid = pd.read_parquet(path).drop(columns="key_hash")
+                earlier = self.quarantined_rows(batch_id)
+                rows = pd.concat([earlier, valid.assign(reason=reason)], ignore_index=True)
+                rows = rows.sort_values("source_row", kind="stable") if "source_row" in rows else rows
+                self._write_quarantined_rows(batch_id, rows)
+                account.update(rows_valid=0, rows_quarantined=account["rows_in"], rejected=reason,
+                               reasons={**account["reasons"], reason: len(valid)})
+                write_json_atomic(self._account_path(batch_id), account)
+                path.unlink()
+                rejected.append(batch_id)
+        return rejected
+
+    def _write_quarantined_rows(self, batch_id: str, rows: pd.DataFrame, durable: bool = True) -> None:
+        path = self.lake / "quarantine" / "rows" / f"{batch_id}.parquet"
+        if len(rows):
+            write_parquet_atomic(rows.reset_index(drop=True), path, durable)
+        elif path.exists():
+            path.unlink()

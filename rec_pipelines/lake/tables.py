@@ -1,0 +1,47 @@
+"""Lake tables on disk: many small Parquet files read as one frame, atomic Parquet writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rec_models.files import atomic_path
+from rec_pipelines.lake.parsing import ROW_COLUMNS
+
+
+def read_parquets(paths: list[Path], columns: list[str] | None = None) -> pd.DataFrame:
+    """Several Parquet files as one frame, in order, converted to pandas once."""
+    return read_arrow(paths, columns).to_pandas()
+
+
+def read_arrow(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
+    """Single-threaded reads: for many small files about 4x faster than ``pq.read_table`` each
+    (no dataset or thread-pool set-up per file). A column an older file lacks (such as
+    ``request_id``) comes back as nulls."""
+    tables = []
+    for path in paths:
+        source = pq.ParquetFile(path, pre_buffer=False)
+        present = None if columns is None else [c for c in columns if c in source.schema_arrow.names]
+        table = source.read(columns=present, use_threads=False)
+        for name in [c for c in columns or [] if c not in table.column_names]:
+            table = table.append_column(name, pa.nulls(len(table), pa.string()))
+        tables.append(table.select(columns) if columns else table)
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def empty_events() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype="string") for c in ROW_COLUMNS})
+    return frame.astype({"source_row": "int64", "value": "float64", "timestamp": "Int64"})
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path, durable: bool = True) -> None:
+    write_arrow_atomic(pa.Table.from_pandas(frame, preserve_index=False), path, durable)
+
+
+def write_arrow_atomic(table: pa.Table, path: Path, durable: bool = True) -> None:
+    """LZ4: as small as the default Snappy here, and reads back about twice as fast."""
+    with atomic_path(path, durable=durable) as tmp:
+        pq.write_table(table, tmp, compression="lz4")
