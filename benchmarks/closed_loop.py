@@ -73,6 +73,7 @@ def main() -> int:
     from rec_models.serving import Recommender, parse_rows
     from rec_models.simulator import FeedbackSimulator, SimulatorConfig
     from rec_models.simulator.online import OnlineConfig, OnlineEnvironment
+    from rec_pipelines.cli import stop_processes
     from rec_pipelines.cli.simulate import http_recommender, write_round
     from rec_pipelines.definitions import defs as load_defs
     from rec_pipelines.lake import load_pseudonym_key
@@ -143,12 +144,7 @@ def main() -> int:
             promotions.append(outcome)
             print(f"round {number}: CTR {line}; retrain: {outcome}", flush=True)
     finally:
-        for process in (daemon, server):
-            os.killpg(process.pid, 15)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
+        stop_processes((daemon, server), grace_s=20)
 
     result = summarize(clicked, wilson)
     plot = args.plot or REPO / "var" / "benchmarks" / f"closed_loop-seed{args.seed}-drift{args.drift:g}.png"

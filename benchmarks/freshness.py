@@ -59,6 +59,7 @@ def main() -> int:
 
     import mlflow
     from rec_models.simulator import FeedbackSimulator
+    from rec_pipelines.cli import stop_processes
     from rec_pipelines.definitions import defs as load_defs
     from rec_pipelines.registry import CHAMPION, ModelRegistry
     from rec_pipelines.settings import prepare_environment
@@ -160,12 +161,7 @@ def main() -> int:
             time.sleep(1)
     finally:
         stop_probe.set()
-        for process in (daemon, server):
-            os.killpg(process.pid, 15)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
+        stop_processes((daemon, server), grace_s=20)
 
     # -- 2. in-request path --------------------------------------------------------------
     import torch

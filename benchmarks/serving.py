@@ -38,7 +38,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from rec_models.models import (  # noqa: E402
     train_recommender,
 )
 from rec_models.serving import example_request, write_bundle  # noqa: E402
+from rec_pipelines.cli import stop_processes  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
 MODEL_NAME = "serving-bench"
@@ -157,15 +157,6 @@ def start_server(root: Path, tracking_uri: str, port: int, engine: str) -> subpr
            "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port), "--engine", engine],
                             cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def stop(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group; SIGKILL after 10 s."""
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
 
 
 def wait_until_up(server: subprocess.Popen, port: int, timeout_s: float) -> float:
@@ -300,7 +291,7 @@ def serve_and_attack(root: Path, tracking_uri: str, bodies: list[bytes], args: a
         peak = peak_rss_mb(server.pid)
         alive = server.poll() is None
     finally:
-        stop(server)
+        stop_processes([server])
     p50, p99 = percentiles(latencies)
     result = {"hostile_share": round(sum(hostile.values()) / (sum(hostile.values()) + len(latencies)), 3),
               "hostile_good_requests": len(latencies), "hostile_good_errors": errors,
@@ -326,7 +317,7 @@ def serve_and_load(root: Path, tracking_uri: str, engine: str, bodies: list[byte
         latencies, errors, wall, _ = http_load(port, bodies, args.clients, args.http_requests, args.http_time_cap)
         after = model_stats(port, engine)
     finally:
-        stop(server)
+        stop_processes([server])
     p50, p99 = percentiles(latencies)
     rps = len(latencies) / wall
     batch_rows = None

@@ -30,6 +30,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings, full=args.full, n_users=args.users)
 
 
+def stop_processes(processes, grace_s: float = 10.0) -> None:
+    """SIGTERM each process group (started with ``start_new_session=True``), then SIGKILL what is
+    still running after ``grace_s`` seconds in all."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     settings = prepare_environment()
     bin_dir = Path(sys.executable).parent
@@ -48,15 +64,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print("Ctrl-C stops all three.")
 
     def stop(*_):
-        for process in processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for process in processes.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_processes(processes.values())
 
     signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
     try:
