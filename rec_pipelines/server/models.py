@@ -65,18 +65,20 @@ class ModelHolder:
         self.tracking_uri = tracking_uri
         self.failed: dict | None = None
         self.current: LoadedModel | None = None
+        self.required = required
         if required:
             self.current = load_model(model_uri, tracking_uri)
         else:  # e.g. the challenger: served once the alias exists
-            self._try_refresh()
+            self.refresh_if_present()
 
-    def _try_refresh(self) -> None:
+    def refresh_if_present(self) -> bool:
+        """``refresh``, where an alias that does not exist (yet) is not an error."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self.refresh()
+            return self.refresh()
         except MlflowException:  # no such alias (yet)
-            pass
+            return False
 
     def refresh(self) -> bool:
         """Load the alias' version if it moved; True when a new model is now served."""
@@ -139,7 +141,10 @@ class Arms:
 
     def refresh(self) -> None:
         for holder in self.holders.values():
-            holder.refresh()
+            if holder.required:
+                holder.refresh()
+            else:  # a challenger alias that does not exist yet is normal, a missing champion is not
+                holder.refresh_if_present()
 
     def describe(self) -> dict:
         champion = self.holders["champion"].describe()
