@@ -133,7 +133,7 @@ def main() -> int:
         for number in range(args.rounds):
             state = env.round(number)
             for arm in ARMS:
-                reactions, hits = env.play(state, recommenders[arm])
+                reactions, hits = env.play(state, recommenders[arm], arm)
                 clicked[arm].append(hits)
                 if arm == "loop":  # the deployed system's users give their feedback to the loop
                     versions = {v.version for v in registry.client.search_model_versions(

@@ -26,7 +26,8 @@ def oracle(env, state):
     def recommend(users, recent, k):
         items = np.arange(len(env.items.ids))
         lists = []
-        for user, seen in zip(state.users, recent):
+        for user, recent_items in zip(state.users, recent):
+            seen = set(recent_items) | env.consumed.get(env.user_ids[user], set())
             liking = env.liking(np.full(len(items), user), items, state.at, np.zeros(len(items)))
             lists.append([env.items.ids[i] for i in np.argsort(-liking) if env.items.ids[i] not in seen][:k])
         return lists, [f"r{n}" for n in range(len(users))]
@@ -53,6 +54,33 @@ def test_every_recommender_meets_the_same_situation_and_taste_decides(env):
     shown = set(oracle(env, state)(list(env.user_ids[state.users]), [[]] * 100, 10)[0][0])
     first_user = env.user_ids[state.users[0]]
     assert set(good.loc[good["user_id"] == first_user, "item_id"]) <= shown
+
+
+def test_users_do_not_click_what_they_consumed_before():
+    """Batch-0 history, earlier browsing and the arm's own earlier clicks are never clicked
+    again, so a recommender that forgets them gains nothing; each arm keeps its own clicks."""
+    env = OnlineEnvironment(FeedbackSimulator(SimulatorConfig(n_items=300, n_users=200)),
+                            OnlineConfig(users_per_round=100, seed=3))
+    first = env.round(0)
+    clicks, _ = env.play(first, oracle(env, first), arm="a")
+    clicks = clicks[clicks["event_type"] == "click"]
+    assert len(clicks) > 30
+    history = {u: set(g) for u, g in env.sim.events(0).groupby("user_id")["item_id"]}
+    second = env.round(1)
+    assert set(first.organic["item_id"][first.organic["user_id"] == first.organic["user_id"].iloc[0]]) <= \
+        env.consumed[first.organic["user_id"].iloc[0]]  # last round's browsing is consumed now
+
+    def show(lists_of):  # the same list to every user of the round, from what each one consumed
+        def recommend(users, recent, k):
+            return [lists_of(u)[:k] for u in users], [None] * len(users)
+        return recommend
+    old = show(lambda u: sorted(history.get(u, set()) | set(clicks["item_id"][clicks["user_id"] == u])))
+    again, hits = env.play(second, old, arm="a")
+    assert len(again) == 0 and not hits.any()
+    # another arm's users never clicked those lists' items: only the shared history is skipped
+    own_clicks = show(lambda u: sorted(set(clicks["item_id"][clicks["user_id"] == u]) - history.get(u, set())))
+    other, _ = env.play(second, own_clicks, arm="b")
+    assert len(other) > 0
 
 
 def test_drift_moves_taste_from_early_to_late(env):

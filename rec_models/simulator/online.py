@@ -5,6 +5,11 @@ and browse organically beside it (docs/simulator.md).
 Every round is one simulated day after batch 0. The same users, organic browsing and random
 draws (common random numbers) are used for every recommender asked in a round, so arms are
 compared on identical situations and differ only by the lists they showed.
+
+A user does not click an item again: what they consumed before (their batch-0 history, their
+organic browsing of earlier rounds and of this one, and what they clicked in lists of the same
+recommender) is skipped when shown. Each recommender (``arm``) keeps its own record of clicks,
+because its users clicked what it showed them.
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ class OnlineEnvironment:
         self.preference = (TAG_WEIGHT * overlap + STYLE_WEIGHT * (self.users.style @ self.items.style.T)
                            + POPULARITY_WEIGHT * self.items.log_popularity)
         self.index = {item: i for i, item in enumerate(self.items.ids)}
+        self.consumed: dict[str, set[str]] = {  # shared: batch-0 history, then earlier rounds' browsing
+            str(u): set(g) for u, g in simulator.events(0).groupby("user_id")["item_id"]}
+        self.clicked: dict[str, dict[str, set[str]]] = {}  # per arm: what its users clicked
+        self._browsed: tuple[int, pd.DataFrame] | None = None  # the latest round's browsing, added at the next
 
     def time_of(self, round_: int) -> int:
         return int(self.start + round_ * ROUND_S)
@@ -89,6 +98,9 @@ class OnlineEnvironment:
         """Who is active in round ``round_`` and what they browse organically (the same for
         every recommender asked)."""
         cfg = self.config
+        if self._browsed is not None and self._browsed[0] != round_:
+            for user, items in self._browsed[1].groupby("user_id")["item_id"]:
+                self.consumed.setdefault(str(user), set()).update(items)
         rng = np.random.default_rng([cfg.seed, STREAM, round_])
         at = self.time_of(round_)
         users = np.sort(rng.choice(len(self.user_ids), size=min(cfg.users_per_round, len(self.user_ids)),
@@ -108,19 +120,24 @@ class OnlineEnvironment:
                                 "value": np.where(np.array(EVENT_TYPES)[kind] == "rating",
                                                   np.clip(np.round(2 * (1 + 4 * liking)) / 2, 0.5, 5.0), np.nan),
                                 "timestamp": stamps})
+        self._browsed = (round_, organic)
         return Round(round_, at, users, organic, rng.random((len(users), cfg.k)), rng.random((len(users), cfg.k)),
                      rng.normal(size=(len(users), cfg.k)))
 
-    def react(self, state: Round, lists: list[list[str]], request_ids: list[str | None]) -> pd.DataFrame:
-        """Clicks and purchases of the round's users on the lists they were shown (one list per
-        active user, in ``state.users`` order); unknown item ids are ignored."""
+    def react(self, state: Round, lists: list[list[str]], request_ids: list[str | None],
+              arm: str = "default") -> pd.DataFrame:
+        """Clicks and purchases of the round's users on the lists ``arm`` showed them (one list
+        per active user, in ``state.users`` order); unknown and already consumed items are
+        ignored."""
         rows = []
         seen = {u: set(g) for u, g in state.organic.groupby("user_id")["item_id"]}
+        clicked = self.clicked.setdefault(arm, {})
         for n, (user, served, request_id) in enumerate(zip(state.users, lists, request_ids)):
             uid = self.user_ids[user]
+            before = (seen.get(uid, set()), self.consumed.get(uid, set()), clicked.setdefault(uid, set()))
             for rank, item_id in enumerate(served[: self.config.k]):
                 item = self.index.get(item_id)
-                if item is None or item_id in seen.get(uid, ()):
+                if item is None or any(item_id in s for s in before):
                     continue
                 liking = self.liking(np.array([user]), np.array([item]), state.at, state.noise[n, rank: rank + 1])[0]
                 looked = state.attention[n, rank] < ATTENTION ** rank
@@ -129,18 +146,20 @@ class OnlineEnvironment:
                 at = int(state.at + ROUND_S // 2 + 60 * n + rank)
                 rows.append({"user_id": uid, "item_id": item_id, "event_type": "click", "timestamp": at,
                              "request_id": request_id})
+                clicked[uid].add(item_id)
                 if state.click[n, rank] < PURCHASE_GIVEN_CLICK * CLICK_SCALE * liking ** (CLICK_SHARPNESS + 1):
                     rows.append({"user_id": uid, "item_id": item_id, "event_type": "purchase", "timestamp": at + 30,
                                  "request_id": request_id})
         return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp", "request_id"])
 
-    def play(self, state: Round, recommend: Recommend) -> tuple[pd.DataFrame, np.ndarray]:
-        """Ask ``recommend`` for every active user (with their organic items of the round as
-        recent items) and return (their reactions, whether each user clicked anything)."""
+    def play(self, state: Round, recommend: Recommend, arm: str = "default") -> tuple[pd.DataFrame, np.ndarray]:
+        """Ask ``recommend`` (the recommender ``arm``) for every active user, with their organic
+        items of the round as recent items, and return (their reactions, whether each user
+        clicked anything)."""
         uids = list(self.user_ids[state.users])
         recent = state.organic.groupby("user_id", sort=False)["item_id"].agg(list).reindex(uids)
         lists, request_ids = recommend(uids, [r if isinstance(r, list) else [] for r in recent], self.config.k)
-        reactions = self.react(state, lists, request_ids)
+        reactions = self.react(state, lists, request_ids, arm)
         clicked = np.isin(uids, reactions.loc[reactions["event_type"] == "click", "user_id"].unique())
         return reactions, clicked
 
