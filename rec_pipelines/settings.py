@@ -34,8 +34,14 @@ class Settings(ModelSettings):
                                           "`$RECSYS_HOME/var/dagster_home`")
     mlflow_tracking_uri: str = env_field("MLFLOW_TRACKING_URI", "", "MLflow tracking and registry store",
                                          "`sqlite:///$RECSYS_HOME/mlflow/mlflow.db`")
-    mlflow_artifact_root: Path | None = env_field("RECSYS_MLFLOW_ARTIFACTS", None, "artifact root of new experiments",
-                                                  "`$RECSYS_HOME/mlflow/artifacts`")
+    mlflow_artifact_root: str = env_field(
+        "RECSYS_MLFLOW_ARTIFACTS", "", "artifact root of new experiments: a folder or a URL such as `s3://bucket/prefix` "
+        "(any S3 API: set `MLFLOW_S3_ENDPOINT_URL` and the `AWS_*` credentials)",
+        "`$RECSYS_HOME/mlflow/artifacts`; with an `http(s)://` tracking server, the server's")
+    dagster_config: Path | None = env_field(
+        "RECSYS_DAGSTER_CONFIG", None, "Dagster instance config copied into `$DAGSTER_HOME/dagster.yaml` before every "
+        "command (`docker/dagster.postgres.yaml`: runs, events and schedules in PostgreSQL)",
+        "`$RECSYS_HOME/dagster.yaml`, else the repository's `dagster.yaml`")
     model_name: str = env_field("RECSYS_MODEL_NAME", "recsys-sasrec", "registered model name")
     full_retrain_cron: str = env_field("RECSYS_FULL_RETRAIN_CRON", "0 2 * * *", "schedule of the full retrain")
     sensor_interval_s: int = env_field("RECSYS_SENSOR_INTERVAL_S", 10, "seconds between landing-zone sensor ticks")
@@ -58,9 +64,23 @@ class Settings(ModelSettings):
         self.lake = Path(self.lake or self.home / "var" / "lake")
         self.dagster_home = Path(self.dagster_home or self.home / "var" / "dagster_home")
         self.mlflow_tracking_uri = self.mlflow_tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-        self.mlflow_artifact_root = Path(self.mlflow_artifact_root or mlflow_dir / "artifacts")
+        if not self.mlflow_artifact_root and not self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            self.mlflow_artifact_root = str(mlflow_dir / "artifacts")
         self.pseudonym_key_file = Path(self.pseudonym_key_file or self.lake / "secrets" / "pseudonym.key")
         return self
+
+    @property
+    def local_artifact_root(self) -> Path | None:
+        """The folder of MLflow artifacts when they are local files, else None."""
+        root = self.mlflow_artifact_root
+        return Path(root.removeprefix("file://")) if root and not is_remote_url(root) else None
+
+    @property
+    def instance_config(self) -> Path | None:
+        """The Dagster instance config to copy into DAGSTER_HOME."""
+        if self.dagster_config is not None:
+            return Path(self.dagster_config)
+        return next((p for p in (self.home / "dagster.yaml", REPO_ROOT / "dagster.yaml") if p.exists()), None)
 
     @property
     def landing_zone_url(self) -> str:
@@ -94,7 +114,7 @@ class Settings(ModelSettings):
             "RECSYS_LAKE": str(self.lake),
             "DAGSTER_HOME": str(self.dagster_home),
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
-            "RECSYS_MLFLOW_ARTIFACTS": str(self.mlflow_artifact_root),
+            "RECSYS_MLFLOW_ARTIFACTS": self.mlflow_artifact_root,
             "RECSYS_MODEL_NAME": self.model_name,
             "RECSYS_TEXT_MODEL": self.text_model,
             "RECSYS_PSEUDONYM_KEY_FILE": str(self.pseudonym_key_file),
@@ -121,17 +141,21 @@ class Settings(ModelSettings):
 
 def prepare_environment(settings: Settings | None = None) -> Settings:
     """Export the settings so every Dagster process agrees, and give DAGSTER_HOME its
-    dagster.yaml (copied from the repository root, the one source of truth)."""
+    dagster.yaml (copied from ``RECSYS_DAGSTER_CONFIG``, by default the repository root's, the
+    one source of truth)."""
     settings = settings or Settings.from_env()
     settings.apply_umask()
     os.environ.update(settings.export())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     settings.dagster_home.mkdir(parents=True, exist_ok=True)
-    source = next((p for p in (settings.home / "dagster.yaml", REPO_ROOT / "dagster.yaml") if p.exists()), None)
+    source = settings.instance_config
+    if source is not None and not source.exists():
+        raise SystemExit(f"RECSYS_DAGSTER_CONFIG names {source}, which does not exist")
     target = settings.dagster_home / "dagster.yaml"
     if source is not None and (not target.exists() or target.read_bytes() != source.read_bytes()):
         shutil.copyfile(source, target)
-    for folder in (settings.landing_zone, settings.lake, settings.mlflow_artifact_root):  # (a remote zone's mirror)
-        folder.mkdir(parents=True, exist_ok=True)
+    for folder in (settings.landing_zone, settings.lake, settings.local_artifact_root):  # (a remote zone's mirror)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
     return settings

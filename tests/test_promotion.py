@@ -103,7 +103,7 @@ def test_rollback_from_cli_and_from_dagster(trained, capsys):
 
 def test_a_champion_this_version_cannot_load_is_replaced_with_the_reason_said(trained):
     settings, defs, instance, registry = trained
-    stored = list(settings.mlflow_artifact_root.rglob("recommender.json"))
+    stored = list(settings.local_artifact_root.rglob("recommender.json"))
     assert len(stored) == 1  # the one registered model, version 1
     stored[0].unlink()  # as a bundle written before recommender.json existed
     result = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(instance=instance,

@@ -56,7 +56,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
                               "-h", args.host, "-p", str(args.port)],
         "dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-m", "rec_pipelines.definitions"],
         "mlflow": [str(bin_dir / "mlflow"), "server", "--backend-store-uri", mlflow_db,
-                   "--default-artifact-root", settings.mlflow_artifact_root.as_uri(),
+                   "--default-artifact-root", (settings.local_artifact_root.resolve().as_uri()
+                                               if settings.local_artifact_root else settings.mlflow_artifact_root),
                    "--host", args.host, "--port", str(args.mlflow_port)],
     }
     processes = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}

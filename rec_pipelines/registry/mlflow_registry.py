@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import importlib.metadata
+import time
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
@@ -67,7 +69,7 @@ class ModelRegistry:
 
     def __init__(self, tracking_uri: str, artifact_root: Path | str, model_name: str):
         self.tracking_uri = tracking_uri
-        self.artifact_root = Path(artifact_root)
+        self.artifact_root = str(artifact_root)  # a folder, a URL (s3://...), or "" (the tracking server's)
         self.model_name = model_name
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
@@ -78,10 +80,19 @@ class ModelRegistry:
         experiment = self.client.get_experiment_by_name(self.model_name)
         if experiment is not None:
             return experiment.experiment_id
-        self.artifact_root.mkdir(parents=True, exist_ok=True)
-        return self.client.create_experiment(
-            self.model_name, artifact_location=(self.artifact_root / self.model_name).resolve().as_uri()
-        )
+        return self.client.create_experiment(self.model_name, artifact_location=self.artifact_location())
+
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps its artifacts: ``<root>/<model name>`` (a local folder as
+        a file URI), or None to leave it to the tracking server."""
+        root = self.artifact_root
+        if not root:
+            return None
+        if "://" in root and not root.startswith("file://"):
+            return f"{root.rstrip('/')}/{self.model_name}"
+        folder = Path(root.removeprefix("file://"))
+        folder.mkdir(parents=True, exist_ok=True)
+        return (folder / self.model_name).resolve().as_uri()
 
     def start_run(self, run_name: str, tags: dict[str, str] | None = None):
         mlflow.set_tracking_uri(self.tracking_uri)
@@ -156,12 +167,20 @@ class ModelRegistry:
 
 
 class MlflowEpochMetrics(L.Callback):
-    """Logs every epoch's validation/training metrics to the active MLflow run as they happen."""
+    """Logs every epoch's validation/training metrics to the MLflow run active when it was made,
+    as they happen. Under multi-process training (``ddp_spawn``) the callback travels to every
+    rank, where no run is active: it logs by run id, from rank 0 only."""
+
+    def __init__(self):
+        run = mlflow.active_run()
+        self.run_id = run.info.run_id if run else None
+        self.tracking_uri = mlflow.get_tracking_uri()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.run_id is None:
             return
         metrics = {metric_key(k): float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if metrics:
-            mlflow.log_metrics(metrics, step=trainer.current_epoch)
+            MlflowClient(tracking_uri=self.tracking_uri).log_batch(
+                self.run_id, [Metric(k, v, int(time.time() * 1000), trainer.current_epoch) for k, v in metrics.items()])
 
