@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from rec_models.data import LeaveLastOutSplit
+from rec_models.models.distributed import train_sampler
 from rec_models.models.sasrec import EVAL_BATCH_SIZE, SASRecConfig
 
 
@@ -58,6 +59,10 @@ class SequenceDataModule(L.LightningDataModule):
 
     ``users_subset`` (positions in ``split.train``) restricts the training windows, e.g. to
     users with new feedback plus a replay sample; validation always uses every user.
+    On several processes (DDP) each rank trains on its shuffled shard of the windows, while
+    validation is not sharded: every rank scores every user, so all ranks see the same
+    validation NDCG and take the same early-stopping decisions (the trainer runs with
+    ``use_distributed_sampler=False``, see ``distributed.build_trainer``).
     """
 
     def __init__(
@@ -90,7 +95,13 @@ class SequenceDataModule(L.LightningDataModule):
         self.train_windows = TensorDataset(*(torch.from_numpy(a) for a in arrays))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_windows, batch_size=self.config.batch_size, shuffle=True)
+        """``config.batch_size`` windows per step: with N processes, ``batch_size // N`` each
+        (the optimisation, and so the model, does not depend on the number of devices)."""
+        sampler = train_sampler(self.train_windows, self.trainer, self.config.seed)
+        if sampler is None:
+            return DataLoader(self.train_windows, batch_size=self.config.batch_size, shuffle=True)
+        batch_size = max(1, self.config.batch_size // sampler.num_replicas)
+        return DataLoader(self.train_windows, batch_size=batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -71,6 +71,12 @@ class RecommenderConfig:
     id_init: str = "svd"
     id_dropout: float = 0.0
     freeze_ids: bool = False
+    # where SASRec trains (Lightning Trainer arguments, see SASRecConfig and models.distributed):
+    # e.g. accelerator="gpu", devices=4, strategy="ddp_spawn"; batch_size stays the global batch
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
     sasrec_models: int = 2  # SASRec networks trained with seeds seed, seed + 1, ...; their scores are averaged
     # hybrid with the content model (text similarity to the user's recent items)
     blend: bool = True

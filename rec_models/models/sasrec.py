@@ -53,6 +53,11 @@ class SASRecConfig:
     id_init: str = "default"  # "svd": ID embeddings start from training co-occurrence factors
     id_dropout: float = 0.0  # share of items trained from text alone each step (text side only)
     freeze_ids: bool = False  # keep the ID embeddings at their initial values (e.g. SVD factors)
+    # where training runs: Lightning's Trainer arguments (see rec_models.models.distributed)
+    accelerator: str = "cpu"  # "cpu", "gpu", "auto", ...
+    devices: int | str = 1  # processes per node with DDP; batch_size stays the global batch
+    strategy: str = "auto"  # "ddp_spawn" for several devices ("auto" picks it); "ddp" only under torchrun
+    num_nodes: int = 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

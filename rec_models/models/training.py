@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -20,6 +21,14 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from rec_models.data import LeaveLastOutSplit
 from rec_models.evaluation import RankingMetrics, pad_histories
 from rec_models.models.data_module import SequenceDataModule
+from rec_models.models.distributed import (
+    HandoffCallback,
+    build_trainer,
+    from_rank_zero,
+    per_rank,
+    quiet_warnings,
+    restored_environment,
+)
 from rec_models.models.hybrid import blend, standardize_scores
 from rec_models.models.losses import LOSSES
 from rec_models.models.sasrec import (
@@ -80,8 +89,8 @@ class SASRecModule(L.LightningModule):
         )
         loss = self.loss_fn(hidden, targets[counted], outputs, self.candidate_items, self.config.n_negatives)
         self.sequences_seen += len(items)
-        self.log(
-            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(items)
+        self.log(  # the mean over the ranks' losses with DDP
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(items), sync_dist=True
         )
         return loss
 
@@ -103,11 +112,14 @@ class SASRecModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
+        blend_results = {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in self.blend_metrics.items()}
+        # With DDP every rank scored every validation user; rank 0's numbers are used on all
+        # ranks, so they log the same values and take the same early-stopping decisions.
+        metrics, self.blend_results = from_rank_zero(self._trainer, (metrics, blend_results))
         self.own_val_ndcg = float(metrics[f"ndcg@{VAL_K}"])
         self.log(MONITOR, metrics[f"ndcg@{VAL_K}"], on_epoch=True, prog_bar=True)
         self.log(f"val_hr@{VAL_K}", metrics[f"hr@{VAL_K}"], on_epoch=True)
         if self.blend_with is not None:
-            self.blend_results = {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in self.blend_metrics.items()}
             self.log(HYBRID_MONITOR, max(self.blend_results.values()), on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -115,10 +127,13 @@ class SASRecModule(L.LightningModule):
         return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
 
-class _BestEpochTracker(Callback):
-    """Records each epoch's metrics and keeps an in-memory copy of the best weights."""
+class _BestEpochTracker(HandoffCallback):
+    """Records each epoch's metrics and keeps an in-memory copy of the best weights; at the
+    end of ``fit`` also how it stopped and the windows each rank trained on (handed back to
+    the caller when rank 0 was a spawned process)."""
 
     def __init__(self, monitor: str = MONITOR) -> None:
+        super().__init__()
         self.monitor = monitor
         self.epochs: list[dict] = []
         self.best_score: float | None = None
@@ -126,6 +141,25 @@ class _BestEpochTracker(Callback):
         self.best_blend: dict[float, float] = {}
         self.best_own: float | None = None  # the model's own val NDCG@10 at the kept epoch
         self._epoch_start = 0.0
+        self.stopped_by: str | None = None
+        self.sequences_per_rank: list[int] = []
+        self.n_windows = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        quiet_warnings()  # again: spawned ranks do not inherit the caller's warning filters
+
+    def fit_results(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        early_stopping = trainer.early_stopping_callback
+        if early_stopping is not None and early_stopping.stopped_epoch > 0:
+            stopped_by = "patience"
+        elif trainer.current_epoch >= trainer.max_epochs:
+            stopped_by = "max_epochs"
+        else:
+            stopped_by = "max_time"  # the safety net: the result depends on machine speed
+        return {"stopped_by": stopped_by, "epochs": self.epochs, "best_score": self.best_score,
+                "best_state": self.best_state, "best_blend": self.best_blend, "best_own": self.best_own,
+                "sequences_per_rank": per_rank(trainer, pl_module.sequences_seen),
+                "n_windows": len(trainer.datamodule.train_windows)}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -228,7 +262,7 @@ def train_sasrec(
     blend_with: Callable | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
 ) -> tuple[SASRecBackbone, dict]:
-    """Train on CPU with early stopping on val NDCG@10; return the best backbone and a history.
+    """Train with early stopping on val NDCG@10; return the best backbone and a history.
 
     ``init_backbone`` warm-starts from a previous model (grown to ``config.n_items`` if it has
     fewer items). ``users_subset`` trains on those users' windows only. ``logger`` is any
@@ -238,7 +272,18 @@ def train_sasrec(
     The history dict holds ``epochs`` (one dict of metrics per epoch), ``best_val_ndcg@10``,
     ``stopped_by`` ("patience", "max_epochs" or "max_time": only the last depends on the
     machine's speed), ``train_s`` (wall time of ``fit``, validation included), ``sequences_per_s`` (training
-    windows processed per second of ``train_s``) and ``n_windows`` (windows per epoch).
+    windows processed per second of ``train_s``, all ranks together), ``n_windows`` (windows
+    per epoch), ``world_size`` and ``sequences_per_rank`` (windows each process trained on).
+
+    The config's ``accelerator`` (default CPU), ``devices``, ``strategy`` and ``num_nodes`` go
+    to Lightning's ``Trainer``. Several devices mean DDP: each of N processes trains on its
+    shard of the windows, ``batch_size // N`` per step (the same steps as on one device), and
+    validates on every user, rank 0's scores deciding for all. From a library call use
+    ``strategy="ddp_spawn"`` (what ``"auto"`` picks): the ranks are spawned processes and the
+    best network comes back to this one. ``"ddp"`` (it re-runs the command line) is refused
+    unless ``torchrun``/SLURM started the processes: then every rank returns the same network
+    (write from rank 0 only). Spawned ranks run pickled copies of ``logger``, ``callbacks``
+    and ``blend_with``, not this process's objects. See ``rec_models.models.distributed``.
 
     ``blend_with`` (a score function, e.g. the content model's) trains the model as the
     sequential half of a hybrid: every validation also scores ``alpha * model + (1 - alpha) *
@@ -276,12 +321,12 @@ def train_sasrec(
         tracker.best_own = own
     early_stopping = EarlyStopping(monitor, mode="max", patience=config.patience)
 
-    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
+    with (tempfile.TemporaryDirectory() as root, warnings.catch_warnings(),
+          restored_environment("MASTER_PORT")):
+        quiet_warnings()
+        tracker.handoff_path = os.path.join(root, "rank0_results.pt")
+        trainer = build_trainer(
+            config,
             max_epochs=config.max_epochs,
             max_time=None if max_time_s is None else timedelta(seconds=max_time_s),
             logger=logger if logger is not None else False,
@@ -296,19 +341,14 @@ def train_sasrec(
         start = time.perf_counter()
         trainer.fit(module, datamodule=data)
         train_s = time.perf_counter() - start
-        if early_stopping.stopped_epoch > 0:
-            stopped_by = "patience"
-        elif trainer.current_epoch >= config.max_epochs:
-            stopped_by = "max_epochs"
-        else:
-            stopped_by = "max_time"  # the safety net: the result depends on machine speed
+        tracker.recover()  # ddp_spawn: the ranks were other processes
 
     if tracker.best_state is not None:
         backbone.load_state_dict(tracker.best_state)
-    backbone.eval()
+    backbone.cpu().eval()  # on CPU whatever the accelerator, like every other model here
     best = tracker.best_score
     if best is None:  # stopped (max_time) before the first validation: evaluate now
-        best, tracker.best_blend = _validation_scores(backbone, split, blend_with, alphas, ~module.candidate_items)
+        best, tracker.best_blend = _validation_scores(backbone, split, blend_with, alphas, ~data.candidate_items())
     hybrid = {}
     if blend_with is not None:
         blend_results = tracker.best_blend
@@ -320,13 +360,15 @@ def train_sasrec(
         }
         best = tracker.best_own if tracker.best_own is not None else blend_results.get(1.0, float("nan"))
     history = {
-        "stopped_by": stopped_by,
+        "stopped_by": tracker.stopped_by,
         **hybrid,
         "epochs": tracker.epochs,
         f"best_val_ndcg@{VAL_K}": best,
         "train_s": train_s,
-        "sequences_per_s": module.sequences_seen / train_s,
-        "n_windows": len(data.train_windows),
+        "sequences_per_s": sum(tracker.sequences_per_rank) / train_s,
+        "n_windows": tracker.n_windows,
+        "world_size": len(tracker.sequences_per_rank),
+        "sequences_per_rank": tracker.sequences_per_rank,
         "warm_start_val_ndcg@10": warm_start_score,
     }
     return backbone, history
