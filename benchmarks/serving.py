@@ -1,7 +1,7 @@
 """Serving latency of the champion pyfunc over the ml-latest-small catalog (9.7k items).
 
     .venv/bin/python benchmarks/serving.py [--epochs 1] [--encode-text] [--requests 1000]
-                                           [--http-requests 10000] [--clients 20] [--http-time-cap 60]
+                          [--http-requests 10000] [--clients 20] [--http-time-cap 60] [--workers 1,2]
 
 1. Builds a real bundle: ml-latest-small events and catalog (``rec_models.data.movielens``), a SASRec
    trained for ``--epochs`` epochs (latency does not depend on accuracy), and item text
@@ -14,7 +14,8 @@
    known user with 3 just-seen items and k=10, i.e. the real-time path with a full history.
 3. HTTP: starts ``recsys serve --port PORT`` (the batching server) on a free loopback port and
    sends ``--http-requests`` of those requests from ``--clients`` concurrent keep-alive
-   clients (closed loop), stopping early at ``--http-time-cap`` seconds.
+   clients (closed loop), stopping early at ``--http-time-cap`` seconds; ``--workers 1,2``: once
+   per count of server processes, one after the other (steps 4 and 5 use the first count).
 4. Under attack: the same clients, but ``--hostile-share`` (default 10 %) of the requests are
    hostile (lone surrogates, 30,000-deep JSON, k = 10^400, non-string columns, oversized
    bodies, rows and answers, 100 KB ids), while ``--stalled`` more connections send half a
@@ -27,7 +28,8 @@
 Ends with one JSON line: inprocess_p50/p99_ms (pyfunc), recommender_p50/p99_ms (bare),
 http_p50/p99_ms, http_rps (``recsys serve``), mean_batch_rows (request rows per forward pass
 under that load), hostile_good_error_rate, hostile_good_p99_ms, hostile_statuses,
-server_peak_rss_mb, and mlflow_http_p50/p99_ms, mlflow_http_rps.
+server_peak_rss_mb (all processes), mlflow_http_p50/p99_ms, mlflow_http_rps, and per worker
+count throughput_rps_by_workers and http_p99_ms_by_workers (step 3's other keys: the first count).
 Targets: in-process p99 <= 10 ms, HTTP p99 <= 50 ms. Clients and server share the machine;
 with C closed-loop clients the median latency is about C / throughput (Little's law).
 """
@@ -59,11 +61,7 @@ sys.path.insert(0, str(REPO))
 from rec_models.data import ItemVocab, leave_last_out  # noqa: E402
 from rec_models.data.movielens import MOVIELENS_TEMPLATE, load_movielens  # noqa: E402
 from rec_models.evaluation import protocol_sequences  # noqa: E402
-from rec_models.models import (  # noqa: E402
-    RecommenderConfig,
-    event_features,  # noqa: E402
-    train_recommender,
-)
+from rec_models.models import RecommenderConfig, event_features, train_recommender  # noqa: E402
 from rec_models.serving import example_request, write_bundle  # noqa: E402
 from rec_pipelines.cli import stop_processes  # noqa: E402
 
@@ -151,21 +149,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(root: Path, tracking_uri: str, port: int, engine: str) -> subprocess.Popen:
-    """``recsys serve --port PORT --engine ENGINE`` for the benchmark's champion."""
+def start_server(root: Path, tracking_uri: str, port: int, engine: str, workers: int = 1) -> subprocess.Popen:
+    """``recsys serve --port PORT --engine ENGINE --workers N`` for the benchmark's champion."""
     env = {**os.environ, "RECSYS_HOME": str(root), "MLFLOW_TRACKING_URI": tracking_uri, "RECSYS_MODEL_NAME": MODEL_NAME,
            "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port), "--engine", engine],
+    return subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(port), "--engine", engine,
+                             "--workers", str(workers)],
                             cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def wait_until_up(server: subprocess.Popen, port: int, timeout_s: float) -> float:
-    started = time.monotonic()
+def wait_until_up(server: subprocess.Popen, port: int, timeout_s: float, workers: int = 1) -> float:
+    """Seconds until the server answers (``workers`` > 1: until each worker answered GET /model)."""
+    started, pids = time.monotonic(), set()
     while time.monotonic() - started < timeout_s:
         if server.poll() is not None:
             raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:]}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{'model' if workers > 1 else 'ping'}", timeout=2) as r:
+                pids.add(json.loads(r.read())["worker_pid"] if workers > 1 else 0)
+            if len(pids) >= workers:
                 return time.monotonic() - started
         except OSError:
             time.sleep(0.3)
@@ -257,18 +259,19 @@ def stall(port: int, until: float, opened: list) -> None:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident memory of ``pid`` plus its child processes' (the workers of --workers N)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = [pid, *map(int, children.read_text().split() if children.exists() else [])]
+    status = "".join(Path(f"/proc/{one}/status").read_text() for one in pids if Path(f"/proc/{one}").exists())
+    return sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
 
 
 def serve_and_attack(root: Path, tracking_uri: str, bodies: list[bytes], args: argparse.Namespace) -> dict:
     """``recsys serve`` under a mix of good and hostile requests plus stalled connections."""
     port = free_port()
-    server = start_server(root, tracking_uri, port, "recsys")
+    server = start_server(root, tracking_uri, port, "recsys", args.worker_counts[0])
     try:
-        wait_until_up(server, port, 180)
+        wait_until_up(server, port, 180, args.worker_counts[0])
         http_load(port, bodies, args.clients, 100, 30)  # warm-up
         rss_before = peak_rss_mb(server.pid)
         attacks = hostile_bodies(bodies)
@@ -304,18 +307,21 @@ def serve_and_attack(root: Path, tracking_uri: str, bodies: list[bytes], args: a
     return result
 
 
-def serve_and_load(root: Path, tracking_uri: str, engine: str, bodies: list[bytes],
-                   args: argparse.Namespace) -> tuple[float, float, float, int, float | None]:
-    """Serve the champion with ``engine``, run the HTTP load against it, stop it: (p50 ms,
-    p99 ms, requests/s, requests sent, mean request rows per forward pass or None)."""
+def serve_and_load(root: Path, tracking_uri: str, engine: str, bodies: list[bytes], args: argparse.Namespace,
+                   workers: int = 1) -> tuple[float, float, float, int, float | None]:
+    """Serve the champion with ``engine`` (``workers`` processes), run the HTTP load against it,
+    stop it: (p50 ms, p99 ms, requests/s, requests sent, mean request rows per forward pass or
+    None; only known for one worker, as ``GET /model`` counts one worker's batches)."""
     port = free_port()
-    server = start_server(root, tracking_uri, port, engine)
+    server = start_server(root, tracking_uri, port, engine, workers)
+    stats = engine == "recsys" and workers == 1  # GET /model: batches and rows answered so far (of one worker)
     try:
-        print(f"recsys serve --engine {engine}: up in {wait_until_up(server, port, 180):.0f}s", flush=True)
-        http_load(port, bodies, args.clients, 100, 30)  # warm-up
-        before = model_stats(port, engine)
+        up = wait_until_up(server, port, 180, workers if engine == "recsys" else 1)
+        print(f"recsys serve --engine {engine} --workers {workers}: up in {up:.0f}s", flush=True)
+        http_load(port, bodies, args.clients, 100 * workers, 30)  # warm-up
+        before = model_stats(port) if stats else None
         latencies, errors, wall, _ = http_load(port, bodies, args.clients, args.http_requests, args.http_time_cap)
-        after = model_stats(port, engine)
+        after = model_stats(port) if stats else None
     finally:
         stop_processes([server])
     p50, p99 = percentiles(latencies)
@@ -331,10 +337,7 @@ def serve_and_load(root: Path, tracking_uri: str, engine: str, bodies: list[byte
     return p50, p99, rps, len(latencies), batch_rows
 
 
-def model_stats(port: int, engine: str) -> dict | None:
-    """``GET /model`` of the batching server (batches and rows answered so far)."""
-    if engine != "recsys":
-        return None
+def model_stats(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/model", timeout=5) as response:
         return json.loads(response.read())
 
@@ -350,7 +353,9 @@ def main() -> int:
     parser.add_argument("--skip-mlflow", action="store_true", help="do not measure MLflow's scoring server")
     parser.add_argument("--hostile-share", type=float, default=0.1, help="share of hostile requests in step 4; 0 skips it")
     parser.add_argument("--stalled", type=int, default=20, help="slow-loris connections during step 4")
+    parser.add_argument("--workers", default="1", help="server processes, or several counts to compare: 1,2")
     args = parser.parse_args()
+    args.worker_counts = [int(n) for n in args.workers.split(",")]
     if not DATA.exists():
         print(f"skipped: {DATA} not found")
         return 0
@@ -369,11 +374,12 @@ def main() -> int:
         print(f"in-process Recommender     p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
 
         bodies = [json.dumps({"dataframe_records": r.to_dict("records")}).encode() for r in requests]
-        http_p50, http_p99, rps, sent, batch_rows = serve_and_load(root, tracking_uri, "recsys", bodies, args)
+        by_workers = {n: serve_and_load(root, tracking_uri, "recsys", bodies, args, n) for n in args.worker_counts}
+        http_p50, http_p99, rps, sent, batch_rows = by_workers[args.worker_counts[0]]
         attack = serve_and_attack(root, tracking_uri, bodies, args) if args.hostile_share > 0 else {}
         mlflow_figures = {}
         if not args.skip_mlflow:
-            m_p50, m_p99, m_rps, _, _ = serve_and_load(root, tracking_uri, "mlflow", bodies, args)
+            m_p50, m_p99, m_rps, _, _ = serve_and_load(root, tracking_uri, "mlflow", bodies, args, args.worker_counts[0])
             mlflow_figures = {"mlflow_http_p50_ms": round(m_p50, 2), "mlflow_http_p99_ms": round(m_p99, 2),
                               "mlflow_http_rps": round(m_rps, 1)}
     print(json.dumps({
@@ -381,7 +387,9 @@ def main() -> int:
         "recommender_p50_ms": round(bare_p50, 3), "recommender_p99_ms": round(bare_p99, 3),
         "http_p50_ms": round(http_p50, 2), "http_p99_ms": round(http_p99, 2), "http_rps": round(rps, 1),
         "mean_batch_rows": round(batch_rows, 2) if batch_rows else None, **attack, **mlflow_figures,
-        "clients": args.clients, "http_requests": sent,
+        "throughput_rps_by_workers": {str(n): round(r[2], 1) for n, r in by_workers.items()},
+        "http_p99_ms_by_workers": {str(n): round(r[1], 2) for n, r in by_workers.items()},
+        "clients": args.clients, "http_requests": sent, "workers": args.worker_counts,
         "text_vectors": "all-MiniLM-L6-v2" if args.encode_text else "random", "epochs": args.epochs,
     }))
     return 0

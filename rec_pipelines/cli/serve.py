@@ -1,6 +1,7 @@
 """``recsys serve``: the batching HTTP server (MLflow's scoring protocol, one forward pass for
 the requests waiting together, hot reload of the ``champion`` alias, limits on what one client
-may ask); the server lives in ``rec_pipelines.server``, see docs/serving.md."""
+may ask); ``--workers N`` runs N server processes behind the port; the server lives in
+``rec_pipelines.server``, see docs/serving.md."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def parse_args(argv: list[str], settings: Settings) -> argparse.Namespace:
                         help="most request rows answered in one forward pass (default: %(default)s)")
     parser.add_argument("--engine", choices=("recsys", "mlflow"), default="recsys",
                         help="this server, or MLflow's scoring server (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="--engine mlflow: uvicorn workers (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes behind the port, each with its own copy of the model; a POST /reload "
+                             "reaches them all within a second (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=60, help="--engine mlflow: seconds per request (default: %(default)s)")
     parser.add_argument("--challenger-share", type=float, default=0.0,
                         help="share of users (stable per user) answered by models:/NAME@challenger when that alias "
@@ -75,6 +78,9 @@ def missing_model(model_uri: str, tracking_uri: str) -> str | None:
 def main(argv: list[str]) -> int:
     settings = Settings.from_env()
     args = parse_args(argv, settings)
+    if args.workers < 1:
+        print(f"recsys serve: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
     problem = missing_model(args.model_uri, settings.mlflow_tracking_uri)
     if problem:
         print(f"recsys serve: {problem}", file=sys.stderr)
@@ -85,28 +91,17 @@ def main(argv: list[str]) -> int:
               flush=True)
         os.execve(command[0], command, env)  # the server replaces this process: Ctrl-C stops it
 
-    import torch
     import uvicorn
 
-    from rec_pipelines.server import Arms, ImpressionLog, ModelHolder, create_app, timed_protocol
+    from rec_pipelines.server import timed_protocol
+    from rec_pipelines.server.workers import build_app, serve_workers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
     limits = ServerLimits.from_args(args)
-    holder = ModelHolder(args.model_uri, settings.mlflow_tracking_uri)
-    challenger = None
-    if args.challenger_share > 0 or args.interleave:
-        challenger = ModelHolder(args.model_uri.rsplit("@", 1)[0] + "@challenger", settings.mlflow_tracking_uri,
-                                 required=False)
-    impressions = None
-    if args.impressions and not settings.landing_zone_url:
-        impressions = ImpressionLog(settings.landing_zone / "impressions")
-    print(f"serving {args.model_uri} (version {holder.current.version}, {holder.current.recommender.n_items} items) "
-          f"on http://{args.host}:{args.port}/invocations"
-          + (f"; impressions to {impressions.folder}" if impressions else ""), flush=True)
-    arms = Arms(holder, challenger, args.challenger_share, interleave=args.interleave)
-    app = create_app(arms, args.max_batch_rows, args.reload_interval, limits, impressions)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False, loop="uvloop",
-                http=timed_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
-                timeout_graceful_shutdown=5)
+    options = dict(log_level="info", access_log=False, loop="uvloop", limit_concurrency=limits.max_connections,
+                   timeout_graceful_shutdown=5)  # limit_concurrency: per worker
+    if args.workers > 1:  # uvicorn's supervisor; each worker builds its app (rec_pipelines.server.workers)
+        return serve_workers(args, **options)
+    app = build_app(args, settings)
+    uvicorn.run(app, host=args.host, port=args.port, http=timed_protocol(limits.header_timeout_s), **options)
     return 0

@@ -1,6 +1,6 @@
 """The HTTP application of ``recsys serve``: MLflow's scoring protocol on ``/invocations``,
 one forward pass for the requests waiting together (``RequestBatcher``), ``/ping``,
-``/health`` and ``/model``. Every client mistake is a 4xx with a message; a request that fails
+``/health`` and ``/model`` (which also says which worker process answered). Every client mistake is a 4xx with a message; a request that fails
 in the model is answered alone, so it never fails the requests batched with it."""
 
 from __future__ import annotations
@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from rec_pipelines.server.impressions import ImpressionLog
 from rec_pipelines.server.limits import RequestRefused, ServerLimits, parse_json, read_body
-from rec_pipelines.server.models import Arms, ModelHolder
+from rec_pipelines.server.models import Arms, ModelHolder, ReloadToken
 
 RECORD_KEYS = ("dataframe_records", "dataframe_split", "inputs", "instances")
 
@@ -195,10 +196,15 @@ def check_size(parsed: list, limits: ServerLimits) -> None:
 
 
 def create_app(arms: Arms | ModelHolder, max_batch_rows: int = 256, reload_interval_s: float = 0.0,
-               limits: ServerLimits | None = None, impressions: ImpressionLog | None = None):
+               limits: ServerLimits | None = None, impressions: ImpressionLog | None = None,
+               reload_token: ReloadToken | None = None, workers: int = 1):
     """The Starlette application: /invocations, /ping, /health, /model, and POST /reload
     (check the aliases now: what the promotion step calls, so a new champion is served within
-    a second instead of at the next poll). ``impressions`` records what was served."""
+    a second instead of at the next poll). ``impressions`` records what was served.
+
+    One of ``workers`` processes (``recsys serve --workers N``): ``/model`` and the
+    ``x-recsys-worker`` header say which pid answered; ``reload_token`` passes a POST /reload
+    on to the other workers (see ``ReloadToken``)."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -248,7 +254,8 @@ def create_app(arms: Arms | ModelHolder, max_batch_rows: int = 256, reload_inter
             pseudonym = arms.holders["champion"].current.recommender.pseudonym
             impressions.record(request_ids, [pseudonym(request.user_id) for request in parsed], columns, counts)
         version_header = ",".join(versions)  # which model versions answered
-        return Response(body, media_type="application/json", headers={"x-recsys-model-version": version_header})
+        return Response(body, media_type="application/json",
+                        headers={"x-recsys-model-version": version_header, "x-recsys-worker": str(os.getpid())})
 
     async def ping(request: Request) -> Response:
         return Response("\n", media_type="text/plain")
@@ -257,7 +264,8 @@ def create_app(arms: Arms | ModelHolder, max_batch_rows: int = 256, reload_inter
         written = {"impressions_written": impressions.written, "impression_files": impressions.files} \
             if impressions is not None else {}
         return JSONResponse({**arms.describe(), "batches": batcher.batches, "rows": batcher.rows,
-                             "failed_requests": batcher.failures, **written})
+                             "failed_requests": batcher.failures, **written, "worker_pid": os.getpid(),
+                             "workers": workers})
 
     last_error: list = [None]
 
@@ -272,6 +280,11 @@ def create_app(arms: Arms | ModelHolder, max_batch_rows: int = 256, reload_inter
             last_error[0] = str(exc)
 
     async def reload(request: Request) -> Response:
+        if reload_token is not None:
+            try:
+                reload_token.announce()  # the other workers check their aliases within reload_token.poll_s
+            except OSError:
+                log.exception("cannot tell the other workers to reload; they find the new version at their next poll")
         await check_aliases()
         return JSONResponse(arms.describe())
 
@@ -280,11 +293,19 @@ def create_app(arms: Arms | ModelHolder, max_batch_rows: int = 256, reload_inter
             await asyncio.sleep(reload_interval_s)
             await check_aliases()
 
+    async def follow_token() -> None:  # a POST /reload that another worker received
+        while True:
+            await asyncio.sleep(reload_token.poll_s)
+            if reload_token.changed():
+                await check_aliases()
+
     @asynccontextmanager
     async def lifespan(app):
         tasks = [asyncio.create_task(batcher.run())]
         if reload_interval_s > 0:
             tasks.append(asyncio.create_task(follow_alias()))
+        if reload_token is not None:
+            tasks.append(asyncio.create_task(follow_token()))
         if impressions is not None:
             tasks.append(asyncio.create_task(impressions.run()))
         try:

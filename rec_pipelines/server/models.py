@@ -1,13 +1,16 @@
 """The model ``recsys serve`` answers from, and hot reload of the version behind its alias: a
 newer champion that cannot be loaded leaves the live one serving, is reported by ``GET
-/model`` and logged once per failing version."""
+/model`` and logged once per failing version. With several worker processes, ``ReloadToken``
+carries a ``POST /reload`` from the worker that got it to all the others."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("recsys.serve")
 
@@ -152,3 +155,36 @@ class Arms:
             champion["challenger"] = {**self.holders["challenger"].describe(), "share": self.challenger_share,
                                       "interleave": self.interleave}
         return champion
+
+
+class ReloadToken:
+    """Push reload across the worker processes of ``recsys serve --workers N``: ``POST /reload``
+    reaches one worker, which ``announce``s it by writing a new random token into a small file
+    of the server's temp dir; every worker reads that file every ``poll_s`` seconds and, when the
+    token ``changed``, checks its aliases at once (polling the registry stays as the fallback)."""
+
+    poll_s = 0.5
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.seen = self.read()
+
+    def read(self) -> str | None:
+        try:
+            return self.path.read_text()
+        except OSError:
+            return None
+
+    def announce(self) -> None:
+        from rec_models.files import write_text_atomic
+
+        token = secrets.token_hex(8)
+        write_text_atomic(self.path, token, durable=False)  # a reader sees the old token or the new one
+        self.seen = token  # this worker checks its aliases itself
+
+    def changed(self) -> bool:
+        token = self.read()
+        if token is None or token == self.seen:
+            return False
+        self.seen = token
+        return True
