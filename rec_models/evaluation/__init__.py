@@ -1,5 +1,6 @@
 """Offline evaluation under ../shared/benchmarks/PROTOCOL.md: metrics (``metrics``), the
-protocol's split and slices (``protocol``) and ``recsys evaluate`` (``offline``)."""
+protocol's split and slices (``protocol``), the held-out user sample (``sampling``) and ``recsys
+evaluate`` (``offline``)."""
 
 from rec_models.evaluation.metrics import (
     EVAL_BATCH,
@@ -18,7 +19,8 @@ from rec_models.evaluation.protocol import (
     protocol_sequences,
     select_cold_items,
 )
+from rec_models.evaluation.sampling import stratified_user_sample
 
 __all__ = ["EVAL_BATCH", "PopularityRecommender", "RankingMetrics", "ScoreFn", "cold_start_split", "cold_start_users",
            "evaluate_ranking", "evaluate_split", "item_popularity", "pad_histories", "paired_difference",
-           "protocol_sequences", "select_cold_items"]
+           "protocol_sequences", "select_cold_items", "stratified_user_sample"]

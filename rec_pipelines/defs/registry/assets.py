@@ -8,6 +8,7 @@ from rec_pipelines.defs.resources import MlflowResource, ServingResource
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.registry import decide_promotion
 from rec_pipelines.training import (
+    DEFAULT_EVAL_USERS,
     TrainedModel,
     TrainingData,
     held_out_comparison,
@@ -15,6 +16,11 @@ from rec_pipelines.training import (
 )
 
 GROUP = "registry"
+
+
+class EvaluationConfig(dg.Config):
+    eval_users: int = DEFAULT_EVAL_USERS  # with more held-out users, score a stratified sample of this many
+    eval_seed: int = 0  # which sample: the same seed scores the same users
 
 
 class PromotionConfig(dg.Config):
@@ -29,18 +35,22 @@ class PromotionConfig(dg.Config):
 @dg.asset(group_name=GROUP, kinds={"mlflow"})
 def model_evaluation(
     context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
     candidate_model: TrainedModel,
     training_data: TrainingData,
     item_text_embeddings: pd.DataFrame,
     mlflow: MlflowResource,
 ) -> dg.Output[dict]:
     """Protocol metrics (full ranking, history masked, leave-last-out test target) for the
-    candidate, the current champion and a popularity baseline, all on the same users."""
+    candidate, the current champion and a popularity baseline, all on the same users: every
+    held-out user, or a seeded sample of ``eval_users`` stratified by activity when there are more."""
     results, comparison = held_out_comparison(candidate_model, training_data,
-                                  text_matrix(training_data.vocab, item_text_embeddings), mlflow.registry())
+                                              text_matrix(training_data.vocab, item_text_embeddings),
+                                              mlflow.registry(), config.eval_users, config.eval_seed)
     table = pd.DataFrame({k: results[k] for k in ("candidate", "champion", "popularity") if k in results}).T.reindex(
         columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
-    context.log.info(f"held-out evaluation:\n{table}")
+    context.log.info(f"held-out evaluation on {results['eval_users']} of {results['eval_population']} users "
+                     f"(seed {results['eval_seed']}):\n{table}")
     return dg.Output(
         results,
         metadata={
@@ -49,6 +59,10 @@ def model_evaluation(
             "popularity_ndcg@10": float(results["popularity"]["ndcg@10"]),
             "users": int(results["candidate"]["n_users"]),
             "cold_users": results["cold_users"],
+            "eval_users": results["eval_users"],
+            "eval_population": results["eval_population"],
+            "eval_seed": results["eval_seed"],
+            "paired_se_relative": float("nan") if results["paired_se_relative"] is None else results["paired_se_relative"],
             "paired_ndcg_diff": dg.MetadataValue.json(results.get("paired")),
             "comparison": dg.MetadataValue.md(table.to_markdown(floatfmt=".4f")),
             "comparison_plot": dg.MetadataValue.md(figure_to_md(comparison, alt="champion vs challenger")),
@@ -81,6 +95,10 @@ def champion_model(
     if model_evaluation.get("champion_unloadable"):
         decision.reason = f"{model_evaluation['champion_unloadable']}: promoted without a comparison"
         context.log.warning(decision.reason)
+    evaluated = evaluation_tags(model_evaluation)
+    if int(evaluated.get("eval.users", 0)) < int(evaluated.get("eval.population", 0)):
+        decision.reason += (f" (evaluated on {evaluated['eval.users']} of {evaluated['eval.population']} held-out users, "
+                            f"seed {evaluated['eval.seed']})")
     version = registry.register(
         candidate_model.model_uri,
         candidate_model.run_id,
@@ -90,6 +108,7 @@ def champion_model(
             "batches": json.dumps(candidate_model.batches),
             "new_batches": json.dumps(candidate_model.new_batches),
             "parent_version": candidate_model.parent_version or "",
+            **evaluated,
         },
     )
     registry.apply_decision(version.version, decision)
@@ -107,5 +126,19 @@ def champion_model(
             "model_uri": dg.MetadataValue.text(f"models:/{registry.model_name}@champion"),
             "mlflow_run_id": candidate_model.run_id,
             "servers_notified": dg.MetadataValue.json(notified),
+            "evaluation": dg.MetadataValue.json(evaluated),
         },
     )
+
+
+def evaluation_tags(model_evaluation: dict) -> dict[str, str]:
+    """How the decision was measured, as version tags: users scored, of how many held-out
+    users, the sample's seed, and the paired standard error (absolute and relative to the
+    champion's NDCG@10) when there was a champion. Empty for an evaluation from before sampling."""
+    tags = {f"eval.{key}": str(model_evaluation[f"eval_{key}"])
+            for key in ("users", "population", "seed") if f"eval_{key}" in model_evaluation}
+    if model_evaluation.get("paired"):
+        tags["eval.paired_se"] = f"{model_evaluation['paired']['se']:.6g}"
+    if model_evaluation.get("paired_se_relative") is not None:
+        tags["eval.paired_se_relative"] = f"{model_evaluation['paired_se_relative']:.6g}"
+    return tags

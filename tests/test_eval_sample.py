@@ -1,0 +1,115 @@
+"""The promotion gate scores a bounded, seeded sample of held-out users stratified by activity,
+and records how it measured with the decision."""
+
+import time
+
+import dagster as dg
+import numpy as np
+import pytest
+from conftest import full_run_config
+
+from rec_models.evaluation import stratified_user_sample
+from rec_pipelines.registry import ModelRegistry
+
+
+def test_the_sample_has_exactly_the_asked_size_without_repeats():
+    lengths = np.random.default_rng(0).integers(5, 400, 10_000)
+    for size in (1, 7, 999, 5_000, 9_999):
+        sample = stratified_user_sample(lengths, size, seed=3)
+        assert len(sample) == size == len(np.unique(sample))
+        assert np.all(np.diff(sample) > 0) and sample[0] >= 0 and sample[-1] < len(lengths)
+
+
+def test_every_user_when_there_are_no_more_than_the_size():
+    lengths = np.array([5, 9, 5, 30])
+    assert stratified_user_sample(lengths, 4, seed=0).tolist() == [0, 1, 2, 3]
+    assert stratified_user_sample(lengths, 5_000, seed=1).tolist() == [0, 1, 2, 3]
+    assert stratified_user_sample(np.zeros(0, np.int64), 10, seed=0).tolist() == []
+    with pytest.raises(ValueError):
+        stratified_user_sample(lengths, 0, seed=0)
+
+
+def test_each_activity_quintile_gets_its_share():
+    lengths = np.random.default_rng(1).lognormal(3.0, 1.0, 20_003)  # distinct, skewed lengths
+    size = 1_001
+    sample = stratified_user_sample(lengths, size, seed=0)
+    edges = np.quantile(lengths, [0.2, 0.4, 0.6, 0.8])
+    population = np.bincount(np.searchsorted(edges, lengths, side="left"), minlength=5)
+    drawn = np.bincount(np.searchsorted(edges, lengths[sample], side="left"), minlength=5)
+    assert np.all(np.abs(drawn - population * size / len(lengths)) <= 1)
+
+
+def test_tied_light_users_form_one_stratum_drawn_in_proportion():
+    # 70 % of users at the minimum history length, like real data: they share one stratum
+    lengths = np.concatenate([np.full(7_000, 5), np.arange(6, 3_006)])
+    lengths = lengths[np.random.default_rng(2).permutation(len(lengths))]
+    size = 999
+    sample = stratified_user_sample(lengths, size, seed=4)
+    assert len(sample) == size
+    picked = lengths[sample]
+    for low, high, share in ((5, 5, 0.7), (6, 1_005, 0.1), (1_006, 3_005, 0.2)):
+        assert abs(np.sum((picked >= low) & (picked <= high)) - share * size) <= 1
+
+
+def test_same_seed_same_users_other_seed_other_users():
+    lengths = np.random.default_rng(5).integers(5, 100, 5_000)
+    first = stratified_user_sample(lengths, 300, seed=7)
+    assert np.array_equal(first, stratified_user_sample(lengths, 300, seed=7))
+    assert not np.array_equal(first, stratified_user_sample(lengths, 300, seed=8))
+
+
+def test_a_million_users_are_sampled_quickly():
+    lengths = np.random.default_rng(6).integers(5, 2_000, 1_000_000)
+    started = time.perf_counter()
+    sample = stratified_user_sample(lengths, 5_000, seed=0)
+    assert len(sample) == 5_000 == len(np.unique(sample))
+    assert time.perf_counter() - started < 30  # generous: the CI machine is shared
+
+
+def evaluation_config(users: int, seed: int = 0) -> dict:
+    config = full_run_config()
+    config["ops"]["model_evaluation"] = {"config": {"eval_users": users, "eval_seed": seed}}
+    return config
+
+
+def test_the_gate_evaluates_a_seeded_sample_and_tags_how(dagster_env, small_simulator, single_thread):
+    settings, defs, instance = dagster_env
+    small_simulator.write_batch(settings.landing_zone, 0)
+    registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root, settings.model_name)
+    job = defs.resolve_job_def("full_retrain_job")
+    first = job.execute_in_process(instance=instance, run_config=evaluation_config(30))
+    assert first.success
+    evaluation = first.output_for_node("model_evaluation")
+    population = len(first.output_for_node("training_data").split.train)
+    assert population > 30
+    assert evaluation["eval_users"] == evaluation["candidate"]["n_users"] == len(evaluation["eval_user_ids"]) == 30
+    assert (evaluation["eval_population"], evaluation["eval_seed"]) == (population, 0)
+    assert evaluation["popularity"]["n_users"] == 30
+    run = registry.client.get_run(first.output_for_node("candidate_model").run_id)
+    assert run.data.metrics["eval_users"] == 30 and run.data.metrics["eval_population"] == population
+    decision = first.output_for_node("champion_model")
+    assert decision["reason"] == f"no champion yet (evaluated on 30 of {population} held-out users, seed 0)"
+    tags = registry.client.get_model_version(settings.model_name, decision["version"]).tags
+    assert (tags["eval.users"], tags["eval.population"], tags["eval.seed"]) == ("30", str(population), "0")
+    assert "eval.paired_se" not in tags  # nothing to pair with yet
+
+    # evaluation again, same seed: the same users and metrics; now against a champion (itself)
+    again = job.execute_in_process(instance=instance, run_config=evaluation_config(30),
+                                   asset_selection=[dg.AssetKey("model_evaluation"), dg.AssetKey("champion_model")])
+    repeated = again.output_for_node("model_evaluation")
+    assert repeated["eval_user_ids"] == evaluation["eval_user_ids"]
+    assert repeated["candidate"] == evaluation["candidate"]
+    assert repeated["paired"]["users"] == 30 and repeated["paired_se_relative"] is not None
+    second = again.output_for_node("champion_model")
+    tags = registry.client.get_model_version(settings.model_name, second["version"]).tags
+    assert tags["eval.users"] == "30" and float(tags["eval.paired_se"]) == pytest.approx(repeated["paired"]["se"])
+    assert float(tags["eval.paired_se_relative"]) == pytest.approx(repeated["paired_se_relative"], abs=1e-6)
+    metadata = instance.get_latest_materialization_event(dg.AssetKey("champion_model")).asset_materialization.metadata
+    assert metadata["evaluation"].value["eval.users"] == "30"
+    assert (instance.get_latest_materialization_event(dg.AssetKey("model_evaluation"))
+            .asset_materialization.metadata["eval_users"].value) == 30
+
+    # another seed scores other users
+    other = job.execute_in_process(instance=instance, run_config=evaluation_config(30, seed=1),
+                                   asset_selection=[dg.AssetKey("model_evaluation")])
+    assert other.output_for_node("model_evaluation")["eval_user_ids"] != evaluation["eval_user_ids"]
