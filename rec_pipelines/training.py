@@ -83,6 +83,10 @@ class TrainedModel:
     history: dict
 
 
+TRAINING_COLUMNS = ["batch_id", "user_id", "item_id", "event_type", "value", "timestamp"]
+"""The columns of the validated events that training data is built from."""
+
+
 def build_training_data(validated_feedback: pd.DataFrame, item_catalog: pd.DataFrame, vocab_path: Path,
                         excluded_users: set[str]) -> tuple[TrainingData, dict]:
     """Sequences and split under the evaluation protocol (every rating row kept, its value as

@@ -120,7 +120,7 @@ def test_one_run_takes_the_whole_corpus_and_the_good_rows_go_through(corpus_run)
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["feedback_expectations"] is True
 
-    validated = result.output_for_node("validated_feedback")
+    validated = result.output_for_node("validated_feedback").read()
     store = FeedbackStore(settings.landing_zone, settings.lake)
     good = store.pseudonymizer()([r["user_id"] for r in GOOD])
     assert validated.loc[validated["batch_id"].str.startswith("good-"), "user_id"].tolist() == good

@@ -167,7 +167,7 @@ def test_user_context_embeddings_cover_users_with_few_interactions(
     result = run([item_text_embeddings, user_context_embeddings], lake, instance, tiny_encoder_dir)
     users = result.output_for_node("user_context_embeddings")
     meta = metadata(result, "user_context_embeddings")
-    feedback = result.output_for_node("validated_feedback")
+    feedback = result.output_for_node("validated_feedback").read()
     per_user = collapse_repeats(interactions(feedback)).groupby("user_id").size()
     cold = sorted(per_user[per_user < 5].index)
     assert len(cold) > 5

@@ -86,7 +86,7 @@ def test_per_batch_accounting_features_and_catalog_lag(dagster_env, small_simula
 
     catalog_check = check(first, "events_with_catalog_entry")  # kept and reported, not quarantined
     assert catalog_check.metadata["events_without_catalog_entry"].value == 1
-    assert "brand-new-item" in first.output_for_node("validated_feedback")["item_id"].tolist()
+    assert "brand-new-item" in first.output_for_node("validated_feedback").read()["item_id"].tolist()
 
     # A second batch: the accounting covers only the new batch; the catalog entry catches up.
     write_jsonl(events / "later.jsonl", [{"user_id": "v3", "item_id": "i00004", "event_type": "like", "timestamp": T}])
@@ -96,7 +96,7 @@ def test_per_batch_accounting_features_and_catalog_lag(dagster_env, small_simula
     meta = metadata(second, "validated_feedback")
     assert [a["file"] for a in meta["batch_accounting"]] == ["events/later.jsonl"]
     assert (meta["rows_in"], meta["rows_valid"], meta["rows_quarantined"]) == (1, 1, 0)
-    assert meta["rows"] == len(second.output_for_node("validated_feedback"))
+    assert meta["rows"] == len(second.output_for_node("validated_feedback").read()) == second.output_for_node("validated_feedback").rows
     assert check(second, "events_with_catalog_entry").metadata["events_without_catalog_entry"].value == 0
     entry = second.output_for_node("item_catalog").set_index("item_id").loc["brand-new-item"]
     assert entry["description"] == "write to [email]"  # scrubbed before it is stored or embedded

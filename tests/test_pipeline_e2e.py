@@ -95,7 +95,9 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator):
         assert json.loads(version.tags["batches"])[-1] == trained.new_batches[0]
 
         # 5. re-running ingests nothing twice
-        rows_before = len(micro.output_for_node("raw_feedback"))
+        rows_before = len(store.read("events"))
         again = defs.resolve_job_def("full_retrain_job").execute_in_process(
             instance=instance, run_config=full_run_config(), asset_selection=[dg.AssetKey("raw_feedback")])
-        assert len(again.output_for_node("raw_feedback")) == rows_before
+        materialized = again.asset_materializations_for_node("raw_feedback")[0].metadata
+        assert materialized["rows"].value == len(store.read("events")) == rows_before
+        assert materialized["new_rows"].value == 0

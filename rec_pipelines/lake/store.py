@@ -58,7 +58,13 @@ from rec_pipelines.lake.parsing import (
     UnreadableFile,
     read_table,
 )
-from rec_pipelines.lake.tables import empty_events, read_parquets, write_arrow_atomic, write_parquet_atomic
+from rec_pipelines.lake.tables import (
+    ValidatedEvents,
+    empty_events,
+    read_parquets,
+    write_arrow_atomic,
+    write_parquet_atomic,
+)
 from rec_pipelines.settings import is_remote_url
 
 LAKE_FORMAT = 2  # 1: before pseudonymisation and per-batch validation
@@ -340,13 +346,26 @@ class FeedbackStore(ValidatedBatches):
             return pd.DataFrame(columns=columns)
         return pd.concat(frames, ignore_index=True)
 
+    def ingested_rows(self, kind: str) -> int:
+        """How many rows of ``kind`` the lake holds (from the ledger: nothing is read)."""
+        return sum(int(e.get("rows", 0)) for e in self.ledger() if e["kind"] == kind and e["status"] == "ingested")
+
+    def read_batch(self, kind: str, batch_id: str) -> pd.DataFrame:
+        """The ingested rows of one batch."""
+        return pd.read_parquet(self.lake / kind / f"{batch_id}.parquet")
+
     def read_validated(self, batch_ids: Iterable[str] | None = None) -> pd.DataFrame:
         """Validated events of every (or the given) validated, not rejected batch, in ingestion
         order: the training data's source."""
+        return self.validated_events(batch_ids).read()
+
+    def validated_events(self, batch_ids: Iterable[str] | None = None) -> ValidatedEvents:
+        """A handle on the validated events of every (or the given) validated, not rejected
+        batch; nothing is read."""
         wanted = None if batch_ids is None else set(batch_ids)
-        paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts()
-                 if not a.get("rejected") and (wanted is None or a["batch_id"] in wanted)]
-        return read_parquets(paths, ROW_COLUMNS) if paths else empty_events()
+        accounts = [a for a in self.accounts() if not a.get("rejected") and (wanted is None or a["batch_id"] in wanted)]
+        return ValidatedEvents(str(self.lake), tuple(a["batch_id"] for a in accounts),
+                               sum(int(a["rows_valid"]) for a in accounts))
 
     def quarantined_rows(self, batch_id: str | None = None) -> pd.DataFrame:
         """Quarantined rows (with ``reason``) of one batch, or of all batches."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +32,25 @@ def read_arrow(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
             table = table.append_column(name, pa.nulls(len(table), pa.string()))
         tables.append(table.select(columns) if columns else table)
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+@dataclass(frozen=True)
+class ValidatedEvents:
+    """A handle on the lake's validated events, what the ``validated_feedback`` asset hands
+    over instead of a copy of the history: the batches it covers and their row count. Readers
+    take only the columns they need, from the Parquet files, when they need them."""
+
+    lake: str
+    batches: tuple[str, ...]
+    rows: int
+
+    def paths(self) -> list[Path]:
+        return [Path(self.lake) / "validated" / f"{batch}.parquet" for batch in self.batches]
+
+    def read(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The events (in ingestion order), all columns or only ``columns``."""
+        columns = list(columns) if columns is not None else ROW_COLUMNS
+        return read_parquets(self.paths(), columns) if self.batches else empty_events()[columns]
 
 
 def empty_events() -> pd.DataFrame:

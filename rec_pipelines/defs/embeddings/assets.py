@@ -11,11 +11,14 @@ import numpy as np
 import pandas as pd
 
 from rec_pipelines.defs.resources import LakeResource, TextEncoderResource
+from rec_pipelines.lake import ValidatedEvents
 
 if TYPE_CHECKING:  # transformers import is slow: at run time only inside the assets
     from rec_models.text import TextEncoder, TextTemplate
 
 GROUP = "embeddings"
+REVIEW_COLUMNS = ["item_id", "event_type", "timestamp", "text"]  # what add_reviews reads
+CONTEXT_COLUMNS = ["user_id", "item_id", "event_type", "value", "timestamp", "text"]  # build_user_contexts
 ITEM_CACHE_FILE = "embedding_cache.parquet"
 USER_CACHE_FILE = "user_context_cache.parquet"
 PROGRESS_EVERY_S = 5.0
@@ -136,7 +139,7 @@ def item_text_embeddings(
     context: dg.AssetExecutionContext,
     config: ItemTextConfig,
     item_catalog: pd.DataFrame,
-    validated_feedback: pd.DataFrame,
+    validated_feedback: ValidatedEvents,
     text_encoder: TextEncoderResource,
     lake: LakeResource,
 ) -> dg.Output[pd.DataFrame]:
@@ -154,7 +157,7 @@ def item_text_embeddings(
     from rec_pipelines.plots import markdown_table
 
     template = _template(DEFAULT_ITEM_TEMPLATE, config.template, config.template_version)
-    catalog = add_reviews(item_catalog, validated_feedback, per_item=config.reviews_per_item)
+    catalog = add_reviews(item_catalog, validated_feedback.read(REVIEW_COLUMNS), per_item=config.reviews_per_item)
     encoder = text_encoder.encoder()
     context.log.info(f"embedding {len(catalog)} item texts with {encoder.describe()}, template {template.version}")
     cache = EmbeddingCache(lake.store().lake / ITEM_CACHE_FILE)
@@ -185,7 +188,7 @@ def item_text_embeddings(
 def user_context_embeddings(
     context: dg.AssetExecutionContext,
     config: UserContextConfig,
-    validated_feedback: pd.DataFrame,
+    validated_feedback: ValidatedEvents,
     item_catalog: pd.DataFrame,
     item_text_embeddings: pd.DataFrame,
     text_encoder: TextEncoderResource,
@@ -205,8 +208,9 @@ def user_context_embeddings(
     from rec_pipelines.plots import markdown_table, sample_rows
 
     template = _template(USER_CONTEXT_TEMPLATE, config.template, config.template_version)
+    events = validated_feedback.read(CONTEXT_COLUMNS)
     users = build_user_contexts(
-        validated_feedback,
+        events,
         item_catalog,
         recent_items=config.recent_items,
         recent_reviews=config.recent_reviews,
@@ -234,7 +238,7 @@ def user_context_embeddings(
         shown = sample_rows(len(frame), SANITY_EXAMPLES, seed=2)
         item_ids = item_text_embeddings["item_id"].astype(str)
         titles, _ = _item_labels(item_text_embeddings["item_id"], item_catalog)
-        seen = validated_feedback.groupby("user_id")["item_id"].agg(set)
+        seen = events.groupby("user_id")["item_id"].agg(set)
         seen_rows = [np.flatnonzero(item_ids.isin(seen.get(frame["user_id"][row], set()))) for row in shown]
         top, sims = top_k_cosine(vectors[shown], as_matrix(item_text_embeddings), k=3, exclude=seen_rows)
         sanity = markdown_table(

@@ -9,6 +9,8 @@ batches: when it fails, those batches are moved to quarantine and nothing downst
 bot-like users.
 """
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 from pydantic import Field
@@ -16,7 +18,7 @@ from pydantic import Field
 from rec_models.data.features import FeedbackFeatures, compute_features
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS
 from rec_pipelines.defs.resources import LakeResource
-from rec_pipelines.lake import printable
+from rec_pipelines.lake import ValidatedEvents, printable
 from rec_pipelines.lake.validation import (
     DEFAULT_MIN_TIMESTAMP,
     GE_MAX_ROWS,
@@ -61,29 +63,33 @@ def item_catalog(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ou
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pandas"})
-def raw_feedback(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Output[pd.DataFrame]:
-    """Every feedback event ever ingested, one row per input record, tagged with its batch id
-    and source row. Ingests new landing files exactly once (content-hash ledger), with user
-    ids pseudonymised and text scrubbed; unreadable files are quarantined whole."""
+@dg.asset(group_name=GROUP, kinds={"parquet"})
+def raw_feedback(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+    """Every feedback event ever ingested, one Parquet file per landing file in the lake
+    (``<lake>/events/<batch>.parquet``, tagged with its batch id and source row). Ingests new
+    landing files exactly once (content-hash ledger), with user ids pseudonymised and text
+    scrubbed; unreadable files are quarantined whole. The asset is the lake table itself: its
+    materialization records what changed, and no copy of the history is handed over (the
+    ledger counts the rows)."""
     store = lake.store()
     report = store.ingest("events")
     for bad in report.quarantined_files:
         context.log.warning(f"quarantined file {printable(bad['file'])}: {bad['reason']}")
-    events = store.read("events")
-    context.log.info(f"ingested {report.rows_in} rows from {len(report.batches)} new files; {len(events)} rows in all")
-    return dg.Output(
-        events,
+    rows = store.ingested_rows("events")
+    context.log.info(f"ingested {report.rows_in} rows from {len(report.batches)} new files; {rows} rows in all")
+    preview = store.read_batch("events", report.batches[-1]).drop(columns=["text"]) if report.batches else None
+    return dg.MaterializeResult(
         metadata={
-            "rows": len(events),
+            "rows": rows,
             "new_rows": report.rows_in,
+            "path": dg.MetadataValue.path(str(store.lake / "events")),
             "files": dg.MetadataValue.json(report.files),
             "new_batches": dg.MetadataValue.json(report.batches),
             "batches": len(store.batches("events")),
             "duplicate_files": dg.MetadataValue.json(report.duplicate_files),
             "quarantined_files": dg.MetadataValue.json(report.quarantined_files),
             "texts_truncated": report.texts_truncated,
-            "preview": _preview(events.drop(columns=["text"])),
+            "preview": _preview(preview) if preview is not None else dg.MetadataValue.md("_no new batches_"),
         },
     )
 
@@ -101,14 +107,16 @@ class ValidationConfig(dg.Config):
 _ACCOUNT_FIELDS = ["batch_id", "file", "rows_in", "rows_valid", "rows_quarantined", "reasons"]
 
 
-@dg.asset(group_name=GROUP, kinds={"pandas"}, deps=[raw_feedback])
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[raw_feedback])
 def validated_feedback(
     context: dg.AssetExecutionContext, config: ValidationConfig, lake: LakeResource
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output[ValidatedEvents]:
     """Events that passed the row rules, batch by batch. Each new batch is validated exactly
     once; its bad rows go to the quarantine store with a reason each, nothing is dropped
     silently: for every batch rows_in = rows_valid + rows_quarantined (metadata
-    ``batch_accounting``). Batches rejected by the Great Expectations check are left out."""
+    ``batch_accounting``). Batches rejected by the Great Expectations check are left out.
+    The output is a handle on the lake's validated Parquet batches (``ValidatedEvents``), not a
+    copy of the history: readers take the columns they need; the statistics cover new batches."""
     store = lake.store()
     accounts = store.validate_pending(
         min_timestamp=config.min_timestamp, max_clock_skew_s=config.max_clock_skew_s, run_id=context.run_id)
@@ -118,7 +126,8 @@ def validated_feedback(
         if account["rows_quarantined"]:
             context.log.warning(f"batch {account['batch_id']}: quarantined {account['rows_quarantined']} of "
                                 f"{account['rows_in']} rows: {account['reasons']}")
-    valid = store.read_validated()
+    valid = store.validated_events()
+    fresh = store.validated_events([a["batch_id"] for a in accounts]).read(["user_id", "item_id", "event_type"])
     new = pd.DataFrame([{k: a[k] for k in _ACCOUNT_FIELDS} for a in accounts], columns=_ACCOUNT_FIELDS)
     reasons: dict[str, int] = {}
     for account in accounts:
@@ -136,10 +145,12 @@ def validated_feedback(
             "batch_accounting_table": dg.MetadataValue.md(
                 new.assign(reasons=new["reasons"].map(str)).to_markdown(index=False) if len(new) else "_no new batches_"),
             "min_timestamp": config.min_timestamp,
-            "rows": len(valid),
-            "users": int(valid["user_id"].nunique()),
-            "items": int(valid["item_id"].nunique()),
-            "event_types": _counts(valid["event_type"]),
+            "rows": valid.rows,
+            "batches": len(valid.batches),
+            "path": dg.MetadataValue.path(str(Path(valid.lake) / "validated")),
+            "new_users": int(fresh["user_id"].nunique()),
+            "new_items": int(fresh["item_id"].nunique()),
+            "new_event_types": _counts(fresh["event_type"]),
         },
     )
 
@@ -190,16 +201,20 @@ def feedback_expectations(context: dg.AssetCheckExecutionContext, lake: LakeReso
 
 @dg.asset_check(asset=validated_feedback, additional_ins={"item_catalog": dg.AssetIn()},
                 description="Share of events whose item has no catalog entry yet (kept, reported)")
-def events_with_catalog_entry(validated_feedback: pd.DataFrame, item_catalog: pd.DataFrame) -> dg.AssetCheckResult:
-    unknown = ~validated_feedback["item_id"].isin(item_catalog["item_id"])
+def events_with_catalog_entry(validated_feedback: ValidatedEvents, item_catalog: pd.DataFrame) -> dg.AssetCheckResult:
+    events = validated_feedback.read(["item_id"])
+    unknown = ~events["item_id"].isin(item_catalog["item_id"])
     share = float(unknown.mean()) if len(unknown) else 0.0
     return dg.AssetCheckResult(
         passed=share <= 0.05,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"share_without_catalog_entry": share,
                   "events_without_catalog_entry": int(unknown.sum()),
-                  "examples": dg.MetadataValue.json(validated_feedback.loc[unknown, "item_id"].drop_duplicates().head(5).tolist())},
+                  "examples": dg.MetadataValue.json(events.loc[unknown, "item_id"].drop_duplicates().head(5).tolist())},
     )
+
+
+FEATURE_COLUMNS = ["user_id", "item_id", "event_type", "value", "timestamp"]  # what compute_features reads
 
 
 class FeatureConfig(dg.Config):
@@ -215,13 +230,13 @@ class FeatureConfig(dg.Config):
 
 @dg.asset(group_name=GROUP, kinds={"pandas"})
 def feedback_features(
-    context: dg.AssetExecutionContext, config: FeatureConfig, validated_feedback: pd.DataFrame
+    context: dg.AssetExecutionContext, config: FeatureConfig, validated_feedback: ValidatedEvents
 ) -> dg.Output[FeedbackFeatures]:
     """Per-user and per-item features (counts, recency, engagement under configurable
     event-type weights, rating habits), with bot-like users flagged, not dropped."""
     try:
         features = compute_features(
-            validated_feedback, config.event_weights, max_events_per_minute=config.bot_events_per_minute,
+            validated_feedback.read(FEATURE_COLUMNS), config.event_weights, max_events_per_minute=config.bot_events_per_minute,
             sustained_minutes=config.bot_sustained_minutes, session_gap_s=config.session_gap_s)
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc

@@ -14,8 +14,10 @@ from rec_pipelines.defs.resources import (
     MlflowResource,
     TextEncoderResource,
 )
+from rec_pipelines.lake import ValidatedEvents
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.training import (
+    TRAINING_COLUMNS,
     TrainedModel,
     TrainingData,
     TrainingRequest,
@@ -39,7 +41,7 @@ class TrainingDataConfig(dg.Config):
 def training_data(
     config: TrainingDataConfig,
     lake: LakeResource,
-    validated_feedback: pd.DataFrame,
+    validated_feedback: ValidatedEvents,
     item_catalog: pd.DataFrame,
     feedback_features: FeedbackFeatures,
 ) -> dg.Output[TrainingData]:
@@ -48,7 +50,7 @@ def training_data(
     vocabulary is append-only."""
     users = feedback_features.users
     bots = set(users.loc[users["bot_like"], "user_id"].astype(str)) if config.exclude_bots else set()
-    data, stats = build_training_data(validated_feedback, item_catalog, lake.store().lake / "item_vocab.json", bots)
+    data, stats = build_training_data(validated_feedback.read(TRAINING_COLUMNS), item_catalog, lake.store().lake / "item_vocab.json", bots)
     return dg.Output(data, metadata=stats)
 
 
