@@ -258,13 +258,6 @@ def comparison_figure(results: dict):
     return figure
 
 
-def sampled_test_users(split: LeaveLastOutSplit, positions: np.ndarray) -> tuple[UserSequences, np.ndarray]:
-    """Test histories and targets of the split's users at ``positions`` only."""
-    part = LeaveLastOutSplit(split.train.subset(positions), split.val_targets[positions],
-                             split.val_event_types[positions], split.test_targets[positions])
-    return part.test_histories(), part.test_targets
-
-
 def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch.Tensor, registry: ModelRegistry,
                         eval_users: int = DEFAULT_EVAL_USERS, seed: int = 0) -> tuple[dict, object]:
     """Protocol metrics (full ranking, history masked, leave-last-out test target) of the
@@ -279,7 +272,8 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     split = data.split
     lengths = np.fromiter((len(h) for h in split.train.items), dtype=np.int64, count=len(split.train))
     sample = stratified_user_sample(lengths, eval_users, seed)
-    histories, targets = sampled_test_users(split, sample)
+    part = split.subset(sample)
+    histories, targets = part.test_histories(), part.test_targets
     trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
     cold = ~np.isin(targets, trained_items)
     results = {"candidate": evaluate_model(HybridRecommender.load(candidate.bundle_dir), histories, targets, cold)}

@@ -113,3 +113,26 @@ def test_the_gate_evaluates_a_seeded_sample_and_tags_how(dagster_env, small_simu
     other = job.execute_in_process(instance=instance, run_config=evaluation_config(30, seed=1),
                                    asset_selection=[dg.AssetKey("model_evaluation")])
     assert other.output_for_node("model_evaluation")["eval_user_ids"] != evaluation["eval_user_ids"]
+
+
+def test_training_validates_on_a_bounded_sample_of_users(tmp_path, single_thread):
+    """``val_users`` bounds the users validation scores (epochs, blend weights): the sample is a
+    stratified subset of the split, the model still trains, and 0 means every user."""
+    from test_serving import make_bundle
+
+    from rec_models.models.recommender import validation_split
+
+    small = make_bundle(tmp_path / "all", max_epochs=1, val_users=0)
+    users = len(small.split.train)
+    part = validation_split(small.split, 25, seed=0)
+    assert len(part.train) == 25 < users
+    positions = [small.split.train.user_ids.index(u) for u in part.train.user_ids]
+    assert np.array_equal(part.val_targets, small.split.val_targets[positions])
+    assert validation_split(small.split, 0, seed=0) is small.split
+    assert validation_split(small.split, users, seed=0) is small.split
+
+    from rec_models.models.recommender import RecommenderConfig, train_recommender
+
+    config = RecommenderConfig.from_dict({**small.model.config.to_dict(), "val_users": 25})
+    model, history = train_recommender(small.split, small.text, config)
+    assert history["val_users"] == 25 and len(history["epochs"]) == 1 and model.n_items == small.model.n_items

@@ -152,6 +152,12 @@ class LeaveLastOutSplit:
         """What the model sees when predicting the validation target: the training history."""
         return self.train
 
+    def subset(self, positions: Sequence[int] | np.ndarray) -> LeaveLastOutSplit:
+        """The split of the users at ``positions`` only (e.g. a validation or evaluation sample)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return LeaveLastOutSplit(self.train.subset(positions), self.val_targets[positions],
+                                 self.val_event_types[positions], self.test_targets[positions])
+
     def test_histories(self) -> UserSequences:
         """What the model sees when predicting the test target: training history + val item."""
         return UserSequences(

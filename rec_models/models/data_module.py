@@ -58,7 +58,8 @@ class SequenceDataModule(L.LightningDataModule):
     """Training windows from a split's training sequences, and validation users.
 
     ``users_subset`` (positions in ``split.train``) restricts the training windows, e.g. to
-    users with new feedback plus a replay sample; validation always uses every user.
+    users with new feedback plus a replay sample; validation uses ``val_split`` (default: every
+    user of ``split``; a bounded sample of them on large data).
     On several processes (DDP) each rank trains on its shuffled shard of the windows, while
     validation is not sharded: every rank scores every user, so all ranks see the same
     validation NDCG and take the same early-stopping decisions (the trainer runs with
@@ -70,9 +71,11 @@ class SequenceDataModule(L.LightningDataModule):
         split: LeaveLastOutSplit,
         config: SASRecConfig,
         users_subset: Sequence[int] | None = None,
+        val_split: LeaveLastOutSplit | None = None,
     ) -> None:
         super().__init__()
         self.split = split
+        self.val_split = val_split if val_split is not None else split
         self.config = config
         self.users_subset = users_subset
         self.train_windows: TensorDataset | None = None
@@ -105,12 +108,13 @@ class SequenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            range(len(self.split.train)), batch_size=EVAL_BATCH_SIZE, collate_fn=self._val_batch
+            range(len(self.val_split.train)), batch_size=EVAL_BATCH_SIZE, collate_fn=self._val_batch
         )
 
     def _val_batch(self, positions: list[int]) -> dict:
+        val = self.val_split
         return {
-            "histories": [self.split.train.items[p] for p in positions],
-            "event_types": [self.split.train.event_types[p] for p in positions],
-            "targets": torch.from_numpy(self.split.val_targets[positions]),
+            "histories": [val.train.items[p] for p in positions],
+            "event_types": [val.train.event_types[p] for p in positions],
+            "targets": torch.from_numpy(val.val_targets[positions]),
         }

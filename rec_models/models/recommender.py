@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rec_models.data import LeaveLastOutSplit
-from rec_models.evaluation import EVAL_BATCH, RankingMetrics
+from rec_models.evaluation import EVAL_BATCH, RankingMetrics, stratified_user_sample
 from rec_models.models.baselines import (
     DEFAULT_CONTENT_WINDOWS,
     DEFAULT_EASE_LAMBDAS,
@@ -78,6 +78,9 @@ class RecommenderConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     sasrec_models: int = 2  # SASRec networks trained with seeds seed, seed + 1, ...; their scores are averaged
+    # validation (epochs, blend weights) scores at most this many users, a seeded sample stratified
+    # by activity beyond it (0: all), so a fine-tune's validation does not grow with the user count
+    val_users: int = 5000
     # hybrid with the content model (text similarity to the user's recent items)
     blend: bool = True
     content_windows: tuple[int, ...] = DEFAULT_CONTENT_WINDOWS
@@ -304,6 +307,7 @@ def train_recommender(
             alphas = (init.alpha,)
         else:
             content, window_val = tune_content(split, text_embeddings, config.content_windows, config.content_decay)
+    val_split = validation_split(split, config.val_users, config.seed)
     networks, histories = [], []
     for index in range(config.sasrec_models):
         sasrec_config = dataclasses.replace(config.sasrec(n_items, text_dim, finetune=init is not None),
@@ -311,7 +315,7 @@ def train_recommender(
         start = None if init is None else init.backbones[min(index, len(init.backbones) - 1)]
         network, network_history = train_sasrec(
             split, sasrec_config, text_embeddings if text_dim else None, init_backbone=start,
-            max_time_s=config.max_time_s, logger=logger, callbacks=callbacks, users_subset=users_subset,
+            max_time_s=config.max_time_s, logger=logger, callbacks=callbacks, users_subset=users_subset, val_split=val_split,
             progress=progress, blend_with=None if content is None else content.score, alphas=alphas,
         )
         networks.append(network)
@@ -320,6 +324,7 @@ def train_recommender(
     history["networks"] = [{k: h[k] for k in ("stopped_by", "best_val_ndcg@10", "train_s")} | {"epochs": len(h["epochs"])}
                            for h in histories]
     history["train_s"] = sum(h["train_s"] for h in histories)
+    history["val_users"] = len(val_split.train)
     if any(h["stopped_by"] == "max_time" for h in histories):
         history["stopped_by"] = "max_time"
     details = {"content_window_val_ndcg@10": {str(k): v for k, v in window_val.items()},
@@ -338,12 +343,21 @@ def train_recommender(
     # One network: alpha was chosen with its epoch. An ensemble (or EASE) is blended afterwards,
     # every (alpha, weight) on the same validation scores; a fine-tune keeps the champion's.
     blend_alphas = alphas if (len(networks) > 1 and content is not None) else (model.alpha,)
-    grid = _tune_blend(model, split, blend_alphas, weights)
+    grid = _tune_blend(model, val_split, blend_alphas, weights)
     model.alpha, model.ease_weight = max(sorted(grid), key=lambda key: grid[key])  # ties: smaller alpha, weight
     details["blend_val_ndcg@10"] = {f"{a}/{w}": v for (a, w), v in grid.items()}
     history["best_alpha"], history["best_ease_weight"] = model.alpha, model.ease_weight
     history["best_val_hybrid_ndcg@10"] = grid[(model.alpha, model.ease_weight)]
     return model, history
+
+
+def validation_split(split: LeaveLastOutSplit, users: int, seed: int) -> LeaveLastOutSplit:
+    """The users validation scores: all of ``split``, or (``users`` > 0 and more users than
+    that) a seeded sample of ``users`` stratified by history length."""
+    if users <= 0 or len(split.train) <= users:
+        return split
+    lengths = np.fromiter((len(h) for h in split.train.items), dtype=np.int64, count=len(split.train))
+    return split.subset(stratified_user_sample(lengths, users, seed))
 
 
 def _tune_blend(model: HybridRecommender, split: LeaveLastOutSplit, alphas: Sequence[float],

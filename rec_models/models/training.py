@@ -258,6 +258,7 @@ def train_sasrec(
     logger=None,
     callbacks: Sequence[Callback] = (),
     users_subset: Sequence[int] | None = None,
+    val_split: LeaveLastOutSplit | None = None,
     progress: bool = False,
     blend_with: Callable | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -265,9 +266,9 @@ def train_sasrec(
     """Train with early stopping on val NDCG@10; return the best backbone and a history.
 
     ``init_backbone`` warm-starts from a previous model (grown to ``config.n_items`` if it has
-    fewer items). ``users_subset`` trains on those users' windows only. ``logger`` is any
-    Lightning logger (e.g. ``MLFlowLogger``); per-epoch ``train_loss``, ``val_ndcg@10`` and
-    ``val_hr@10`` are logged to it (MLflow renames them ``val_ndcg10`` / ``val_hr10``).
+    fewer items). ``users_subset`` trains on those users' windows only; ``val_split`` (default
+    ``split``) holds the users validation scores. ``logger`` is any Lightning logger; per-epoch
+    ``train_loss``, ``val_ndcg@10`` and ``val_hr@10`` are logged to it.
 
     The history dict holds ``epochs`` (one dict of metrics per epoch), ``best_val_ndcg@10``,
     ``stopped_by`` ("patience", "max_epochs" or "max_time": only the last depends on the
@@ -306,14 +307,14 @@ def train_sasrec(
             backbone.init_id_embeddings(svd_item_factors(split.train.items, config.n_items, config.d_model))
         elif config.id_init != "default":
             raise ValueError(f"unknown id_init {config.id_init!r}; choose 'default' or 'svd'")
-    data = SequenceDataModule(split, config, users_subset)
+    data = SequenceDataModule(split, config, users_subset, val_split)  # data.val_split: split by default
     module = SASRecModule(backbone, data.candidate_items(), blend_with=blend_with, alphas=alphas)
     monitor = MONITOR if blend_with is None else HYBRID_MONITOR
     tracker = _BestEpochTracker(monitor)
     warm_start_score = None
     if init_backbone is not None:
         # A fine-tune never returns weights that are worse on validation than its start.
-        own, blends = _validation_scores(backbone, split, blend_with, alphas, ~module.candidate_items)
+        own, blends = _validation_scores(backbone, data.val_split, blend_with, alphas, ~module.candidate_items)
         warm_start_score = own
         tracker.best_score = max(blends.values()) if blends else own
         tracker.best_state = {name: value.detach().clone() for name, value in backbone.state_dict().items()}
@@ -348,7 +349,7 @@ def train_sasrec(
     backbone.cpu().eval()  # on CPU whatever the accelerator, like every other model here
     best = tracker.best_score
     if best is None:  # stopped (max_time) before the first validation: evaluate now
-        best, tracker.best_blend = _validation_scores(backbone, split, blend_with, alphas, ~data.candidate_items())
+        best, tracker.best_blend = _validation_scores(backbone, data.val_split, blend_with, alphas, ~data.candidate_items())
     hybrid = {}
     if blend_with is not None:
         blend_results = tracker.best_blend
