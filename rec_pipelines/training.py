@@ -30,7 +30,6 @@ from rec_models.evaluation import (
     evaluate_ranking,
     paired_difference,
     protocol_sequences,
-    stratified_user_sample,
 )
 from rec_models.files import write_json_atomic
 from rec_models.models import (
@@ -38,6 +37,7 @@ from rec_models.models import (
     RecommenderConfig,
     event_features,
     train_recommender,
+    user_sample,
 )
 from rec_models.serving import example_request, write_bundle
 from rec_pipelines.plots import new_figure
@@ -49,8 +49,10 @@ from rec_pipelines.registry import (
 )
 
 MODES = ("auto", "full", "incremental")
-FINETUNE_SETTINGS = ("finetune_max_epochs", "finetune_patience", "finetune_lr", "max_time_s", "diversity")
-"""What a micro-batch run takes from its own config; every other setting is the champion's."""
+FINETUNE_SETTINGS = ("finetune_max_epochs", "finetune_patience", "finetune_lr", "max_time_s", "diversity",
+                     "accelerator", "devices", "strategy", "num_nodes")
+"""What a micro-batch run takes from its own config (its budget and the hardware it runs on);
+every other setting is the champion's."""
 DEFAULT_EVAL_USERS = 5_000
 """Held-out users the gate scores when there are more (a stratified sample, so evaluation cost
 stops growing with the user count). The paired SE of the per-user NDCG@10 difference is s/sqrt(n).
@@ -265,14 +267,12 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     popularity on the same users, the paired per-user NDCG difference, all logged to the
     candidate's MLflow run with a comparison plot. The users are all held-out users, or when
     there are more than ``eval_users`` a sample of that many stratified by activity
-    (``stratified_user_sample``, ``seed``). Returns ``{"candidate", "champion", "popularity",
+    (``rec_models.models.user_sample``, ``seed``). Returns ``{"candidate", "champion", "popularity",
     "paired", "paired_se_relative", "champion_version", "cold_users", "eval_users",
     "eval_population", "eval_seed", "eval_user_ids"}`` (champion parts when one exists) and the
     comparison figure."""
     split = data.split
-    lengths = np.fromiter((len(h) for h in split.train.items), dtype=np.int64, count=len(split.train))
-    sample = stratified_user_sample(lengths, eval_users, seed)
-    part = split.subset(sample)
+    part = user_sample(split, eval_users, seed)
     histories, targets = part.test_histories(), part.test_targets
     trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
     cold = ~np.isin(targets, trained_items)
@@ -294,7 +294,7 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     results["candidate"].pop("per_user_ndcg@10", None)
     popularity = PopularityRecommender().fit(split.train, len(data.vocab))
     results["popularity"] = evaluate_ranking(popularity.score, histories.items, targets, len(data.vocab))
-    sampling = {"eval_users": len(sample), "eval_population": len(split.train), "eval_seed": int(seed)}
+    sampling = {"eval_users": len(part.train), "eval_population": len(split.train), "eval_seed": int(seed)}
 
     client = registry.client
     for name, value in results["candidate"].items():

@@ -22,6 +22,7 @@ from rec_models.models.recommender import (
     HybridRecommender,
     RecommenderConfig,
     train_recommender,
+    user_sample,
 )
 from rec_models.models.rerank import MMRReranker
 from rec_models.models.sasrec import (
@@ -46,4 +47,4 @@ __all__ = ["DEFAULT_ALPHAS", "DEFAULT_EASE_LAMBDAS", "LOSSES", "RATING_FEATURE_O
            "build_training_windows", "sampled_softmax_loss", "DEFAULT_EVENT_TYPE", "EASE", "ContentRecommender", "HybridRecommender", "HybridScorer", "MMRReranker",
            "RecommenderConfig", "SASRecBackbone", "SASRecConfig", "blend", "event_features", "left_pad",
            "load_backbone", "recommend", "save_backbone", "standardize_scores", "svd_item_factors", "train_recommender",
-           "train_sasrec", "training_counts", "tune_content", "tune_ease", "tune_hybrid"]
+           "train_sasrec", "training_counts", "tune_content", "tune_ease", "tune_hybrid", "user_sample"]

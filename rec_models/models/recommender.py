@@ -301,13 +301,13 @@ def train_recommender(
     n_items = len(text_embeddings) - 1
     text_dim = text_embeddings.shape[1]
     content, window_val, alphas = None, {}, config.alphas
+    val_split = user_sample(split, config.val_users, config.seed)  # what validation scores
     if config.blend and text_dim:
         if init is not None:
             content = ContentRecommender(text_embeddings, init.content_window, config.content_decay)
             alphas = (init.alpha,)
         else:
-            content, window_val = tune_content(split, text_embeddings, config.content_windows, config.content_decay)
-    val_split = validation_split(split, config.val_users, config.seed)
+            content, window_val = tune_content(val_split, text_embeddings, config.content_windows, config.content_decay)
     networks, histories = [], []
     for index in range(config.sasrec_models):
         sasrec_config = dataclasses.replace(config.sasrec(n_items, text_dim, finetune=init is not None),
@@ -351,9 +351,9 @@ def train_recommender(
     return model, history
 
 
-def validation_split(split: LeaveLastOutSplit, users: int, seed: int) -> LeaveLastOutSplit:
-    """The users validation scores: all of ``split``, or (``users`` > 0 and more users than
-    that) a seeded sample of ``users`` stratified by history length."""
+def user_sample(split: LeaveLastOutSplit, users: int, seed: int) -> LeaveLastOutSplit:
+    """The users a validation or an evaluation scores: all of ``split``, or (``users`` > 0 and
+    more users than that) a seeded sample of ``users`` stratified by history length."""
     if users <= 0 or len(split.train) <= users:
         return split
     lengths = np.fromiter((len(h) for h in split.train.items), dtype=np.int64, count=len(split.train))
