@@ -47,8 +47,8 @@ def test_every_recommender_meets_the_same_situation_and_taste_decides(env):
     again = env.round(0)
     pd.testing.assert_frame_equal(state.organic, again.organic)  # the same users and browsing
     assert np.array_equal(state.attention, again.attention) and len(state.users) == 100
-    good, good_hits = env.play(state, oracle(env, state))
-    bad, bad_hits = env.play(state, random_lists(env))
+    good, good_hits = env.play(state, oracle(env, state), arm="oracle")
+    bad, bad_hits = env.play(state, random_lists(env), arm="random")
     assert good_hits.mean() > 0.6 > 0.3 > bad_hits.mean()
     assert set(good["event_type"]) <= {"click", "purchase"} and good["request_id"].notna().all()
     shown = set(oracle(env, state)(list(env.user_ids[state.users]), [[]] * 100, 10)[0][0])

@@ -73,10 +73,9 @@ class OnlineEnvironment:
         self.preference = (TAG_WEIGHT * overlap + STYLE_WEIGHT * (self.users.style @ self.items.style.T)
                            + POPULARITY_WEIGHT * self.items.log_popularity)
         self.index = {item: i for i, item in enumerate(self.items.ids)}
-        self.consumed: dict[str, set[str]] = {  # shared: batch-0 history, then earlier rounds' browsing
+        self.consumed: dict[str, set[str]] = {  # shared: batch-0 history, then every round's browsing
             str(u): set(g) for u, g in simulator.events(0).groupby("user_id")["item_id"]}
         self.clicked: dict[str, dict[str, set[str]]] = {}  # per arm: what its users clicked
-        self._browsed: tuple[int, pd.DataFrame] | None = None  # the latest round's browsing, added at the next
 
     def time_of(self, round_: int) -> int:
         return int(self.start + round_ * ROUND_S)
@@ -98,9 +97,6 @@ class OnlineEnvironment:
         """Who is active in round ``round_`` and what they browse organically (the same for
         every recommender asked)."""
         cfg = self.config
-        if self._browsed is not None and self._browsed[0] != round_:
-            for user, items in self._browsed[1].groupby("user_id")["item_id"]:
-                self.consumed.setdefault(str(user), set()).update(items)
         rng = np.random.default_rng([cfg.seed, STREAM, round_])
         at = self.time_of(round_)
         users = np.sort(rng.choice(len(self.user_ids), size=min(cfg.users_per_round, len(self.user_ids)),
@@ -120,21 +116,20 @@ class OnlineEnvironment:
                                 "value": np.where(np.array(EVENT_TYPES)[kind] == "rating",
                                                   np.clip(np.round(2 * (1 + 4 * liking)) / 2, 0.5, 5.0), np.nan),
                                 "timestamp": stamps})
-        self._browsed = (round_, organic)
+        for user, items in organic.groupby("user_id")["item_id"]:  # what they browse is consumed (idempotent)
+            self.consumed.setdefault(str(user), set()).update(items)
         return Round(round_, at, users, organic, rng.random((len(users), cfg.k)), rng.random((len(users), cfg.k)),
                      rng.normal(size=(len(users), cfg.k)))
 
-    def react(self, state: Round, lists: list[list[str]], request_ids: list[str | None],
-              arm: str = "default") -> pd.DataFrame:
+    def react(self, state: Round, lists: list[list[str]], request_ids: list[str | None], arm: str) -> pd.DataFrame:
         """Clicks and purchases of the round's users on the lists ``arm`` showed them (one list
         per active user, in ``state.users`` order); unknown and already consumed items are
         ignored."""
         rows = []
-        seen = {u: set(g) for u, g in state.organic.groupby("user_id")["item_id"]}
         clicked = self.clicked.setdefault(arm, {})
         for n, (user, served, request_id) in enumerate(zip(state.users, lists, request_ids)):
             uid = self.user_ids[user]
-            before = (seen.get(uid, set()), self.consumed.get(uid, set()), clicked.setdefault(uid, set()))
+            before = (self.consumed.get(uid, set()), clicked.setdefault(uid, set()))
             for rank, item_id in enumerate(served[: self.config.k]):
                 item = self.index.get(item_id)
                 if item is None or any(item_id in s for s in before):
@@ -152,7 +147,7 @@ class OnlineEnvironment:
                                  "request_id": request_id})
         return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp", "request_id"])
 
-    def play(self, state: Round, recommend: Recommend, arm: str = "default") -> tuple[pd.DataFrame, np.ndarray]:
+    def play(self, state: Round, recommend: Recommend, arm: str) -> tuple[pd.DataFrame, np.ndarray]:
         """Ask ``recommend`` (the recommender ``arm``) for every active user, with their organic
         items of the round as recent items, and return (their reactions, whether each user
         clicked anything)."""

@@ -52,7 +52,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--online", action="store_true", help="simulated users ask a running server, round by round")
     parser.add_argument("--server", default="http://127.0.0.1:5001", help="--online: the server (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="--online: rounds (simulated days)")
-    parser.add_argument("--first-round", type=int, default=0)
+    parser.add_argument("--first-round", type=int, default=0,
+                        help="--online: continue from this round (the earlier rounds' browsing counts as consumed; "
+                             "their clicks are not known)")
     parser.add_argument("--users-per-round", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="--online: the environment's seed")
     parser.add_argument("--drift", type=float, default=1.0, help="--online: multiplies the users' drift rate")
@@ -74,9 +76,11 @@ def main(argv: list[str]) -> int:
     env = OnlineEnvironment(simulator, OnlineConfig(users_per_round=args.users_per_round, drift=args.drift,
                                                     seed=args.seed))
     recommend = http_recommender(args.server)
+    for number in range(args.first_round):  # what the users browsed before: consumed
+        env.round(number)
     for number in range(args.first_round, args.first_round + args.rounds):
         state = env.round(number)
-        reactions, clicked = env.play(state, recommend)
+        reactions, clicked = env.play(state, recommend, arm="server")
         path = write_round(landing, f"online-s{args.seed}-r{number:04d}", state.organic, reactions)
         print(json.dumps({"round": number, "lists": len(clicked), "ctr": round(float(clicked.mean()), 4),
                           "clicks": int((reactions["event_type"] == "click").sum()), "file": str(path)}), flush=True)
