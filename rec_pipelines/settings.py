@@ -21,6 +21,16 @@ def is_remote_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
+def artifact_root_uri(root: str) -> str | None:
+    """An MLflow artifact root as a URI: a URL as it is, a folder (or ``file://`` path) as a file
+    URI, None for "" (the tracking server's root)."""
+    if not root:
+        return None
+    if is_remote_url(root):
+        return root.rstrip("/")
+    return Path(root.removeprefix("file://")).resolve().as_uri()
+
+
 class Settings(ModelSettings):
     """Every setting of the project; paths left unset derive from ``home``."""
 

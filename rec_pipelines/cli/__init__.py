@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from rec_pipelines.settings import prepare_environment
+from rec_pipelines.settings import artifact_root_uri, prepare_environment
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -56,8 +56,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                               "-h", args.host, "-p", str(args.port)],
         "dagster-daemon": [str(bin_dir / "dagster-daemon"), "run", "-m", "rec_pipelines.definitions"],
         "mlflow": [str(bin_dir / "mlflow"), "server", "--backend-store-uri", mlflow_db,
-                   "--default-artifact-root", (settings.local_artifact_root.resolve().as_uri()
-                                               if settings.local_artifact_root else settings.mlflow_artifact_root),
+                   "--default-artifact-root", artifact_root_uri(settings.mlflow_artifact_root) or "./mlartifacts",
                    "--host", args.host, "--port", str(args.mlflow_port)],
     }
     processes = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}

@@ -20,6 +20,7 @@ import mlflow
 from mlflow import MlflowClient
 from rec_models.serving import ENCODER_DIR
 from rec_pipelines.registry.gate import PromotionDecision, metric_key
+from rec_pipelines.settings import artifact_root_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -84,15 +85,11 @@ class ModelRegistry:
 
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps its artifacts: ``<root>/<model name>`` (a local folder as
-        a file URI), or None to leave it to the tracking server."""
-        root = self.artifact_root
-        if not root:
-            return None
-        if "://" in root and not root.startswith("file://"):
-            return f"{root.rstrip('/')}/{self.model_name}"
-        folder = Path(root.removeprefix("file://"))
-        folder.mkdir(parents=True, exist_ok=True)
-        return (folder / self.model_name).resolve().as_uri()
+        a file URI, created), or None to leave it to the tracking server."""
+        root = artifact_root_uri(self.artifact_root)
+        if root is not None and root.startswith("file://"):
+            Path(self.artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        return None if root is None else f"{root}/{self.model_name}"
 
     def start_run(self, run_name: str, tags: dict[str, str] | None = None):
         mlflow.set_tracking_uri(self.tracking_uri)
