@@ -180,7 +180,17 @@ def upload_batch(simulator, batch: int, landing_url: str, endpoint: str) -> list
 
 
 def run_loop(home: Path, pg: dict, s3_url: str, timeout_s: float = 420, dagster_config: Path = DAGSTER_CONFIG) -> dict:
-    """Drive the loop against the services (environment only); returns what was observed."""
+    """Drive the loop against the services (environment only); returns what was observed. This
+    process's environment is the services' meanwhile, and restored after."""
+    saved = dict(os.environ)
+    try:
+        return _drive(home, pg, s3_url, timeout_s, dagster_config)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _drive(home: Path, pg: dict, s3_url: str, timeout_s: float, dagster_config: Path) -> dict:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "DAGSTER_", "MLFLOW_"))},
            **service_environment(home, pg, s3_url, dagster_config)}
     for name in [n for n in os.environ if n.startswith(("RECSYS_", "DAGSTER_", "MLFLOW_"))]:
@@ -199,8 +209,9 @@ def run_loop(home: Path, pg: dict, s3_url: str, timeout_s: float = 420, dagster_
     serve_port = free_port()
     url = f"http://127.0.0.1:{serve_port}"
     env["RECSYS_SERVE_URLS"] = url
+    logs = [open(home / "daemon.log", "w"), open(home / "serve.log", "w")]
     daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "rec_pipelines.definitions"], env=env,
-                              stdout=open(home / "daemon.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)
     server = None
     result: dict = {"decisions": {}}
     try:
@@ -212,8 +223,7 @@ def run_loop(home: Path, pg: dict, s3_url: str, timeout_s: float = 420, dagster_
                                                     ("promotion.decision", "promotion.reason")}
         champion = registry.version_by_alias(CHAMPION)
         server = subprocess.Popen([sys.executable, "-m", "rec_pipelines.cli", "serve", "--port", str(serve_port)],
-                                  env=env, stdout=open(home / "serve.log", "w"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+                                  env=env, stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(f"{url}/ping", server, home / "serve.log", timeout_s=180)
         user = simulator.events(0)["user_id"].iloc[0]
         body = json.dumps({"dataframe_records": [{"user_id": user, "k": 5}]}).encode()
@@ -228,6 +238,8 @@ def run_loop(home: Path, pg: dict, s3_url: str, timeout_s: float = 420, dagster_
         wait_for_runs(timeout_s=120)  # the last run ends after the promotion (it tells the server)
     finally:
         stop_processes([p for p in (server, daemon) if p is not None], grace_s=20)
+        for log in logs:
+            log.close()
     result.update(describe_stores(settings, registry))
     return result
 
@@ -257,7 +269,9 @@ def wait_for_runs(timeout_s: float) -> None:
               dg.DagsterRunStatus.STARTED]
     deadline = time.monotonic() + timeout_s
     with dg.DagsterInstance.get() as instance:
-        while instance.get_runs(filters=dg.RunsFilter(statuses=active)) and time.monotonic() < deadline:
+        while running := instance.get_runs(filters=dg.RunsFilter(statuses=active)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"runs still in progress after {timeout_s}s: {[r.run_id for r in running]}")
             time.sleep(1)
 
 

@@ -32,15 +32,7 @@ def services(tmp_path_factory):
         yield workdir, pg, s3_url
 
 
-@pytest.fixture
-def restore_environment():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def test_the_loop_runs_on_postgresql_and_s3(services, restore_environment):
+def test_the_loop_runs_on_postgresql_and_s3(services):
     import boto3
     import psycopg2
 

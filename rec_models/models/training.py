@@ -314,7 +314,7 @@ def train_sasrec(
     warm_start_score = None
     if init_backbone is not None:
         # A fine-tune never returns weights that are worse on validation than its start.
-        own, blends = _validation_scores(backbone, data.val_split, blend_with, alphas, ~module.candidate_items)
+        own, blends = _validation_scores(backbone, data.val_split, blend_with, alphas, ~module.candidate_items.cpu())
         warm_start_score = own
         tracker.best_score = max(blends.values()) if blends else own
         tracker.best_state = {name: value.detach().clone() for name, value in backbone.state_dict().items()}
@@ -349,7 +349,7 @@ def train_sasrec(
     backbone.cpu().eval()  # on CPU whatever the accelerator, like every other model here
     best = tracker.best_score
     if best is None:  # stopped (max_time) before the first validation: evaluate now
-        best, tracker.best_blend = _validation_scores(backbone, data.val_split, blend_with, alphas, ~data.candidate_items())
+        best, tracker.best_blend = _validation_scores(backbone, data.val_split, blend_with, alphas, ~module.candidate_items.cpu())
     hybrid = {}
     if blend_with is not None:
         blend_results = tracker.best_blend

@@ -25,7 +25,6 @@ from pathlib import Path
 OPTIONS_ENV = "RECSYS_SERVE_OPTIONS"
 TOKEN_FILE = "reload-token"
 FAILED_FILE = "failed"  # a worker could not start: the parent's exit status says so
-STARTUP_FAILURE = 3  # uvicorn's exit code for "failed before serving": the parent stops instead of restarting
 
 log = logging.getLogger("recsys.serve")
 
@@ -62,6 +61,8 @@ def worker_app():
     """uvicorn's app factory in each worker process: the options from ``RECSYS_SERVE_OPTIONS``.
     A worker that cannot start exits with uvicorn's startup-failure code, so the parent stops
     rather than restarting it forever (and exits with status 1)."""
+    from uvicorn.config import STARTUP_FAILURE  # "failed before serving": the parent stops, not restarts
+
     from rec_pipelines.server.models import ReloadToken
     from rec_pipelines.settings import Settings
 
@@ -103,4 +104,5 @@ def serve_workers(args: argparse.Namespace, **uvicorn_options) -> int:
                     http=f"{__name__}:HeaderTimeoutProtocol", **uvicorn_options)
         return 1 if (state / FAILED_FILE).exists() else 0
     finally:
+        os.environ.pop(OPTIONS_ENV, None)
         shutil.rmtree(state, ignore_errors=True)
