@@ -210,7 +210,7 @@ def train(home: Path, spec: dict, stage, out: dict) -> None:
     from rec_pipelines.registry import CHAMPION
 
     stage("ingest")
-    store = FeedbackStore(settings.landing_zone, settings.lake, key_file=settings.pseudonym_key_file)
+    store = FeedbackStore.from_settings(settings, settings.landing_zone)
     t0 = time.perf_counter()
     report, t1 = store.ingest("events"), time.perf_counter()
     accounts, t2 = store.validate_pending(), time.perf_counter()

@@ -39,7 +39,7 @@ class ModelSettings(BaseSettings):
         "unset: a random key is generated into `RECSYS_PSEUDONYM_KEY_FILE` on first ingest")
     pseudonym_key_file: Path | None = env_field(
         "RECSYS_PSEUDONYM_KEY_FILE", None, "file holding the pseudonym key (mode 0600)",
-        "`$RECSYS_LAKE/secrets/pseudonym.key`")
+        "`$RECSYS_LAKE/secrets/pseudonym.key` for a local lake (none on object storage)")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

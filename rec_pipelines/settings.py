@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import model_validator
 
+from rec_models.files import as_location, is_remote
 from rec_models.settings import ModelSettings, env_field
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +39,12 @@ class Settings(ModelSettings):
     landing: str = env_field(
         "RECSYS_LANDING_ZONE", "", "folder new files land in, or any fsspec URL (e.g. `s3://bucket/prefix`; "
         "install its filesystem package, e.g. `s3fs`)", "`$RECSYS_HOME/var/landing`")
-    lake: Path | None = env_field("RECSYS_LAKE", None, "ingested, validated data and asset outputs",
-                                  "`$RECSYS_HOME/var/lake`")
+    lake: str | Path | None = env_field(
+        "RECSYS_LAKE", None, "ingested, validated data and asset outputs: a folder or a URL such as `s3://bucket/lake` "
+        "(then set `RECSYS_LAKE_LOCK` and `RECSYS_PSEUDONYM_KEY`)", "`$RECSYS_HOME/var/lake`")
+    lake_lock: str = env_field(
+        "RECSYS_LAKE_LOCK", "", "what serialises writes to the lake: a PostgreSQL URL (an advisory lock; needed when "
+        "the lake is on object storage) or a lock file", "`$RECSYS_LAKE/.lock` (a local lake)")
     dagster_home: Path | None = env_field("DAGSTER_HOME", None, "Dagster instance folder (holds dagster.yaml)",
                                           "`$RECSYS_HOME/var/dagster_home`")
     mlflow_tracking_uri: str = env_field("MLFLOW_TRACKING_URI", "", "MLflow tracking and registry store",
@@ -71,12 +76,13 @@ class Settings(ModelSettings):
             raise ValueError(f"RECSYS_UMASK must be an octal umask such as 077 or 022, got {self.umask!r}")
         self.home = Path(self.home).resolve()
         mlflow_dir = self.home / "mlflow"
-        self.lake = Path(self.lake or self.home / "var" / "lake")
+        self.lake = as_location(self.lake or self.home / "var" / "lake")
         self.dagster_home = Path(self.dagster_home or self.home / "var" / "dagster_home")
         self.mlflow_tracking_uri = self.mlflow_tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
         if not self.mlflow_artifact_root and not self.mlflow_tracking_uri.startswith(("http://", "https://")):
             self.mlflow_artifact_root = str(mlflow_dir / "artifacts")
-        self.pseudonym_key_file = Path(self.pseudonym_key_file or self.lake / "secrets" / "pseudonym.key")
+        if self.pseudonym_key_file is None and not is_remote(self.lake):  # never beside data on object storage
+            self.pseudonym_key_file = self.lake / "secrets" / "pseudonym.key"
         return self
 
     @property
@@ -101,8 +107,14 @@ class Settings(ModelSettings):
     def landing_zone(self) -> Path:
         """The local landing folder: a remote zone's mirror (see lake.RemoteLandingZone)."""
         if self.landing_zone_url:
-            return self.lake / "landing-mirror"
+            return self.lake_work / "landing-mirror"
         return Path(self.landing.removeprefix("file://") or self.home / "var" / "landing")
+
+    @property
+    def lake_work(self) -> Path:
+        """The local folder for what the lake keeps on this machine (a remote landing zone's
+        mirror, model bundles before upload): the lake itself when it is local."""
+        return self.lake if not is_remote(self.lake) else self.home / "var" / "lake-work"
 
     @property
     def landing_location(self) -> str:
@@ -127,7 +139,8 @@ class Settings(ModelSettings):
             "RECSYS_MLFLOW_ARTIFACTS": self.mlflow_artifact_root,
             "RECSYS_MODEL_NAME": self.model_name,
             "RECSYS_TEXT_MODEL": self.text_model,
-            "RECSYS_PSEUDONYM_KEY_FILE": str(self.pseudonym_key_file),
+            "RECSYS_LAKE_LOCK": self.lake_lock,
+            "RECSYS_PSEUDONYM_KEY_FILE": str(self.pseudonym_key_file or ""),
             "RECSYS_FULL_RETRAIN_CRON": self.full_retrain_cron,
             "RECSYS_SENSOR_INTERVAL_S": str(self.sensor_interval_s),
             "RECSYS_INGEST_MAX_FILE_BYTES": str(self.ingest_max_file_bytes),
@@ -166,6 +179,6 @@ def prepare_environment(settings: Settings | None = None) -> Settings:
     if source is not None and (not target.exists() or target.read_bytes() != source.read_bytes()):
         shutil.copyfile(source, target)
     for folder in (settings.landing_zone, settings.lake, settings.local_artifact_root):  # (a remote zone's mirror)
-        if folder is not None:
+        if folder is not None and not is_remote(folder):
             folder.mkdir(parents=True, exist_ok=True)
     return settings

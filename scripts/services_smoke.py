@@ -10,12 +10,15 @@ endpoint), then configures the project for them by environment alone:
   schedules in PostgreSQL), ``DAGSTER_PG_*``;
 * MLflow tracking and registry: ``MLFLOW_TRACKING_URI=postgresql+psycopg2://...``;
 * MLflow artifacts: ``RECSYS_MLFLOW_ARTIFACTS=s3://mlflow/artifacts`` (``MLFLOW_S3_ENDPOINT_URL``);
-* landing zone: ``RECSYS_LANDING_ZONE=s3://recsys/landing`` (s3fs, ``AWS_ENDPOINT_URL``).
+* landing zone: ``RECSYS_LANDING_ZONE=s3://recsys/landing`` (s3fs, ``AWS_ENDPOINT_URL``);
+* the lake (ledger, batches, validated events, asset outputs, caches):
+  ``RECSYS_LAKE=s3://recsys/lake``, locked by a PostgreSQL advisory lock
+  (``RECSYS_LAKE_LOCK=postgresql+psycopg2://...``), pseudonym key from ``RECSYS_PSEUDONYM_KEY``.
 
 Then the loop: the simulator's batch 0 is uploaded into the S3 landing zone, the real
 ``dagster-daemon``'s sensor starts a retrain (a full one: no champion yet), batch 1 is uploaded
 and the sensor's micro-batch retrain goes through the gate, and ``recsys serve`` answers from the
-champion whose files are in S3. Everything is stopped at the end; the last line is one JSON
+champion whose files are in S3, writing its impressions into the S3 landing zone. Everything is stopped at the end; the last line is one JSON
 object: {"dagster_storage", "mlflow_backend", "artifact_root", "champion_version", "served_ok", ...}.
 ``tests/test_services.py`` runs the same harness.
 """
@@ -158,6 +161,8 @@ def service_environment(home: Path, pg: dict, s3_url: str, dagster_config: Path 
         "MLFLOW_TRACKING_URI": f"{database}/mlflow",
         "RECSYS_MLFLOW_ARTIFACTS": "s3://mlflow/artifacts",
         "RECSYS_LANDING_ZONE": "s3://recsys/landing",
+        "RECSYS_LAKE": "s3://recsys/lake", "RECSYS_LAKE_LOCK": f"{database}/dagster",
+        "RECSYS_PSEUDONYM_KEY": "5e" * 32,  # a test secret (in production: from a secret store)
         "MLFLOW_S3_ENDPOINT_URL": s3_url, "AWS_ENDPOINT_URL": s3_url, **S3_KEYS,
         "RECSYS_SENSOR_INTERVAL_S": "2",
     }
@@ -289,7 +294,8 @@ def describe_stores(settings, registry) -> dict:
     return {"dagster_storage": "postgres" if storage.startswith("Postgres") else storage, "dagster_run_storage": storage,
             "dagster_runs": run_rows, "mlflow_backend": settings.mlflow_tracking_uri.split(":", 1)[0],
             "mlflow_tracking_uri": settings.mlflow_tracking_uri, "artifact_root": experiment.artifact_location,
-            "local_mlflow_folder": (settings.home / "mlflow").exists()}
+            "local_mlflow_folder": (settings.home / "mlflow").exists(), "lake": str(settings.lake),
+            "local_lake_folder": (settings.home / "var" / "lake").exists()}
 
 
 def main() -> int:

@@ -1,12 +1,14 @@
 """The loop on real services: a PostgreSQL server and an S3 API server (moto's), started and
 stopped here (``scripts/services_smoke.py`` is the harness). Configuration alone moves the
-Dagster instance and MLflow to PostgreSQL and MLflow's artifacts and the landing zone to S3.
+Dagster instance and MLflow to PostgreSQL, and MLflow's artifacts, the lake and the landing zone
+to S3 (the lake locked by a PostgreSQL advisory lock).
 
 PostgreSQL comes from Debian's package; ``.ci/run`` installs it and sets
 ``RECSYS_REQUIRE_SERVICES=1``, so there a missing server fails the test instead of skipping it."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -70,6 +72,63 @@ def test_the_loop_runs_on_postgresql_and_s3(services):
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow") for o in page.get("Contents", [])]
     assert any(k.endswith("recommender.json") for k in keys) and any(k.endswith("MLmodel") for k in keys)
     landed = [o["Key"] for o in s3.list_objects_v2(Bucket="recsys", Prefix="landing/")["Contents"]]
-    assert sorted(k.removeprefix("recsys/") for k in result["batch0_keys"] + result["batch1_keys"]) == sorted(landed)
+    uploaded = sorted(k.removeprefix("recsys/") for k in result["batch0_keys"] + result["batch1_keys"])
+    assert uploaded == sorted(k for k in landed if not k.startswith("landing/impressions/"))
+    # the lake is in S3: its ledger names every uploaded file, each events file is a validated
+    # batch, asset outputs and the item vocabulary are there too; nothing of it on the local disk
+    assert result["lake"] == "s3://recsys/lake" and not result["local_lake_folder"]
+    lake = {o["Key"].removeprefix("lake/"): o for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket="recsys", Prefix="lake/") for o in page.get("Contents", [])}
+    ledger = [json.loads(line) for line in s3.get_object(Bucket="recsys", Key="lake/ledger.jsonl")["Body"].read().splitlines()]
+    assert sorted(f"landing/{e['file']}" for e in ledger) == uploaded
+    event_batches = [e["batch_id"] for e in ledger if e["kind"] == "events" and e["status"] == "ingested"]
+    assert len(event_batches) == 2
+    for batch in event_batches:
+        assert {f"events/{batch}.parquet", f"validated/{batch}.parquet", f"validated/{batch}.json"} <= set(lake)
+    assert "item_vocab.json" in lake and any(k.startswith("assets/") for k in lake)
+    assert not any(k.startswith("secrets/") for k in lake)  # the key never lies beside the data
     # serving answered from the champion stored in S3
     assert result["served_ok"] and result["served_version"] == str(result["champion_version"])
+    # ... and wrote what it served into the S3 landing zone (flushed at the latest on SIGTERM)
+    impressions = [k for k in landed if k.startswith("landing/impressions/")]
+    assert impressions, landed
+    rows = [json.loads(line) for key in impressions
+            for line in s3.get_object(Bucket="recsys", Key=key)["Body"].read().splitlines()]
+    assert [r["item_id"] for r in rows] == result["served_items"]
+    assert {r["model_version"] for r in rows} == {result["served_version"]}
+
+
+def test_the_postgresql_lake_lock_lets_one_writer_in_at_a_time(services):
+    """Two writers of one lake (threads here, each on its own connection, as two pods would be):
+    the second enters only after the first left; another lake's lock is independent."""
+    import threading
+
+    from rec_pipelines.lake.locks import lake_lock
+
+    _, pg, _ = services
+    url = f"postgresql+psycopg2://{pg['user']}@{pg['host']}:{pg['port']}/dagster"
+    inside, entered, release = threading.Event(), [], threading.Event()
+
+    def first():
+        with lake_lock("s3://recsys/lake", url):
+            inside.set()
+            release.wait(30)
+            entered.append("first leaves")
+
+    def second():
+        with lake_lock("s3://recsys/lake", url):
+            entered.append("second enters")
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    assert inside.wait(30)
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    waiter.join(2)
+    assert waiter.is_alive() and entered == []  # blocked while the first holds the lock
+    with lake_lock("s3://recsys/other-lake", url):  # a different lake: not blocked
+        pass
+    release.set()
+    holder.join(30)
+    waiter.join(30)
+    assert entered == ["first leaves", "second enters"]

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_models.files import atomic_path
+from rec_models.files import as_location, atomic_path, parquet_source
 
 # --- the cache -------------------------------------------------------------------------------
 from rec_models.text.encoder import ProgressCallback, TextEncoder
@@ -38,13 +38,13 @@ class EmbeddingCache:
     )
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+        self.path = as_location(path)
         self._vectors: dict[tuple[str, str, str], np.ndarray] = {}
         if self.path.exists():
             self._read()
 
     def _read(self) -> None:
-        table = pq.read_table(self.path)
+        table = pq.read_table(parquet_source(self.path))
         embeddings = table.column("embedding").combine_chunks()
         offsets = embeddings.offsets.to_numpy()
         values = embeddings.values.to_numpy(zero_copy_only=False).astype(np.float32)

@@ -120,5 +120,5 @@ class FeedbackCatalog:
     def __init__(self, settings: Settings):
         from rec_pipelines.lake import FeedbackStore
 
-        catalog = FeedbackStore(settings.landing_zone, settings.lake, key_file=settings.pseudonym_key_file).catalog()
+        catalog = FeedbackStore.from_settings(settings, settings.landing_zone).catalog()
         self.titles = dict(zip(catalog["item_id"], catalog["title"]))

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from rec_pipelines.lake import FeedbackStore, IngestLimits, is_supported, printable
+from rec_pipelines.lake import FeedbackStore, is_supported, printable
 from rec_pipelines.lake.landing import place, place_movielens
 from rec_pipelines.settings import Settings
 
@@ -84,8 +84,7 @@ def main(argv: list[str]) -> int:
 
     settings = Settings.from_env()
     settings.local_landing_zone("ingest")
-    store = FeedbackStore(settings.landing_zone, settings.lake, key_file=settings.pseudonym_key_file,
-                          limits=IngestLimits(settings.ingest_max_file_bytes, settings.ingest_max_line_bytes))
+    store = FeedbackStore.from_settings(settings, settings.landing_zone)
     placed: list[Path] = []
     try:
         for path in args.paths:

@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--csv", type=Path, default=None, help="write the quarantined rows to this CSV file")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    store = FeedbackStore(settings.landing_location, settings.lake, key_file=settings.pseudonym_key_file)
+    store = FeedbackStore.from_settings(settings)
     rows = store.quarantined_rows(args.batch)
     files = [{"file": e["file"], "reason": e["reason"]} for e in store.ledger() if e["status"] == "quarantined"]
     if args.csv:

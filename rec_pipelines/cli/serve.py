@@ -43,7 +43,7 @@ def parse_args(argv: list[str], settings: Settings) -> argparse.Namespace:
                         help="answer every user with the champion's and the challenger's lists merged by team draft "
                              "(each item credited to its model in the impressions)")
     parser.add_argument("--impressions", action=argparse.BooleanOptionalAction, default=True,
-                        help="write what was served into <landing>/impressions/ (default: on for a local landing zone)")
+                        help="write what was served into <landing>/impressions/ (default: on)")
     ServerLimits.add_arguments(parser)
     return parser.parse_args(argv)
 

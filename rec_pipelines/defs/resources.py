@@ -15,17 +15,22 @@ from rec_pipelines.settings import Settings
 
 
 class LakeResource(dg.ConfigurableResource):
-    """Where feedback lands, where ingested data lives, and which file keeps the pseudonym key
-    (empty: ``<lake>/secrets/pseudonym.key``)."""
+    """Where feedback lands, where ingested data lives (a folder or an fsspec URL), which file
+    keeps the pseudonym key (empty: ``<lake>/secrets/pseudonym.key`` for a local lake, else
+    ``$RECSYS_PSEUDONYM_KEY``), what locks the lake and the local work folder (empty: see
+    ``FeedbackStore``)."""
 
     landing_zone: str
     lake: str
     pseudonym_key_file: str = ""
+    lock: str = ""
+    work: str = ""
     max_file_bytes: int = IngestLimits.max_file_bytes
     max_line_bytes: int = IngestLimits.max_line_bytes
 
     def store(self) -> FeedbackStore:
         return FeedbackStore(self.landing_zone, self.lake, key_file=self.pseudonym_key_file or None,
+                             lock=self.lock, work=self.work or None,
                              limits=IngestLimits(self.max_file_bytes, self.max_line_bytes))
 
 
@@ -105,7 +110,8 @@ def resources() -> dg.Definitions:
         executor=dg.in_process_executor,
         resources={
             "lake": LakeResource(landing_zone=settings.landing_location, lake=str(settings.lake),
-                                 pseudonym_key_file=str(settings.pseudonym_key_file),
+                                 pseudonym_key_file=str(settings.pseudonym_key_file or ""),
+                                 lock=settings.lake_lock, work=str(settings.lake_work),
                                  max_file_bytes=settings.ingest_max_file_bytes,
                                  max_line_bytes=settings.ingest_max_line_bytes),
             "text_encoder": TextEncoderResource(model_path=settings.text_model),

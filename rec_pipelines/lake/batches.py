@@ -5,7 +5,6 @@ that works on batches already in the lake (docs/lake.md)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from rec_models.files import write_json_atomic
+from rec_models.files import sync_all, write_json_atomic
 from rec_pipelines.lake.tables import read_arrow, read_parquets, write_arrow_atomic, write_parquet_atomic
 from rec_pipelines.lake.validation import (
     DEFAULT_MIN_TIMESTAMP,
@@ -111,10 +110,10 @@ class ValidatedBatches:
                 "min_timestamp": int(rules["min_timestamp"]), "max_clock_skew_s": int(rules["max_clock_skew_s"]),
                 "validated_at": time.time(), "run_id": run_id,
             })
-        os.sync()  # the rows on disk before any account says the batch is validated
+        sync_all(self.lake)  # the rows on disk before any account says the batch is validated
         for account in accounts:
             write_json_atomic(self._account_path(account["batch_id"]), account, durable=False)
-        os.sync()
+        sync_all(self.lake)
         return accounts
 
     def _validated_keys(self) -> np.ndarray:
@@ -134,7 +133,7 @@ class ValidatedBatches:
                 if account is None or account.get("rejected"):
                     continue
                 path = self.lake / "validated" / f"{batch_id}.parquet"
-                valid = pd.read_parquet(path).drop(columns="key_hash")
+                valid = read_parquets([path]).drop(columns="key_hash")
                 earlier = self.quarantined_rows(batch_id)
                 rows = pd.concat([earlier, valid.assign(reason=reason)], ignore_index=True)
                 rows = rows.sort_values("source_row", kind="stable") if "source_row" in rows else rows

@@ -7,12 +7,12 @@ and atomic writes are in ``tables.py``."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +29,9 @@ from rec_models.data.privacy import (
     pseudonymize,
     resolve_pseudonym_key,
 )
-from rec_models.data.schema import CATALOG_COLUMNS, IMPRESSION_COLUMNS
-from rec_models.files import write_json_atomic
+from rec_models.files import as_location, is_remote, sync_all, write_json_atomic
 from rec_pipelines.lake.batches import GROUP_ROWS, ValidatedBatches
 from rec_pipelines.lake.conversion import (
-    as_tag_list,
     coerce_catalog,
     coerce_events,
     coerce_impressions,
@@ -51,17 +49,16 @@ from rec_pipelines.lake.landing import (
     refusal,
     safe_stem,
 )
+from rec_pipelines.lake.ledger import Ledger
+from rec_pipelines.lake.locks import lake_lock
 from rec_pipelines.lake.parsing import (
-    ROW_COLUMNS,
     IngestLimits,
     ParsedFile,
     UnreadableFile,
     read_table,
 )
+from rec_pipelines.lake.reading import LakeReads
 from rec_pipelines.lake.tables import (
-    ValidatedEvents,
-    empty_events,
-    read_parquets,
     write_arrow_atomic,
     write_parquet_atomic,
 )
@@ -100,29 +97,50 @@ class IngestReport:
         }
 
 
-class FeedbackStore(ValidatedBatches):
+class FeedbackStore(ValidatedBatches, LakeReads):
     """Reads the landing zone into the lake and keeps the ledger of what was read.
 
-    ``pseudonym_key`` overrides the key otherwise taken from ``$RECSYS_PSEUDONYM_KEY`` or
-    ``key_file`` (default ``<lake>/secrets/pseudonym.key``; generated on first use); ``limits``
-    caps the size of one file and of one line.
+    ``lake`` is a folder or an fsspec URL (``s3://bucket/lake``). ``pseudonym_key`` overrides
+    the key otherwise taken from ``$RECSYS_PSEUDONYM_KEY`` or ``key_file`` (default
+    ``<lake>/secrets/pseudonym.key`` for a local lake, generated on first use; a lake on object
+    storage never keeps its key beside the data); ``limits`` caps the size of one file and of
+    one line. ``lock``: see ``locks.lake_lock``. ``work``: a local folder for what stays on
+    this machine (a remote landing zone's mirror, model bundles before upload); default the
+    lake itself when it is local, else a folder under the system's temporary directory.
     """
 
     def __init__(self, landing_zone: Path | str, lake: Path | str, pseudonym_key: bytes | str | None = None,
-                 key_file: Path | str | None = None, limits: IngestLimits | None = None):
+                 key_file: Path | str | None = None, limits: IngestLimits | None = None, lock: str = "",
+                 work: Path | str | None = None):
         self.limits = limits or IngestLimits()
-        self.lake = Path(lake)
-        self.remote = RemoteLandingZone(str(landing_zone), self.lake / "landing-mirror") if is_remote_url(str(landing_zone)) else None
+        self.lake = as_location(lake)
+        self.lock = lock
+        self.work = Path(work) if work else local_work_folder(self.lake)
+        self.remote = RemoteLandingZone(str(landing_zone), self.work / "landing-mirror") if is_remote_url(str(landing_zone)) else None
         self.landing_zone = self.remote.mirror if self.remote else Path(str(landing_zone).removeprefix("file://"))
         self.ledger_path = self.lake / "ledger.jsonl"
-        self.key_file = Path(key_file) if key_file else key_file_of(self.lake)
+        self.key_file = Path(key_file) if key_file else (None if is_remote(self.lake) else key_file_of(self.lake))
         self._configured_key = pseudonym_key
         self._key: bytes | None = None
+
+    @classmethod
+    def from_settings(cls, settings, landing_zone: Path | str | None = None) -> FeedbackStore:
+        """The store ``rec_pipelines.settings.Settings`` describe (``landing_zone`` overrides
+        where files are read from)."""
+        return cls(settings.landing_location if landing_zone is None else landing_zone, settings.lake,
+                   key_file=settings.pseudonym_key_file, lock=settings.lake_lock, work=settings.lake_work,
+                   limits=IngestLimits(settings.ingest_max_file_bytes, settings.ingest_max_line_bytes))
 
     # -- privacy -------------------------------------------------------------------------
     def pseudonym_key(self) -> bytes:
         if self._key is None:
-            self._key, _ = resolve_pseudonym_key(self.key_file, self._configured_key)
+            if self.key_file is None and not self._configured_key:
+                self._key = existing_pseudonym_key(None)
+                if self._key is None:
+                    raise LakeError(f"the lake {self.lake} is on object storage: give its pseudonym key in {KEY_ENV} "
+                                    "(e.g. from a secret store) or RECSYS_PSEUDONYM_KEY_FILE (a mounted secret)")
+            else:
+                self._key, _ = resolve_pseudonym_key(self.key_file, self._configured_key)
         return self._key
 
     def pseudonymizer(self) -> Callable:
@@ -133,29 +151,17 @@ class FeedbackStore(ValidatedBatches):
 
     # -- ledger --------------------------------------------------------------------------
     def ledger(self) -> list[dict]:
-        if not self.ledger_path.exists():
-            return []
-        with open(self.ledger_path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        return Ledger(self.ledger_path).entries()
 
     def _append_ledger(self, *entries: dict) -> None:
-        if not entries:
-            return
-        self.lake.mkdir(parents=True, exist_ok=True)
-        with open(self.ledger_path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
-            handle.flush()
-            os.fsync(handle.fileno())
+        Ledger(self.ledger_path).append(*entries)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.lake.mkdir(parents=True, exist_ok=True)
-        with open(self.lake / ".lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        if not is_remote(self.lake):
+            self.lake.mkdir(parents=True, exist_ok=True)
+        with lake_lock(self.lake, self.lock):
+            yield
 
     def _check_lake(self, entries: list[dict]) -> None:
         legacy = [e["file"] for e in entries if e["kind"] == "events" and e["status"] == "ingested" and "format" not in e]
@@ -305,7 +311,7 @@ class FeedbackStore(ValidatedBatches):
             report.rows_in += extra["rows"]
             report.texts_truncated += extra["texts_truncated"]
             done.append({**entry, "status": "ingested", "batch_id": batch_id, "format": LAKE_FORMAT, **extra})
-        os.sync()  # every batch on disk (one sync, not one per file) before the ledger names them
+        sync_all(self.lake)  # every batch on disk (one sync, not one per file) before the ledger names them
         self._append_ledger(*done)
 
     def _ingest_whole_file(self, entry: dict, batch_id: str, parsed: ParsedFile, report: IngestReport) -> None:
@@ -328,58 +334,13 @@ class FeedbackStore(ValidatedBatches):
         write_parquet_atomic(rows, self.lake / kind / f"{batch_id}.parquet")
         return {"rows": len(rows) + len(rejected), "rows_valid": len(rows), "rows_quarantined": len(rejected)}
 
-    # -- reading the lake ----------------------------------------------------------------
-    def batches(self, kind: str) -> list[str]:
-        """Ingested batch ids of ``kind`` in ingestion order."""
-        return [e["batch_id"] for e in self.ledger() if e["kind"] == kind and e["status"] == "ingested"]
 
-    def read(self, kind: str) -> pd.DataFrame:
-        """Every ingested row of ``kind`` in ingestion order (with a ``batch_id`` column; events
-        also carry ``source_row`` and ``problem``)."""
-        paths = [self.lake / kind / f"{b}.parquet" for b in self.batches(kind)]
-        if paths and kind != "catalog":  # many small files (catalog files may differ in types)
-            return read_parquets(paths)
-        frames = [pd.read_parquet(path) for path in paths]
-        if not frames:
-            columns = {"events": [*ROW_COLUMNS, "problem"], "catalog": ["batch_id", *CATALOG_COLUMNS],
-                       "impressions": ["batch_id", "source_row", *IMPRESSION_COLUMNS]}[kind]
-            return pd.DataFrame(columns=columns)
-        return pd.concat(frames, ignore_index=True)
-
-    def ingested_rows(self, kind: str) -> int:
-        """How many rows of ``kind`` the lake holds (from the ledger: nothing is read)."""
-        return sum(int(e.get("rows", 0)) for e in self.ledger() if e["kind"] == kind and e["status"] == "ingested")
-
-    def read_batch(self, kind: str, batch_id: str) -> pd.DataFrame:
-        """The ingested rows of one batch."""
-        return pd.read_parquet(self.lake / kind / f"{batch_id}.parquet")
-
-    def read_validated(self, batch_ids: Iterable[str] | None = None) -> pd.DataFrame:
-        """Validated events of every (or the given) validated, not rejected batch, in ingestion
-        order: the training data's source."""
-        return self.validated_events(batch_ids).read()
-
-    def validated_events(self, batch_ids: Iterable[str] | None = None) -> ValidatedEvents:
-        """A handle on the validated events of every (or the given) validated, not rejected
-        batch; nothing is read."""
-        wanted = None if batch_ids is None else set(batch_ids)
-        accounts = [a for a in self.accounts() if not a.get("rejected") and (wanted is None or a["batch_id"] in wanted)]
-        return ValidatedEvents(str(self.lake), tuple(a["batch_id"] for a in accounts),
-                               sum(int(a["rows_valid"]) for a in accounts))
-
-    def quarantined_rows(self, batch_id: str | None = None) -> pd.DataFrame:
-        """Quarantined rows (with ``reason``) of one batch, or of all batches."""
-        folder = self.lake / "quarantine" / "rows"
-        paths = [folder / f"{batch_id}.parquet"] if batch_id else sorted(folder.glob("*.parquet"))
-        frames = [pd.read_parquet(p) for p in paths if p.exists()]
-        return pd.concat(frames, ignore_index=True) if frames else empty_events().assign(reason=pd.Series(dtype="string"))
-
-    def catalog(self) -> pd.DataFrame:
-        """The current catalog: later entries for an item replace earlier ones."""
-        rows = self.read("catalog")
-        rows = rows.drop_duplicates("item_id", keep="last").reset_index(drop=True)
-        rows["tags"] = [as_tag_list(v) for v in rows["tags"]]
-        return rows
+def local_work_folder(lake) -> Path:
+    """The local folder for what a lake keeps on this machine: the lake itself when local."""
+    if not is_remote(lake):
+        return Path(lake)
+    digest = hashlib.sha256(str(lake).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"recsys-lake-{digest}"
 
 
 def key_file_of(lake: Path | str) -> Path:
@@ -392,8 +353,9 @@ def load_pseudonym_key(lake: Path | str) -> bytes:
     key file): ``rec_models.data.privacy.pseudonymize(raw_ids, load_pseudonym_key(lake))`` gives the
     ids the lake, the training data and the served model know users by. Never creates a key:
     a lake without one has ingested nothing (LakeError)."""
-    key = existing_pseudonym_key(key_file_of(lake))
+    key_file = None if is_remote(lake) else key_file_of(lake)
+    key = existing_pseudonym_key(key_file)
     if key is None:
-        raise LakeError(f"no pseudonym key: {KEY_ENV} is not set and {key_file_of(lake)} does not exist "
-                        "(nothing ingested yet)")
+        where = f"{key_file} does not exist (nothing ingested yet)" if key_file else f"{lake} keeps no key file"
+        raise LakeError(f"no pseudonym key: {KEY_ENV} is not set and {where}")
     return key

@@ -1,4 +1,5 @@
-"""Lake tables on disk: many small Parquet files read as one frame, atomic Parquet writes."""
+"""Lake tables: many small Parquet files read as one frame, atomic Parquet writes (local
+folders or object storage, ``rec_models.files``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_models.files import atomic_path
+from rec_models.files import as_location, atomic_path, parquet_source
 from rec_pipelines.lake.parsing import ROW_COLUMNS
 
 
@@ -25,7 +26,7 @@ def read_arrow(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
     ``request_id``) comes back as nulls."""
     tables = []
     for path in paths:
-        source = pq.ParquetFile(path, pre_buffer=False)
+        source = pq.ParquetFile(parquet_source(path), pre_buffer=False)
         present = None if columns is None else [c for c in columns if c in source.schema_arrow.names]
         table = source.read(columns=present, use_threads=False)
         for name in [c for c in columns or [] if c not in table.column_names]:
@@ -45,7 +46,7 @@ class ValidatedEvents:
     rows: int
 
     def paths(self) -> list[Path]:
-        return [Path(self.lake) / "validated" / f"{batch}.parquet" for batch in self.batches]
+        return [as_location(self.lake) / "validated" / f"{batch}.parquet" for batch in self.batches]
 
     def read(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The events (in ingestion order), all columns or only ``columns``."""

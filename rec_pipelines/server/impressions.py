@@ -5,8 +5,9 @@ One row per recommended item: ``request_id`` (one per answered request row, also
 answer, so clients can send it back with their feedback), ``user_id`` (the pseudonym; a raw id
 is never written), ``item_id``, ``rank``, ``model_version``, ``arm`` and ``timestamp``. Rows
 are buffered (at most ``max_rows``, then written at once) and written every
-``flush_interval_s`` as an atomic JSON Lines file in ``<landing>/impressions/``; ``close``
-writes what is left (the server calls it on shutdown, SIGTERM included).
+``flush_interval_s`` as an atomic JSON Lines file in ``<landing>/impressions/`` (a folder or
+object storage); ``close`` writes what is left (the server calls it on shutdown, SIGTERM
+included). A failed write keeps the rows for the next try and never stops serving.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import os
 import time
 from pathlib import Path
 
-from rec_models.files import write_text_atomic
+from rec_models.files import as_location, write_text_atomic
 
 log = logging.getLogger("recsys.serve")
 
 
 class ImpressionLog:
     def __init__(self, folder: Path | str, flush_interval_s: float = 1.0, max_rows: int = 10_000):
-        self.folder = Path(folder)
+        self.folder = as_location(folder)
         self.flush_interval_s = flush_interval_s
         self.max_rows = max_rows
         self.rows: list[str] = []
@@ -69,7 +70,7 @@ class ImpressionLog:
                 await asyncio.sleep(self.flush_interval_s)
                 try:
                     self.flush()
-                except OSError:  # a full disk must not stop serving; the rows stay buffered
+                except Exception:  # a full disk or an unreachable bucket must not stop serving; rows stay buffered
                     log.exception("could not write impressions to %s", self.folder)
         finally:
             self.close()
@@ -77,5 +78,5 @@ class ImpressionLog:
     def close(self) -> None:
         try:
             self.flush()
-        except OSError:
+        except Exception:
             log.exception("could not write the last %d impressions to %s", len(self.rows), self.folder)

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rec_models.files import as_location
+
 OPTIONS_ENV = "RECSYS_SERVE_OPTIONS"
 TOKEN_FILE = "reload-token"
 FAILED_FILE = "failed"  # a worker could not start: the parent's exit status says so
@@ -47,8 +49,8 @@ def build_app(args: argparse.Namespace, settings, workers: int = 1, reload_token
         challenger = ModelHolder(args.model_uri.rsplit("@", 1)[0] + "@challenger", settings.mlflow_tracking_uri,
                                  required=False)
     impressions = None
-    if args.impressions and not settings.landing_zone_url:
-        impressions = ImpressionLog(settings.landing_zone / "impressions")
+    if args.impressions:  # into the landing zone itself, local or remote (not a remote zone's mirror)
+        impressions = ImpressionLog(as_location(settings.landing_location) / "impressions")
     print((f"worker {os.getpid()}: " if workers > 1 else "")
           + f"serving {args.model_uri} (version {holder.current.version}, {holder.current.recommender.n_items} items) "
           f"on http://{args.host}:{args.port}/invocations"

@@ -108,7 +108,7 @@ def candidate_model(
         trained, model, curves = train_candidate(
             request, training_data, text_matrix(training_data.vocab, item_text_embeddings),
             item_catalog.set_index("item_id")["title"], user_context_embeddings, mlflow.registry(),
-            store.lake / "models", key_id(store.pseudonym_key()), context.log)
+            store.work / "models", key_id(store.pseudonym_key()), context.log)
     except ValueError as error:  # a bad mode
         raise dg.Failure(str(error)) from error
     history, model_config = trained.history, model.config
