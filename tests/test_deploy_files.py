@@ -132,7 +132,7 @@ def test_compose_services_are_wired_together():
             assert port.startswith("127.0.0.1:"), f"{name}: {port} should bind to loopback only"
         for config in service.get("configs", []):
             assert config["source"] in doc["configs"]
-    # Everything that runs the project's code shares the lake and DAGSTER_HOME.
+    # Everything that runs the project's code shares DAGSTER_HOME and the local work folder.
     for name in ("recsys-init", "dagster-code", "dagster-webserver", "dagster-daemon", "serving"):
         assert "recsys-data:/data" in services[name]["volumes"], name
     # Passwords are interpolated with defaults, never only hard-coded.
@@ -146,6 +146,11 @@ def test_compose_services_find_each_other():
         assert services[name]["environment"] == env, f"{name}: not the shared environment"
     assert env["DAGSTER_HOME"].startswith("/data/")
     assert env["RECSYS_LANDING_ZONE"] == "s3://recsys/landing"
+    # The lake in the same bucket, its writers locked in the compose PostgreSQL's dagster database.
+    assert env["RECSYS_LAKE"] == "s3://recsys/lake"
+    assert env["RECSYS_LAKE_LOCK"].startswith("postgresql+psycopg2://")
+    assert env["RECSYS_LAKE_LOCK"].endswith(f"@postgres:5432/{env['DAGSTER_PG_DB']}")
+    assert env["RECSYS_PSEUDONYM_KEY"].startswith("${RECSYS_PSEUDONYM_KEY:-")
     assert "RECSYS_MLFLOW_ARTIFACTS" not in env  # the tracking server's mlflow-artifacts: root
     assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 
@@ -414,7 +419,8 @@ def test_kubernetes_probes_resources_and_services():
             for container in spec["template"]["spec"]["containers"]:
                 assert {"cpu", "memory"} <= set(container["resources"]["requests"]), container["name"]
                 assert container["envFrom"][0]["secretRef"]["name"], container["name"]
-            claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["template"]["spec"].get("volumes", [])}
+            claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["template"]["spec"].get("volumes", [])
+                      if "persistentVolumeClaim" in v}
             assert claims <= {d["metadata"]["name"] for d in manifests() if d["kind"] == "PersistentVolumeClaim"}
     services = {d["metadata"]["name"]: d for d in manifests() if d["kind"] == "Service"}
     assert services["mlflow"]["spec"]["ports"][0]["port"] == 5000
@@ -512,8 +518,9 @@ def test_helm_values_use_the_charts_keys_and_valid_kubernetes_objects():
     services = {d["metadata"]["name"]: d["spec"]["ports"][0]["port"] for d in manifests() if d["kind"] == "Service"}
     assert code["env"]["MLFLOW_TRACKING_URI"] == f"http://mlflow:{services['mlflow']}"
     assert code["env"]["RECSYS_SERVE_URLS"] == f"http://recsys-serving:{services['recsys-serving']}"
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in code["volumes"]}
-    assert claims <= {d["metadata"]["name"] for d in manifests() if d["kind"] == "PersistentVolumeClaim"}
+    # The lake is in S3 and locked in PostgreSQL: no pod shares a volume (RWX storage not needed).
+    assert code["env"]["RECSYS_LAKE"] == "s3://recsys/lake"
+    assert all("emptyDir" in v for v in code["volumes"])
 
 
 def test_helm_instance_config_matches_the_compose_instance(tmp_path):
