@@ -9,7 +9,6 @@ batches: when it fails, those batches are moved to quarantine and nothing downst
 bot-like users.
 """
 
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -17,6 +16,7 @@ from pydantic import Field
 
 from rec_models.data.features import FeedbackFeatures, compute_features
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS
+from rec_models.files import as_location
 from rec_pipelines.defs.resources import LakeResource
 from rec_pipelines.lake import ValidatedEvents, printable
 from rec_pipelines.lake.validation import (
@@ -147,7 +147,7 @@ def validated_feedback(
             "min_timestamp": config.min_timestamp,
             "rows": valid.rows,
             "batches": len(valid.batches),
-            "path": dg.MetadataValue.path(str(Path(valid.lake) / "validated")),
+            "path": dg.MetadataValue.path(str(as_location(valid.lake) / "validated")),
             "new_users": int(fresh["user_id"].nunique()),
             "new_items": int(fresh["item_id"].nunique()),
             "new_event_types": _counts(fresh["event_type"]),
