@@ -19,7 +19,7 @@ Then the loop: the simulator's batch 0 is uploaded into the S3 landing zone, the
 ``dagster-daemon``'s sensor starts a retrain (a full one: no champion yet), batch 1 is uploaded
 and the sensor's micro-batch retrain goes through the gate, and ``recsys serve`` answers from the
 champion whose files are in S3, writing its impressions into the S3 landing zone. Everything is stopped at the end; the last line is one JSON
-object: {"dagster_storage", "mlflow_backend", "artifact_root", "champion_version", "served_ok", ...}.
+object: {"dagster_storage", "mlflow_backend", "artifact_root", "lake", "champion_version", "served_ok", ...}.
 ``tests/test_services.py`` runs the same harness.
 """
 
@@ -316,7 +316,7 @@ def main() -> int:
     for version, decision in result["decisions"].items():
         print(f"v{version}: {decision['promotion.decision']} ({decision['promotion.reason']})")
     print(f"served v{result['served_version']} (champion v{result['champion_version']}) from {result['champion_source']}")
-    print(json.dumps({k: result[k] for k in ("dagster_storage", "mlflow_backend", "artifact_root", "champion_version",
+    print(json.dumps({k: result[k] for k in ("dagster_storage", "mlflow_backend", "artifact_root", "lake", "champion_version",
                                              "served_ok", "served_version", "decisions", "seconds")}))
     return 0 if result["served_ok"] else 1
 
