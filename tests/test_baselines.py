@@ -135,6 +135,37 @@ def test_tune_content_picks_the_best_window():
     assert results[model.window] == max(results.values())
 
 
+def _standardized_reference(row: np.ndarray) -> np.ndarray:
+    """The definition, in float64 numpy: z over the finite real items, the rest the lowest z."""
+    values = row[1:].astype(np.float64)
+    finite = np.isfinite(values)
+    out = np.zeros_like(values)
+    if finite.any():
+        mean, std = values[finite].mean(), max(values[finite].std(), 1e-12)
+        out[finite] = (values[finite] - mean) / std
+        out[~finite] = out[finite].min()
+    return np.concatenate([[0.0], out])
+
+
+def test_standardize_scores_fast_and_masked_paths_follow_the_definition():
+    """Rows of finite scores take the fast path, rows with -inf/NaN/+inf the masked one; both
+    give the definition's values (padding column ignored), constant and empty rows included."""
+    rng = np.random.default_rng(0)
+    finite = rng.normal(3.0, 2.0, size=(40, 301)).astype(np.float32)
+    finite[:, 0] = -np.inf  # padding: never part of the statistics
+    finite[5] = 7.0  # a constant row: std 0, all zeros
+    mixed = finite.copy()
+    mixed[::3, 10:40] = -np.inf
+    mixed[1, 50] = np.nan
+    mixed[2, 60] = np.inf
+    mixed[4, 1:] = -np.inf  # nothing scorable: zeros
+    for scores in (finite, mixed):
+        got = standardize_scores(torch.from_numpy(scores)).numpy()
+        expected = np.stack([_standardized_reference(row) for row in scores])
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert standardize_scores(finite).dtype == torch.float32  # numpy in, float32 tensor out
+
+
 def test_standardize_scores_and_hybrid_blend():
     raw = torch.tensor([[5.0, 1.0, 2.0, 3.0, -math.inf]])
     z = standardize_scores(raw)
