@@ -171,3 +171,27 @@ def test_paired_difference_of_per_user_ndcg():
     paired = paired_difference(b, a)
     assert paired["users"] == 3 and paired["diff"] == pytest.approx(-1 / 3)
     assert paired["se"] == pytest.approx(np.std([0, -1, 0], ddof=1) / np.sqrt(3))
+
+
+def test_per_user_ndcg_matches_a_brute_force_ranking_with_ties_and_masks():
+    """Integer scores (many ties: the pessimistic rule), masked histories, targets inside the
+    history, -inf items and fewer scorable items than k: every user's NDCG@10 is what counting
+    the items scoring at least the target's gives."""
+    rng = np.random.default_rng(7)
+    n_users, n_items, k = 300, 40, 10
+    scores = rng.integers(0, 6, size=(n_users, n_items + 1)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.2] = -np.inf
+    scores[:5, 12:] = -np.inf  # at most 11 scorable items
+    histories = [rng.choice(np.arange(1, n_items + 1), size=rng.integers(0, 8), replace=False) for _ in range(n_users)]
+    targets = rng.integers(1, n_items + 1, size=n_users)
+    metrics = RankingMetrics(n_items, k, keep_per_user=True)
+    metrics.update(torch.from_numpy(scores), histories, torch.from_numpy(targets))
+    expected = []
+    for row, history, target in zip(scores, histories, targets):
+        masked = row.copy()
+        masked[0] = -np.inf
+        masked[history] = -np.inf
+        rank = int((masked >= masked[target]).sum())
+        expected.append(1 / math.log2(rank + 1) if np.isfinite(masked[target]) and rank <= k else 0.0)
+    np.testing.assert_allclose(metrics.per_user_ndcg(), expected)
+    assert 0 < np.count_nonzero(expected) < n_users  # both hits and misses were exercised

@@ -91,8 +91,14 @@ class RankingMetrics:
         # The protocol's tie rule: rank = 1 + the other items scoring >= the target (pessimistic,
         # independent of topk's order among equal scores). A masked target (-inf) is never a hit.
         target_scores = masked.gather(1, targets[:, None])
-        ranks = (masked >= target_scores).sum(dim=1)  # counts the target itself: 1 + others
-        hit = (ranks <= self.k) & (target_scores[:, 0] > -math.inf)
+        # A target scoring below the k-th best has k items strictly above it: rank > k, no hit.
+        # Only the other rows need the exact rank (counting all columns is the costly pass).
+        reachable = (target_scores[:, 0] >= top_scores[:, -1]) & (target_scores[:, 0] > -math.inf)
+        ranks = torch.full((len(targets),), self.k + 1, dtype=torch.int64)
+        if bool(reachable.any()):
+            rows = reachable.nonzero()[:, 0]
+            ranks[rows] = (masked[rows] >= target_scores[rows]).sum(dim=1)  # counts the target itself: 1 + others
+        hit = (ranks <= self.k) & reachable
         gains = torch.where(hit, 1.0 / torch.log2(ranks.double() + 1), torch.zeros((), dtype=torch.float64))
 
         self._hits += hit.sum().item()
