@@ -195,3 +195,21 @@ def test_per_user_ndcg_matches_a_brute_force_ranking_with_ties_and_masks():
         expected.append(1 / math.log2(rank + 1) if np.isfinite(masked[target]) and rank <= k else 0.0)
     np.testing.assert_allclose(metrics.per_user_ndcg(), expected)
     assert 0 < np.count_nonzero(expected) < n_users  # both hits and misses were exercised
+
+
+def test_eval_batch_size_bounds_the_score_tensor_for_large_catalogs():
+    from rec_models.evaluation import EVAL_BATCH, eval_batch_size
+    from rec_models.evaluation.metrics import SCORE_BUDGET
+
+    assert eval_batch_size(3_000) == EVAL_BATCH  # small catalogs: the full batch
+    for n_items in (17_321, 100_000, 500_000):
+        size = eval_batch_size(n_items)
+        assert size < EVAL_BATCH and size * (n_items + 1) <= SCORE_BUDGET
+    assert eval_batch_size(10**7) == 16  # never fewer than 16 users at a time
+    # the batch size does not change results
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(70, 2001)).astype(np.float32)
+    histories = [rng.integers(1, 2001, size=5) for _ in range(70)]
+    targets = rng.integers(1, 2001, size=70)
+    runs = [evaluate_ranking(fixed_score_fn(list(scores)), histories, targets, 2000, batch_size=b) for b in (None, 7)]
+    assert runs[0] == runs[1]

@@ -7,6 +7,7 @@ from rec_models.evaluation.metrics import (
     PopularityRecommender,
     RankingMetrics,
     ScoreFn,
+    eval_batch_size,
     evaluate_ranking,
     pad_histories,
     paired_difference,
@@ -21,6 +22,6 @@ from rec_models.evaluation.protocol import (
 )
 from rec_models.evaluation.sampling import stratified_user_sample
 
-__all__ = ["EVAL_BATCH", "PopularityRecommender", "RankingMetrics", "ScoreFn", "cold_start_split", "cold_start_users",
+__all__ = ["EVAL_BATCH", "eval_batch_size", "PopularityRecommender", "RankingMetrics", "ScoreFn", "cold_start_split", "cold_start_users",
            "evaluate_ranking", "evaluate_split", "item_popularity", "pad_histories", "paired_difference",
            "protocol_sequences", "select_cold_items", "stratified_user_sample"]

@@ -15,6 +15,15 @@ from rec_models.data import UserSequences
 ScoreFn = Callable[..., "torch.Tensor | np.ndarray"]
 """``score_fn(batch_histories[, batch_event_types]) -> scores [B, n_items + 1]``."""
 EVAL_BATCH = 512
+SCORE_BUDGET = 1 << 23
+
+
+def eval_batch_size(n_items: int) -> int:
+    """Users scored together in validation and evaluation: ``EVAL_BATCH``, fewer for large
+    catalogs so that one float32 score tensor [users, n_items + 1] stays within
+    ``SCORE_BUDGET`` elements (32 MiB; a blended validation keeps about six alive at once):
+    484 users at 17k items, 83 at 100k."""
+    return max(16, min(EVAL_BATCH, SCORE_BUDGET // (n_items + 1)))
 
 
 def pad_histories(histories: Sequence[np.ndarray]) -> torch.Tensor:
@@ -155,7 +164,7 @@ def evaluate_ranking(
     targets: np.ndarray,
     n_items: int,
     k: int = 10,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     event_types: Sequence[np.ndarray] | None = None,
     per_user: bool = False,
 ) -> dict:
@@ -170,6 +179,7 @@ def evaluate_ranking(
     if len(histories) != len(targets):
         raise ValueError("histories and targets must have the same length")
     metrics = RankingMetrics(n_items, k, keep_per_user=per_user)
+    batch_size = batch_size or eval_batch_size(n_items)
     for start in range(0, len(histories), batch_size):
         batch = histories[start : start + batch_size]
         if event_types is None:

@@ -20,7 +20,6 @@ import torch
 from rec_models.data import ItemVocab, LeaveLastOutSplit, leave_last_out
 from rec_models.data.movielens import MOVIELENS_TEMPLATE, MovieLensData, load_movielens
 from rec_models.evaluation import (
-    EVAL_BATCH,
     PopularityRecommender,
     cold_start_split,
     cold_start_users,
@@ -314,7 +313,7 @@ def cold_user_slice(model: HybridRecommender, prep: Prepared, data: MovieLensDat
         f"popularity_ndcg@{K}": evaluate_ranking(popularity.score, few, targets, n, K, everyone)[f"ndcg@{K}"],
         f"context_ndcg@{K}": evaluate_ranking(lambda h, t=None: model.cold_scores(vectors, len(h)), few, targets, n, K,
                                               everyone)[f"ndcg@{K}"],
-        f"main_ndcg@{K}": evaluate_ranking(model.ranker(), few, targets, n, K, EVAL_BATCH, few_types)[f"ndcg@{K}"],
+        f"main_ndcg@{K}": evaluate_ranking(model.ranker(), few, targets, n, K, event_types=few_types)[f"ndcg@{K}"],
         "users": everyone,
     }
 

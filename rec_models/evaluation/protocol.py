@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from rec_models.data import ItemVocab, LeaveLastOutSplit, UserSequences, build_sequences
-from rec_models.evaluation.metrics import EVAL_BATCH, RankingMetrics, ScoreFn
+from rec_models.evaluation.metrics import RankingMetrics, ScoreFn, eval_batch_size
 
 # --- the protocol from raw events, the cold-start slice, beyond-accuracy metrics
 
@@ -101,10 +101,11 @@ def evaluate_split(
         histories = histories.subset(np.asarray(users, dtype=np.int64))
         targets = targets[np.asarray(users, dtype=np.int64)]
     metrics = RankingMetrics(n_items, k, item_embeddings, item_popularity)
-    for start in range(0, len(histories), EVAL_BATCH):
-        batch = histories.items[start : start + EVAL_BATCH]
-        scores = score_fn(batch, histories.event_types[start : start + EVAL_BATCH])
-        metrics.update(scores, batch, targets[start : start + EVAL_BATCH])
+    size = eval_batch_size(n_items)
+    for start in range(0, len(histories), size):
+        batch = histories.items[start : start + size]
+        scores = score_fn(batch, histories.event_types[start : start + size])
+        metrics.update(scores, batch, targets[start : start + size])
     return metrics.compute()
 
 

@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from rec_models.data import LeaveLastOutSplit
+from rec_models.evaluation import eval_batch_size
 from rec_models.models.distributed import train_sampler
-from rec_models.models.sasrec import EVAL_BATCH_SIZE, SASRecConfig
+from rec_models.models.sasrec import SASRecConfig
 
 
 def build_training_windows(
@@ -108,7 +109,7 @@ class SequenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            range(len(self.val_split.train)), batch_size=EVAL_BATCH_SIZE, collate_fn=self._val_batch
+            range(len(self.val_split.train)), batch_size=eval_batch_size(self.config.n_items), collate_fn=self._val_batch
         )
 
     def _val_batch(self, positions: list[int]) -> dict:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from rec_models.data import LeaveLastOutSplit
-from rec_models.evaluation import RankingMetrics
-from rec_models.models.sasrec import DEFAULT_ALPHAS, EVAL_BATCH_SIZE, VAL_K
+from rec_models.evaluation import RankingMetrics, eval_batch_size
+from rec_models.models.sasrec import DEFAULT_ALPHAS, VAL_K
 
 
 def standardize_scores(scores: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -104,10 +104,10 @@ def tune_hybrid(
     """
     metrics = {alpha: RankingMetrics(n_items, VAL_K) for alpha in alphas}
     histories = split.val_histories()
-    for start in range(0, len(histories), EVAL_BATCH_SIZE):
-        batch = histories.items[start : start + EVAL_BATCH_SIZE]
-        types = histories.event_types[start : start + EVAL_BATCH_SIZE]
-        targets = split.val_targets[start : start + EVAL_BATCH_SIZE]
+    size = eval_batch_size(n_items)
+    for start in range(0, len(histories), size):
+        batch, types = histories.items[start : start + size], histories.event_types[start : start + size]
+        targets = split.val_targets[start : start + size]
         first = standardize_scores(primary(batch, types))
         second = standardize_scores(secondary(batch, types))
         for alpha, metric in metrics.items():

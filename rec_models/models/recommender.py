@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rec_models.data import LeaveLastOutSplit
-from rec_models.evaluation import EVAL_BATCH, RankingMetrics, stratified_user_sample
+from rec_models.evaluation import RankingMetrics, eval_batch_size, stratified_user_sample
 from rec_models.models.baselines import (
     DEFAULT_CONTENT_WINDOWS,
     DEFAULT_EASE_LAMBDAS,
@@ -367,9 +367,10 @@ def _tune_blend(model: HybridRecommender, split: LeaveLastOutSplit, alphas: Sequ
     metrics = {(float(a), float(w)): RankingMetrics(model.n_items, 10) for a in alphas for w in weights}
     val, unseen = split.val_histories(), model.unseen
     content = model.content()
-    for start in range(0, len(val), EVAL_BATCH):
-        batch, types = val.items[start : start + EVAL_BATCH], val.event_types[start : start + EVAL_BATCH]
-        targets = split.val_targets[start : start + EVAL_BATCH]
+    size = eval_batch_size(model.n_items)
+    for start in range(0, len(val), size):
+        batch, types = val.items[start : start + size], val.event_types[start : start + size]
+        targets = split.val_targets[start : start + size]
         own = model.sasrec_score(batch, types)
         second = standardize_scores(content.score(batch, types)) if model.config.blend and content else None
         ease = standardize_scores(model.ease.score(batch)) if model.ease is not None else None

@@ -24,7 +24,6 @@ HYBRID_MONITOR = f"val_hybrid_ndcg@{VAL_K}"
 DEFAULT_ALPHAS = tuple(float(a) for a in np.round(np.linspace(0.0, 1.0, 11), 2))
 DEFAULT_EVENT_TYPE = EVENT_TYPE_INDEX["click"]
 """Event type assumed for history items when the caller gives none."""
-EVAL_BATCH_SIZE = 512
 SVD_INIT_NORM = 3.0
 """Largest row norm of ``svd_item_factors`` (the scale that trained well on MovieLens)."""
 

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 
 from rec_models.data import LeaveLastOutSplit
-from rec_models.evaluation import RankingMetrics, pad_histories
+from rec_models.evaluation import RankingMetrics, eval_batch_size, pad_histories
 from rec_models.models.data_module import SequenceDataModule
 from rec_models.models.distributed import (
     HandoffCallback,
@@ -33,7 +33,6 @@ from rec_models.models.hybrid import blend, standardize_scores
 from rec_models.models.losses import LOSSES
 from rec_models.models.sasrec import (
     DEFAULT_ALPHAS,
-    EVAL_BATCH_SIZE,
     HYBRID_MONITOR,
     MONITOR,
     SVD_INIT_NORM,
@@ -236,10 +235,10 @@ def _validation_scores(
     val = split.val_histories()
     own = RankingMetrics(backbone.config.n_items, VAL_K)
     blends = {float(a): RankingMetrics(backbone.config.n_items, VAL_K) for a in alphas} if blend_with else {}
-    for start in range(0, len(val), EVAL_BATCH_SIZE):
-        batch = val.items[start : start + EVAL_BATCH_SIZE]
-        types = val.event_types[start : start + EVAL_BATCH_SIZE]
-        targets = split.val_targets[start : start + EVAL_BATCH_SIZE]
+    size = eval_batch_size(backbone.config.n_items)
+    for start in range(0, len(val), size):
+        batch, types = val.items[start : start + size], val.event_types[start : start + size]
+        targets = split.val_targets[start : start + size]
         scores = backbone.score_histories(batch, types)
         own.update(scores, batch, targets)
         if blends:
@@ -384,9 +383,10 @@ def recommend(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` item indices [B, k] (int64) and their scores [B, k] for each history."""
     all_items, all_scores = [], []
-    for start in range(0, len(histories), EVAL_BATCH_SIZE):
-        batch = histories[start : start + EVAL_BATCH_SIZE]
-        batch_types = None if event_types is None else event_types[start : start + EVAL_BATCH_SIZE]
+    size = eval_batch_size(backbone.config.n_items)
+    for start in range(0, len(histories), size):
+        batch = histories[start : start + size]
+        batch_types = None if event_types is None else event_types[start : start + size]
         scores = backbone.score_histories(batch, batch_types)
         scores[:, 0] = -math.inf
         if exclude_history:
