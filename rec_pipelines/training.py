@@ -21,21 +21,15 @@ from rec_models.data import (
     ItemVocab,
     LeaveLastOutSplit,
     UserSequences,
-    collapse_repeats,
-    interactions,
-    leave_last_out,
 )
 from rec_models.evaluation import (
     PopularityRecommender,
     evaluate_ranking,
     paired_difference,
-    protocol_sequences,
 )
-from rec_models.files import write_json_atomic
 from rec_models.models import (
     HybridRecommender,
     RecommenderConfig,
-    event_features,
     train_recommender,
     user_sample,
 )
@@ -47,6 +41,7 @@ from rec_pipelines.registry import (
     ModelRegistry,
     metric_key,
 )
+from rec_pipelines.user_table import UserTable, training_data_from
 
 MODES = ("auto", "full", "incremental")
 FINETUNE_SETTINGS = ("finetune_max_epochs", "finetune_patience", "finetune_lr", "max_time_s", "diversity",
@@ -85,35 +80,25 @@ class TrainedModel:
     history: dict
 
 
-TRAINING_COLUMNS = ["batch_id", "user_id", "item_id", "event_type", "value", "timestamp"]
-"""The columns of the validated events that training data is built from."""
-
-
 def build_training_data(validated_feedback: pd.DataFrame, item_catalog: pd.DataFrame, vocab_path: Path,
                         excluded_users: set[str]) -> tuple[TrainingData, dict]:
     """Sequences and split under the evaluation protocol (every rating row kept, its value as
-    a feature; stable time order), without ``excluded_users`` (bot-like). The item vocabulary
-    is append-only and kept at ``vocab_path``, so any earlier model's tables are a prefix of
-    today's and can grow. Returns the data and its statistics."""
-    vocab = ItemVocab.from_dict(json.loads(vocab_path.read_text())) if vocab_path.exists() else ItemVocab()
-    added = vocab.extend(item_catalog["item_id"].astype(str))
-    positives = collapse_repeats(interactions(validated_feedback, min_rating=None))
-    excluded = positives["user_id"].astype(str).isin(excluded_users).to_numpy()
-    positives = positives[~excluded]
-    sequences = protocol_sequences(positives, vocab, event_features)  # adds items seen only in feedback
-    write_json_atomic(vocab_path, vocab.to_dict())
-    split = leave_last_out(sequences)
-    user_batches = positives.groupby("user_id", sort=False)["batch_id"].unique().map(list).to_dict()
+    a feature; stable time order), without ``excluded_users`` (bot-like), from all of
+    ``validated_feedback`` at once. The item vocabulary is append-only and kept at
+    ``vocab_path``, so any earlier model's tables are a prefix of today's and can grow. Returns
+    the data and its statistics. (The pipeline keeps the per-user table in the lake and
+    updates it instead: ``user_table.update_user_table``, then ``assemble_training_data``.)"""
     batches = list(dict.fromkeys(validated_feedback["batch_id"].astype(str)))
-    lengths = np.array([len(s) for s in sequences.items]) if len(sequences) else np.zeros(1)
-    stats = {
-        "items": len(vocab), "new_items_in_vocab": added, "users": len(sequences), "users_in_split": len(split.train),
-        "interactions": len(positives), "bot_users_excluded": len(excluded_users),
-        "bot_interactions_excluded": int(excluded.sum()), "median_sequence_length": float(np.median(lengths)),
-        "batches": len(batches),
-    }
-    data = TrainingData(vocab, sequences, split, {str(k): v for k, v in user_batches.items()}, batches)
-    return data, stats
+    return assemble_training_data(UserTable.build(validated_feedback, batches), item_catalog, vocab_path,
+                                  excluded_users)
+
+
+def assemble_training_data(table: UserTable, item_catalog: pd.DataFrame, vocab_path: Path,
+                           excluded_users: set[str]) -> tuple[TrainingData, dict]:
+    """The training data of a per-user table (see ``build_training_data``)."""
+    vocab, sequences, split, user_batches, stats = training_data_from(table, item_catalog, vocab_path, excluded_users)
+    stats["users_in_split"] = len(split.train)
+    return TrainingData(vocab, sequences, split, user_batches, list(table.batches)), stats
 
 
 def text_matrix(vocab: ItemVocab, embeddings: pd.DataFrame) -> torch.Tensor:

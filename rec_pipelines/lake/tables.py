@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rec_models.files import as_location, atomic_path, parquet_source
@@ -52,6 +53,15 @@ class ValidatedEvents:
         """The events (in ingestion order), all columns or only ``columns``."""
         columns = list(columns) if columns is not None else ROW_COLUMNS
         return read_parquets(self.paths(), columns) if self.batches else empty_events()[columns]
+
+    def read_users(self, user_ids, columns: Sequence[str]) -> pd.DataFrame:
+        """The events of ``user_ids`` only (in ingestion order): filtered in Arrow, so only
+        those rows become pandas rows."""
+        if not self.batches:
+            return empty_events()[list(columns)]
+        table = read_arrow(self.paths(), list(columns))
+        wanted = pc.is_in(table["user_id"], value_set=pa.array([str(u) for u in user_ids], pa.string()))
+        return table.filter(wanted).to_pandas()
 
 
 def empty_events() -> pd.DataFrame:

@@ -17,14 +17,14 @@ from rec_pipelines.defs.resources import (
 from rec_pipelines.lake import ValidatedEvents
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.training import (
-    TRAINING_COLUMNS,
     TrainedModel,
     TrainingData,
     TrainingRequest,
-    build_training_data,
+    assemble_training_data,
     text_matrix,
     train_candidate,
 )
+from rec_pipelines.user_table import update_user_table
 
 GROUP = "training"
 RETRAIN_TAG = "recsys/model"  # dagster.yaml limits runs per value of this tag to one
@@ -47,11 +47,14 @@ def training_data(
 ) -> dg.Output[TrainingData]:
     """User sequences and the leave-last-out split under the evaluation protocol (every rating
     row kept, its value as a feature; stable time order), bot-like users left out; the item
-    vocabulary is append-only."""
+    vocabulary is append-only. The per-user table in the lake is updated with the new batches
+    only: users without new events are not rebuilt (``rec_pipelines.user_table``)."""
     users = feedback_features.users
     bots = set(users.loc[users["bot_like"], "user_id"].astype(str)) if config.exclude_bots else set()
-    data, stats = build_training_data(validated_feedback.read(TRAINING_COLUMNS), item_catalog, lake.store().lake / "item_vocab.json", bots)
-    return dg.Output(data, metadata=stats)
+    lake_root = lake.store().lake
+    table, update = update_user_table(lake_root / "tables" / "user_sequences.parquet", validated_feedback)
+    data, stats = assemble_training_data(table, item_catalog, lake_root / "item_vocab.json", bots)
+    return dg.Output(data, metadata={**stats, **update})
 
 
 _DEFAULTS = RecommenderConfig()

@@ -1,0 +1,161 @@
+"""The per-user table behind ``training_data``: each user's protocol sequence (item ids in
+stable time order, one interaction per item, event features, the batches it came from), kept
+in the lake as ``<lake>/tables/user_sequences.parquet`` and updated by the batches a run adds.
+
+An update rebuilds only the users with events in the new batches, from all of their rows (read
+from the lake filtered to those users), with the same functions a full build uses, so the
+table after any sequence of updates equals the table built from all batches at once
+(``tests/test_user_table.py``); everyone else is kept as stored. A batch that left the
+validated events after the table covered it (rejected after the fact) makes the next update a
+full rebuild. ``training_data_from`` then maps the table onto the append-only item vocabulary
+and the leave-last-out split, without the excluded (bot-like) users."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rec_models.data import ItemVocab, UserSequences, collapse_repeats, interactions, leave_last_out
+from rec_models.files import parquet_source, write_json_atomic
+from rec_models.models import event_features
+from rec_pipelines.lake import ValidatedEvents
+from rec_pipelines.lake.tables import write_arrow_atomic
+
+TABLE_FORMAT = 1
+TRAINING_COLUMNS = ["batch_id", "user_id", "item_id", "event_type", "value", "timestamp"]
+"""The columns of the validated events that training data is built from."""
+
+
+@dataclass
+class UserTable:
+    user_ids: np.ndarray  # sorted (object array of str)
+    item_ids: list[np.ndarray]  # per user, object arrays of item ids in sequence order
+    features: list[np.ndarray]  # per user, int64 event features (``sasrec.event_features``)
+    batch_ids: list[list[str]]  # per user, the batches of its interactions, in sequence order
+    covered: list[str]  # the validated batches the table holds, in ingestion order
+    batches: list[str]  # ... those with at least one row
+
+    @classmethod
+    def build(cls, events: pd.DataFrame, covered: list[str]) -> UserTable:
+        """The table of ``events`` (validated rows in ingestion order, ``TRAINING_COLUMNS``)."""
+        return cls(*_per_user(events), list(covered), list(dict.fromkeys(events["batch_id"].astype(str))))
+
+    def updated(self, events: ValidatedEvents) -> tuple[UserTable, dict]:
+        """This table with the batches of ``events`` it does not cover yet; what it did."""
+        current = list(events.batches)
+        if current[: len(self.covered)] != self.covered:  # a covered batch was rejected: rebuild
+            return UserTable.build(events.read(TRAINING_COLUMNS), current), {"table_update": "rebuilt"}
+        new = current[len(self.covered):]
+        if not new:
+            return self, {"table_update": "unchanged", "table_users_rebuilt": 0}
+        fresh = ValidatedEvents(events.lake, tuple(new), 0).read(["batch_id", "user_id"])
+        affected = fresh["user_id"].astype(str).unique()
+        ids, items, features, batch_ids = _per_user(events.read_users(affected, TRAINING_COLUMNS))
+        keep = np.flatnonzero(~np.isin(self.user_ids, affected))
+        user_ids = np.concatenate([self.user_ids[keep], ids])
+        order = np.argsort(user_ids, kind="stable")
+        pick = lambda old, rebuilt: [(old[keep[i]] if i < len(keep) else rebuilt[i - len(keep)]) for i in order]  # noqa: E731
+        table = UserTable(user_ids[order], pick(self.item_ids, items), pick(self.features, features),
+                          pick(self.batch_ids, batch_ids), current,
+                          self.batches + list(dict.fromkeys(fresh["batch_id"].astype(str))))
+        return table, {"table_update": "incremental", "table_users_rebuilt": len(affected),
+                       "table_new_batches": len(new)}
+
+    # -- the lake's copy ---------------------------------------------------------------------
+    def save(self, path) -> None:
+        lengths = [len(a) for a in self.item_ids]
+        table = pa.table({
+            "user_id": pa.array(self.user_ids.tolist(), pa.string()),
+            "item_ids": _lists(np.concatenate(self.item_ids) if lengths else [], lengths, pa.string()),
+            "features": _lists(np.concatenate(self.features) if lengths else [], lengths, pa.int64()),
+            "batch_ids": pa.array(self.batch_ids, pa.list_(pa.string())),
+        }).replace_schema_metadata({"recsys": json.dumps(
+            {"format": TABLE_FORMAT, "covered": self.covered, "batches": self.batches})})
+        write_arrow_atomic(table, path)
+
+    @classmethod
+    def load(cls, path) -> UserTable | None:
+        """The stored table, or None when there is none or it has another format."""
+        try:
+            table = pq.read_table(parquet_source(path))
+        except FileNotFoundError:
+            return None
+        meta = json.loads(table.schema.metadata.get(b"recsys", b"{}"))
+        if meta.get("format") != TABLE_FORMAT:
+            return None
+        return cls(np.array(table.column("user_id").to_pylist(), dtype=object), _split(table.column("item_ids")),
+                   _split(table.column("features")), table.column("batch_ids").to_pylist(),
+                   meta["covered"], meta["batches"])
+
+
+def update_user_table(path, events: ValidatedEvents) -> tuple[UserTable, dict]:
+    """Bring the table at ``path`` up to ``events`` (built whole the first time) and store it."""
+    stored = UserTable.load(path)
+    if stored is None:
+        table, stats = UserTable.build(events.read(TRAINING_COLUMNS), list(events.batches)), {"table_update": "built"}
+    else:
+        table, stats = stored.updated(events)
+    if stats["table_update"] != "unchanged":
+        table.save(path)
+    return table, stats
+
+
+def training_data_from(table: UserTable, item_catalog: pd.DataFrame, vocab_path: Path, excluded_users: set[str]):
+    """``(vocab, sequences, split, user_batches, stats)`` of the table without
+    ``excluded_users``: catalog items join the append-only vocabulary first, then items seen
+    only in feedback, in order of first appearance (users sorted by id)."""
+    vocab = ItemVocab.from_dict(json.loads(vocab_path.read_text())) if vocab_path.exists() else ItemVocab()
+    added = vocab.extend(item_catalog["item_id"].astype(str))
+    kept = np.flatnonzero(~np.isin(table.user_ids, list(excluded_users)))
+    lengths = np.array([len(table.item_ids[i]) for i in kept], dtype=np.int64)
+    flat = np.concatenate([table.item_ids[i] for i in kept]) if len(kept) else np.zeros(0, dtype=object)
+    vocab.extend(pd.unique(flat))
+    bounds = np.r_[0, np.cumsum(lengths)]
+    indices = vocab.index(flat, unknown=None)
+    sequences = UserSequences([str(table.user_ids[i]) for i in kept],
+                              [indices[s:e] for s, e in zip(bounds[:-1], bounds[1:])],
+                              [table.features[i] for i in kept])
+    write_json_atomic(vocab_path, vocab.to_dict())
+    all_lengths = np.array([len(a) for a in table.item_ids], dtype=np.int64)
+    stats = {
+        "items": len(vocab), "new_items_in_vocab": added, "users": len(sequences),
+        "interactions": int(lengths.sum()), "bot_users_excluded": len(excluded_users),
+        "bot_interactions_excluded": int(all_lengths.sum() - lengths.sum()),
+        "median_sequence_length": float(np.median(lengths)) if len(lengths) else 0.0, "batches": len(table.batches),
+    }
+    user_batches = {str(table.user_ids[i]): list(table.batch_ids[i]) for i in kept}
+    return vocab, sequences, leave_last_out(sequences), user_batches, stats
+
+
+def _per_user(events: pd.DataFrame) -> tuple[np.ndarray, list, list, list]:
+    """Each user's protocol sequence of ``events`` (all of that user's rows): as the full
+    pipeline builds it, one interaction per item at its first contact with its strongest event."""
+    positives = collapse_repeats(interactions(events, min_rating=None))
+    ordered = positives.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    users = ordered["user_id"].astype(str).to_numpy(dtype=object)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=np.int64)
+    bounds = np.r_[starts, len(users)]
+    items = ordered["item_id"].astype(str).to_numpy(dtype=object)
+    features = np.asarray(event_features(ordered), dtype=np.int64)
+    batches = ordered["batch_id"].astype(str).to_numpy(dtype=object)
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    return (users[starts], [items[s:e] for s, e in spans], [features[s:e] for s, e in spans],
+            [list(dict.fromkeys(batches[s:e])) for s, e in spans])
+
+
+def _lists(values, lengths: list[int], value_type: pa.DataType) -> pa.Array:
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values, value_type))
+
+
+def _split(column: pa.ChunkedArray) -> list[np.ndarray]:
+    lists = column.combine_chunks()
+    offsets = lists.offsets.to_numpy()
+    values = lists.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i]: offsets[i + 1]] for i in range(len(offsets) - 1)]
