@@ -30,7 +30,7 @@ def atomic_path(path: Path | str, *, exclusive: bool = False, mode: int | None =
     before recording them anywhere.
     """
     if is_remote(path):
-        with _remote_atomic_path(path, exclusive) as tmp:
+        with _remote_atomic_path(as_location(path), exclusive) as tmp:
             yield tmp
         return
     path = Path(path)

@@ -261,7 +261,10 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     histories, targets = part.test_histories(), part.test_targets
     trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
     cold = ~np.isin(targets, trained_items)
-    results = {"candidate": evaluate_model(HybridRecommender.load(candidate.bundle_dir), histories, targets, cold)}
+    bundle = Path(candidate.bundle_dir)
+    if not bundle.exists():  # another process or pod trained it: its scratch is gone, MLflow has the model
+        bundle = registry.download_bundle(model_uri=candidate.model_uri, dst=Path(tempfile.mkdtemp(prefix="candidate-")))
+    results = {"candidate": evaluate_model(HybridRecommender.load(bundle), histories, targets, cold)}
     champion_version, champion, unloadable = registry.version_by_alias(CHAMPION), None, None
     if champion_version is not None:
         try:

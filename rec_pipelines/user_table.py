@@ -12,6 +12,8 @@ and the leave-last-out split, without the excluded (bot-like) users."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +24,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rec_models.data import ItemVocab, UserSequences, collapse_repeats, interactions, leave_last_out
+from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_TYPE_INDEX
 from rec_models.files import parquet_source, write_json_atomic
 from rec_models.models import event_features
 from rec_pipelines.lake import ValidatedEvents
 from rec_pipelines.lake.tables import write_arrow_atomic
 
 TABLE_FORMAT = 1
+
+
+def _definition() -> str:
+    """A fingerprint of what a user's row is made of (the functions and weights that build it):
+    a table stored by code that builds rows differently is rebuilt, never mixed with new rows."""
+    parts = [inspect.getsource(f) for f in (interactions, collapse_repeats, event_features)]
+    parts += [json.dumps(DEFAULT_EVENT_WEIGHTS, sort_keys=True), json.dumps(EVENT_TYPE_INDEX, sort_keys=True)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+DEFINITION = _definition()
 TRAINING_COLUMNS = ["batch_id", "user_id", "item_id", "event_type", "value", "timestamp"]
 """The columns of the validated events that training data is built from."""
 
@@ -76,18 +90,18 @@ class UserTable:
             "features": _lists(np.concatenate(self.features) if lengths else [], lengths, pa.int64()),
             "batch_ids": pa.array(self.batch_ids, pa.list_(pa.string())),
         }).replace_schema_metadata({"recsys": json.dumps(
-            {"format": TABLE_FORMAT, "covered": self.covered, "batches": self.batches})})
+            {"format": TABLE_FORMAT, "definition": DEFINITION, "covered": self.covered, "batches": self.batches})})
         write_arrow_atomic(table, path)
 
     @classmethod
     def load(cls, path) -> UserTable | None:
-        """The stored table, or None when there is none or it has another format."""
+        """The stored table, or None when there is none or it was built by other definitions."""
         try:
             table = pq.read_table(parquet_source(path))
         except FileNotFoundError:
             return None
-        meta = json.loads(table.schema.metadata.get(b"recsys", b"{}"))
-        if meta.get("format") != TABLE_FORMAT:
+        meta = json.loads((table.schema.metadata or {}).get(b"recsys", b"{}"))
+        if meta.get("format") != TABLE_FORMAT or meta.get("definition") != DEFINITION:
             return None
         return cls(np.array(table.column("user_id").to_pylist(), dtype=object), _split(table.column("item_ids")),
                    _split(table.column("features")), table.column("batch_ids").to_pylist(),

@@ -150,7 +150,7 @@ def test_compose_services_find_each_other():
     assert env["RECSYS_LAKE"] == "s3://recsys/lake"
     assert env["RECSYS_LAKE_LOCK"].startswith("postgresql+psycopg2://")
     assert env["RECSYS_LAKE_LOCK"].endswith(f"@postgres:5432/{env['DAGSTER_PG_DB']}")
-    assert env["RECSYS_PSEUDONYM_KEY"].startswith("${RECSYS_PSEUDONYM_KEY:-")
+    assert env["RECSYS_PSEUDONYM_KEY"].startswith("${RECSYS_PSEUDONYM_KEY:?")  # required: no published default
     assert "RECSYS_MLFLOW_ARTIFACTS" not in env  # the tracking server's mlflow-artifacts: root
     assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 

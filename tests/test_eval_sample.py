@@ -2,7 +2,9 @@
 and records how it measured with the decision."""
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -94,11 +96,15 @@ def test_the_gate_evaluates_a_seeded_sample_and_tags_how(dagster_env, small_simu
     assert (tags["eval.users"], tags["eval.population"], tags["eval.seed"]) == ("30", str(population), "0")
     assert "eval.paired_se" not in tags  # nothing to pair with yet
 
-    # evaluation again, same seed: the same users and metrics; now against a champion (itself)
+    # evaluation again, same seed: the same users and metrics; now against a champion (itself).
+    # The candidate's local bundle is gone (as in another pod): it is read back from MLflow.
+    bundle = Path(first.output_for_node("candidate_model").bundle_dir)
+    shutil.rmtree(bundle)
     again = job.execute_in_process(instance=instance, run_config=evaluation_config(30),
                                    asset_selection=[dg.AssetKey("model_evaluation"), dg.AssetKey("champion_model")])
     repeated = again.output_for_node("model_evaluation")
     assert repeated["eval_user_ids"] == evaluation["eval_user_ids"]
+    assert not bundle.exists()  # (the fallback downloaded elsewhere)
     # (NaN-aware: cold_ndcg@10 is NaN when the sample holds no cold-start user)
     assert json.dumps(repeated["candidate"], sort_keys=True) == json.dumps(evaluation["candidate"], sort_keys=True)
     assert repeated["paired"]["users"] == 30 and repeated["paired_se_relative"] is not None

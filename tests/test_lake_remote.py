@@ -15,7 +15,7 @@ import pytest
 from rec_models.files import as_location, is_remote
 from rec_models.text.cache import EmbeddingCache
 from rec_pipelines.lake import FeedbackStore, LakeError
-from rec_pipelines.lake.locks import LockUnavailable
+from rec_pipelines.lake.locks import LockUnavailable, _postgres_url
 from rec_pipelines.server.impressions import ImpressionLog
 from rec_pipelines.settings import Settings
 
@@ -46,9 +46,11 @@ def test_a_remote_lake_behaves_like_a_local_one(tmp_path, memory_lake):
     _land(landing, "b.jsonl", _events(40, 20) + [{"user_id": "u1", "item_id": "", "event_type": "click",
                                                   "timestamp": 1_700_000_100}])
     _land(landing, "copy-of-a.jsonl", _events(0, 40))
+    remote_landing = f"{memory_lake}-landing"  # the same files in a remote landing zone
+    fsspec.filesystem("memory").put(str(landing), remote_landing.removeprefix("memory://"), recursive=True)
     stores = {
         "local": FeedbackStore(landing, tmp_path / "lake", pseudonym_key=KEY),
-        "remote": FeedbackStore(landing, memory_lake, pseudonym_key=KEY, lock=str(tmp_path / "remote.lock"),
+        "remote": FeedbackStore(remote_landing, memory_lake, pseudonym_key=KEY, lock=str(tmp_path / "remote.lock"),
                                 work=tmp_path / "work"),
     }
     reports = {name: store.ingest("events").as_dict() for name, store in stores.items()}
@@ -70,11 +72,14 @@ def test_a_remote_lake_behaves_like_a_local_one(tmp_path, memory_lake):
     assert len(stores["remote"].read_validated()) == len(stores["local"].read_validated()) == 20
     assert stores["remote"].quarantined_rows(batch)["reason"].eq("bad upstream export").sum() == 40
 
-    # the remote lake's files are all in the remote filesystem; the work folder holds none of them
+    # the remote lake's files are all in the remote filesystem; the local work folder holds the
+    # landing zone's mirror and nothing of the lake
     remote_files = fsspec.filesystem("memory").find(memory_lake.removeprefix("memory://"))
     assert any(f.endswith("ledger.jsonl") for f in remote_files)
     assert sum(f.endswith(".parquet") and "/validated/" in f for f in remote_files) == 1
-    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.parquet"))
+    local = sorted(p.relative_to(tmp_path / "work").as_posix() for p in (tmp_path / "work").rglob("*") if p.is_file())
+    assert local == ["landing-mirror/.remote-index.json", "landing-mirror/events/a.jsonl",
+                     "landing-mirror/events/b.jsonl", "landing-mirror/events/copy-of-a.jsonl"]
 
 
 def test_a_remote_lake_needs_a_lock_and_a_key_from_outside(tmp_path, memory_lake, monkeypatch):
@@ -85,6 +90,16 @@ def test_a_remote_lake_needs_a_lock_and_a_key_from_outside(tmp_path, memory_lake
         FeedbackStore(landing, memory_lake, pseudonym_key=KEY).ingest("events")
     with pytest.raises(LakeError, match="RECSYS_PSEUDONYM_KEY"):
         FeedbackStore(landing, memory_lake, lock=str(tmp_path / "lock")).ingest("events")
+    # a key file that is missing (an unmounted secret) is not a reason to invent a key
+    with pytest.raises(LakeError, match="holds none"):
+        FeedbackStore(landing, memory_lake, lock=str(tmp_path / "lock"), key_file=tmp_path / "no.key").ingest("events")
+    assert not (tmp_path / "no.key").exists()
+    # a lock setting that is a URL but not PostgreSQL's is refused, not taken for a file name
+    with pytest.raises(LockUnavailable, match="s3://"):
+        FeedbackStore(landing, memory_lake, pseudonym_key=KEY, lock="s3://bucket/lock").ingest("events")
+    assert _postgres_url("postgres://user@db/recsys") == "postgresql+psycopg2://user@db/recsys"
+    assert _postgres_url("postgresql+psycopg2://user@db/recsys") == "postgresql+psycopg2://user@db/recsys"
+    assert _postgres_url(str(tmp_path / "lock")) is None
     monkeypatch.setenv("RECSYS_PSEUDONYM_KEY", KEY)
     assert FeedbackStore(landing, memory_lake, lock=str(tmp_path / "lock")).ingest("events").rows_in == 5
     assert not fsspec.filesystem("memory").find(f"{memory_lake.removeprefix('memory://')}/secrets")

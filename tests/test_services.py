@@ -132,3 +132,19 @@ def test_the_postgresql_lake_lock_lets_one_writer_in_at_a_time(services):
     holder.join(30)
     waiter.join(30)
     assert entered == ["first leaves", "second enters"]
+
+    # A holder whose connection dies has lost the lock: verify() says so before any write.
+    import psycopg2
+
+    from rec_pipelines.lake.locks import LockUnavailable
+
+    with lake_lock("s3://recsys/lake", url) as verify:
+        verify()  # held
+        with psycopg2.connect(host=pg["host"], port=pg["port"], user=pg["user"], dbname="dagster") as admin:
+            with admin.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                               "AND pid <> pg_backend_pid()")
+        with pytest.raises(LockUnavailable, match="lost the lake's lock"):
+            verify()
+    with lake_lock("s3://recsys/lake", url) as verify:  # and the lake can be locked again
+        verify()

@@ -111,6 +111,7 @@ class ValidatedBatches:
                 "validated_at": time.time(), "run_id": run_id,
             })
         sync_all(self.lake)  # the rows on disk before any account says the batch is validated
+        self._verify_lock()
         for account in accounts:
             write_json_atomic(self._account_path(account["batch_id"]), account, durable=False)
         sync_all(self.lake)
@@ -138,6 +139,7 @@ class ValidatedBatches:
                 rows = pd.concat([earlier, valid.assign(reason=reason)], ignore_index=True)
                 rows = rows.sort_values("source_row", kind="stable") if "source_row" in rows else rows
                 self._write_quarantined_rows(batch_id, rows)
+                self._verify_lock()
                 account.update(rows_valid=0, rows_quarantined=account["rows_in"], rejected=reason,
                                reasons={**account["reasons"], reason: len(valid)})
                 write_json_atomic(self._account_path(batch_id), account)

@@ -122,6 +122,7 @@ class FeedbackStore(ValidatedBatches, LakeReads):
         self.key_file = Path(key_file) if key_file else (None if is_remote(self.lake) else key_file_of(self.lake))
         self._configured_key = pseudonym_key
         self._key: bytes | None = None
+        self._verify_lock: Callable[[], None] = _unlocked
 
     @classmethod
     def from_settings(cls, settings, landing_zone: Path | str | None = None) -> FeedbackStore:
@@ -134,11 +135,12 @@ class FeedbackStore(ValidatedBatches, LakeReads):
     # -- privacy -------------------------------------------------------------------------
     def pseudonym_key(self) -> bytes:
         if self._key is None:
-            if self.key_file is None and not self._configured_key:
-                self._key = existing_pseudonym_key(None)
+            if is_remote(self.lake) and not self._configured_key:  # never generated: it would die with the pod
+                self._key = existing_pseudonym_key(self.key_file)
                 if self._key is None:
                     raise LakeError(f"the lake {self.lake} is on object storage: give its pseudonym key in {KEY_ENV} "
-                                    "(e.g. from a secret store) or RECSYS_PSEUDONYM_KEY_FILE (a mounted secret)")
+                                    "(e.g. from a secret store) or RECSYS_PSEUDONYM_KEY_FILE (a mounted secret; "
+                                    f"{self.key_file or 'unset'} holds none)")
             else:
                 self._key, _ = resolve_pseudonym_key(self.key_file, self._configured_key)
         return self._key
@@ -154,14 +156,19 @@ class FeedbackStore(ValidatedBatches, LakeReads):
         return Ledger(self.ledger_path).entries()
 
     def _append_ledger(self, *entries: dict) -> None:
+        self._verify_lock()  # (a lost PostgreSQL lock stops here, before the record)
         Ledger(self.ledger_path).append(*entries)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         if not is_remote(self.lake):
             self.lake.mkdir(parents=True, exist_ok=True)
-        with lake_lock(self.lake, self.lock):
-            yield
+        with lake_lock(self.lake, self.lock) as verify:
+            self._verify_lock = verify
+            try:
+                yield
+            finally:
+                self._verify_lock = _unlocked
 
     def _check_lake(self, entries: list[dict]) -> None:
         legacy = [e["file"] for e in entries if e["kind"] == "events" and e["status"] == "ingested" and "format" not in e]
@@ -333,6 +340,10 @@ class FeedbackStore(ValidatedBatches, LakeReads):
             write_parquet_atomic(rejected.assign(batch_id=batch_id), folder / f"{batch_id}.parquet")
         write_parquet_atomic(rows, self.lake / kind / f"{batch_id}.parquet")
         return {"rows": len(rows) + len(rejected), "rows_valid": len(rows), "rows_quarantined": len(rejected)}
+
+
+def _unlocked() -> None:
+    """``_verify_lock`` outside a locked block: records are written under the lock only."""
 
 
 def local_work_folder(lake) -> Path:

@@ -151,14 +151,15 @@ class ModelRegistry:
         self.client.set_model_version_tag(self.model_name, previous, "restored_by_rollback_from", str(current.version))
         return str(current.version), previous
 
-    def download_bundle(self, alias: str = CHAMPION, dst: Path | None = None) -> Path | None:
-        """Local folder of the bundle behind ``alias`` (None when the alias is not set)."""
-        version = self.version_by_alias(alias)
-        if version is None:
-            return None
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{self.model_name}/{version.version}", dst_path=str(dst) if dst else None
-        ))
+    def download_bundle(self, alias: str = CHAMPION, dst: Path | None = None, model_uri: str | None = None) -> Path | None:
+        """Local folder of the bundle behind ``alias`` (None when the alias is not set), or of
+        the logged model ``model_uri``."""
+        if model_uri is None:
+            version = self.version_by_alias(alias)
+            if version is None:
+                return None
+            model_uri = f"models:/{self.model_name}/{version.version}"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst) if dst else None))
         flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
         return local / flavor["artifacts"]["bundle"]["path"]
 
