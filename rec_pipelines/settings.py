@@ -17,17 +17,12 @@ from rec_models.settings import ModelSettings, env_field
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def is_remote_url(location: str) -> bool:
-    """Whether a landing-zone location is an fsspec URL other than a local ``file://`` one."""
-    return "://" in location and not location.startswith("file://")
-
-
 def artifact_root_uri(root: str) -> str | None:
     """An MLflow artifact root as a URI: a URL as it is, a folder (or ``file://`` path) as a file
     URI, None for "" (the tracking server's root)."""
     if not root:
         return None
-    if is_remote_url(root):
+    if is_remote(root):
         return root.rstrip("/")
     return Path(root.removeprefix("file://")).resolve().as_uri()
 
@@ -89,7 +84,7 @@ class Settings(ModelSettings):
     def local_artifact_root(self) -> Path | None:
         """The folder of MLflow artifacts when they are local files, else None."""
         root = self.mlflow_artifact_root
-        return Path(root.removeprefix("file://")) if root and not is_remote_url(root) else None
+        return Path(root.removeprefix("file://")) if root and not is_remote(root) else None
 
     @property
     def instance_config(self) -> Path | None:
@@ -101,7 +96,7 @@ class Settings(ModelSettings):
     @property
     def landing_zone_url(self) -> str:
         """The fsspec URL of a remote landing zone (such as ``s3://bucket/prefix``), else ""."""
-        return self.landing if is_remote_url(self.landing) else ""
+        return self.landing if is_remote(self.landing) else ""
 
     @property
     def landing_zone(self) -> Path:

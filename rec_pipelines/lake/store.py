@@ -62,7 +62,6 @@ from rec_pipelines.lake.tables import (
     write_arrow_atomic,
     write_parquet_atomic,
 )
-from rec_pipelines.settings import is_remote_url
 
 LAKE_FORMAT = 2  # 1: before pseudonymisation and per-batch validation
 
@@ -116,7 +115,7 @@ class FeedbackStore(ValidatedBatches, LakeReads):
         self.lake = as_location(lake)
         self.lock = lock
         self.work = Path(work) if work else local_work_folder(self.lake)
-        self.remote = RemoteLandingZone(str(landing_zone), self.work / "landing-mirror") if is_remote_url(str(landing_zone)) else None
+        self.remote = RemoteLandingZone(str(landing_zone), self.work / "landing-mirror") if is_remote(str(landing_zone)) else None
         self.landing_zone = self.remote.mirror if self.remote else Path(str(landing_zone).removeprefix("file://"))
         self.ledger_path = self.lake / "ledger.jsonl"
         self.key_file = Path(key_file) if key_file else (None if is_remote(self.lake) else key_file_of(self.lake))
