@@ -80,22 +80,13 @@ class TrainedModel:
     history: dict
 
 
-def build_training_data(validated_feedback: pd.DataFrame, item_catalog: pd.DataFrame, vocab_path: Path,
-                        excluded_users: set[str]) -> tuple[TrainingData, dict]:
-    """Sequences and split under the evaluation protocol (every rating row kept, its value as
-    a feature; stable time order), without ``excluded_users`` (bot-like), from all of
-    ``validated_feedback`` at once. The item vocabulary is append-only and kept at
-    ``vocab_path``, so any earlier model's tables are a prefix of today's and can grow. Returns
-    the data and its statistics. (The pipeline keeps the per-user table in the lake and
-    updates it instead: ``user_table.update_user_table``, then ``assemble_training_data``.)"""
-    batches = list(dict.fromkeys(validated_feedback["batch_id"].astype(str)))
-    return assemble_training_data(UserTable.build(validated_feedback, batches), item_catalog, vocab_path,
-                                  excluded_users)
-
-
 def assemble_training_data(table: UserTable, item_catalog: pd.DataFrame, vocab_path: Path,
                            excluded_users: set[str]) -> tuple[TrainingData, dict]:
-    """The training data of a per-user table (see ``build_training_data``)."""
+    """Sequences and split under the evaluation protocol (every rating row kept, its value as
+    a feature; stable time order) of a per-user table (``user_table.update_user_table``),
+    without ``excluded_users`` (bot-like). The item vocabulary is append-only and kept at
+    ``vocab_path``, so any earlier model's tables are a prefix of today's and can grow. Returns
+    the data and its statistics."""
     vocab, sequences, split, user_batches, stats = training_data_from(table, item_catalog, vocab_path, excluded_users)
     stats["users_in_split"] = len(split.train)
     return TrainingData(vocab, sequences, split, user_batches, list(table.batches)), stats

@@ -67,5 +67,3 @@ class LakeReads:
         rows = rows.drop_duplicates("item_id", keep="last").reset_index(drop=True)
         rows["tags"] = [as_tag_list(v) for v in rows["tags"]]
         return rows
-
-
