@@ -3,6 +3,7 @@
     nice -n 19 .venv/bin/python benchmarks/scaling.py [--sizes 100k,1m,10m] [--cap-s 300] [--max-epochs N]
         [--microbatches 2] [--stage-timeout-s 900] [--microbatch-timeout-s S] [--model '{"ease": false}']
         [--text-model PATH | --tiny-text] [--sensor-interval 5] [--max-rss-gb G] [--out FILE] [--keep]
+        [--data DIR [--generate-only]]
 
 Per size, in a fresh temp home (nothing of yours is touched), three worker processes in turn:
 
@@ -10,7 +11,9 @@ Per size, in a fresh temp home (nothing of yours is touched), three worker proce
    average; 3k items up to 100k events, then log-linearly to 100k items at 10M) in JSON Lines
    files of <= 500k events in the landing zone, made a chunk of users at a time (``events(0)``
    holds users x items matrices: same world, another random stream), and the micro-batches
-   (200 users x 10 events + 25 new items each, whatever the size);
+   (200 users x 10 events + 25 new items each, whatever the size); with ``--data DIR`` they are
+   kept in ``DIR/SIZE`` and the next run with the same ``--data`` and ``--microbatches`` reuses
+   them (10M takes about half an hour to generate here); ``--generate-only`` stops after this;
 2. train: ``FeedbackStore.ingest`` + ``validate_pending`` of it all (``ingest_rows_per_s``; the
    GE suite timed apart), then ``full_retrain_job`` in process (nothing new to ingest), SASRec
    capped by ``--cap-s`` (``max_time_s`` per network) and ``--max-epochs``:
@@ -314,21 +317,43 @@ def worker(phase: str, home: Path) -> int:
     return 0
 
 
+def copy_generated(source: Path, target: Path) -> None:
+    """The generated landing zone, staged micro-batches and generation record, hard-linked where
+    possible (the pipeline reads landing files, never writes them)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    for name in ("var/landing", "staging"):
+        shutil.copytree(source / name, target / name, copy_function=link, dirs_exist_ok=True)
+    shutil.copy2(source / "result-generate.json", target / "result-generate.json")
+
+
 def run_size(label: str, args: argparse.Namespace) -> dict:
     size, home = parse_size(label), Path(tempfile.mkdtemp(prefix=f"recsys-scaling-{label}-"))
     timeouts = {"generate": args.gen_timeout_s, "train": args.stage_timeout_s, "microbatch": args.microbatch_timeout_s}
     (home / "spec.json").write_text(json.dumps({**vars(args), "size": size, "model": json.loads(args.model)}, default=str))
     print(f"== {label}: {world(size)} in {home}", flush=True)
     row: dict = {"size": label, "stage_s": {}, "peak_rss_mb_by_stage": {}, "status": "ok", "peak_rss_mb": 0, "peak_pss_mb": 0}
-    for phase in PHASES:
+    cache = args.data / f"{label}-{args.microbatches}mb" if args.data else None
+    for phase in ["generate"] if args.generate_only else PHASES:
         started = time.perf_counter()
-        status, rss, pss = supervise(phase, home, args.max_rss_gb, timeouts[phase])
+        if phase == "generate" and cache and (cache / "result-generate.json").exists():
+            copy_generated(cache, home)
+            status, rss, pss = "ok", {}, {}
+        else:
+            status, rss, pss = supervise(phase, home, args.max_rss_gb, timeouts[phase])
+            if phase == "generate" and cache and status == "ok":
+                shutil.rmtree(cache, ignore_errors=True)
+                copy_generated(home, cache)
         result_file = home / f"result-{phase}.json"
         result = json.loads(result_file.read_text()) if result_file.exists() else {}
         row["stage_s"].update(result.pop("stage_s", {}))
         row.update(result)
         if phase == "generate":
-            row.update(generate_s=round(time.perf_counter() - started, 1), generate_peak_rss_mb=max(rss.values(), default=0))
+            row.update(generate_s=round(time.perf_counter() - started, 1), generate_peak_rss_mb=max(rss.values(), default=0),
+                       generated_before=not rss)
             print(f"generated {row.get('events', 0):,} events in {row.get('files', 0)} files, {row['generate_s']}s", flush=True)
         else:
             row["peak_rss_mb_by_stage"].update(rss)
@@ -362,12 +387,16 @@ def main() -> int:
     parser.add_argument("--max-rss-gb", type=float, help="stop a size whose PSS exceeds this (default: 70%% of RAM, <= 16)")
     parser.add_argument("--out", type=Path, help="also write the JSON line here")
     parser.add_argument("--keep", action="store_true", help="keep each size's temp home")
+    parser.add_argument("--data", type=Path, help="keep generated histories here and reuse them")
+    parser.add_argument("--generate-only", action="store_true", help="generate (into --data) and stop")
     parser.add_argument("--worker", choices=list(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.home)
     args.microbatch_timeout_s = args.microbatch_timeout_s or args.stage_timeout_s
+    if args.generate_only and not args.data:
+        parser.error("--generate-only needs --data DIR")
     if args.max_rss_gb is None:
         args.max_rss_gb = round(min(16.0, 0.7 * int(read_proc("/proc/meminfo", "MemTotal:")) / 2**20), 1)
     with contextlib.suppress(OSError, AttributeError):  # orphans of a killed worker stay ours: measured, stopped
