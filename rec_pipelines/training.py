@@ -44,7 +44,7 @@ from rec_pipelines.registry import (
 from rec_pipelines.user_table import UserTable, training_data_from
 
 MODES = ("auto", "full", "incremental")
-FINETUNE_SETTINGS = ("finetune_max_epochs", "finetune_patience", "finetune_lr", "max_time_s", "diversity",
+FINETUNE_SETTINGS = ("finetune_max_epochs", "finetune_patience", "finetune_lr", "finetune_val_users", "max_time_s", "diversity",
                      "accelerator", "devices", "strategy", "num_nodes")
 """What a micro-batch run takes from its own config (its budget and the hardware it runs on);
 every other setting is the champion's."""
@@ -211,8 +211,9 @@ def evaluate_model(model: HybridRecommender, histories: UserSequences, targets: 
     plus NDCG@10 on the cold-start users (``cold`` marks users whose test item never occurs in
     training, e.g. items that arrived with new batches), and each user's NDCG@10
     (``per_user_ndcg@10``) for the paired comparison."""
-    metrics = evaluate_ranking(model.ranker(), histories.items, targets, model.n_items,
-                               event_types=histories.event_types, per_user=True)
+    with model.item_tables_frozen():
+        metrics = evaluate_ranking(model.ranker(), histories.items, targets, model.n_items,
+                                   event_types=histories.event_types, per_user=True)
     positions = np.flatnonzero(cold)
     metrics["cold_users"] = len(positions)
     metrics["cold_ndcg@10"] = float(metrics["per_user_ndcg@10"][positions].mean()) if len(positions) else float("nan")

@@ -144,3 +144,9 @@ def test_training_validates_on_a_bounded_sample_of_users(tmp_path, single_thread
     config = RecommenderConfig.from_dict({**small.model.config.to_dict(), "val_users": 25})
     model, history = train_recommender(small.split, small.text, config)
     assert history["val_users"] == 25 and len(history["epochs"]) == 1 and model.n_items == small.model.n_items
+
+    # A fine-tune validates on its own, smaller sample (0: val_users).
+    for finetune_val_users, expected in ((10, 10), (0, 25)):
+        tuned = RecommenderConfig.from_dict({**config.to_dict(), "finetune_val_users": finetune_val_users})
+        _, history = train_recommender(small.split, small.text, tuned, init=model, users_subset=np.arange(5))
+        assert history["val_users"] == expected

@@ -77,6 +77,25 @@ def trained(single_thread):
     return split, backbone, history
 
 
+def test_a_frozen_item_table_scores_as_the_live_one_and_is_forgotten_after(trained):
+    """Validation and evaluation compute the item table once per pass: same scores; the
+    previous state comes back after the pass; a table frozen before a weight change is stale."""
+    split, backbone, _ = trained
+    val = split.val_histories()
+    live = backbone.score_histories(val.items, val.event_types)
+    with backbone.item_table_frozen():
+        assert backbone._frozen_items is not None
+        frozen = backbone.score_histories(val.items, val.event_types)
+    assert backbone._frozen_items is None
+    assert torch.allclose(frozen, live, atol=1e-6)
+    changed = copy.deepcopy(backbone)
+    with changed.item_table_frozen(), torch.no_grad():
+        changed.id_embedding.weight.mul_(2.0)
+        stale = changed.score_histories(val.items, val.event_types)
+    assert torch.allclose(stale, live, atol=1e-6)  # the frozen table, not the changed weights
+    assert not torch.allclose(changed.score_histories(val.items, val.event_types), live, atol=1e-3)
+
+
 def test_training_beats_popularity_and_returns_the_best_epoch(trained):
     split, backbone, history = trained
     val = split.val_histories()
@@ -91,7 +110,7 @@ def test_training_beats_popularity_and_returns_the_best_epoch(trained):
     best = max(epoch["val_ndcg@10"] for epoch in history["epochs"])
     assert history["best_val_ndcg@10"] == pytest.approx(best)
     assert sasrec["ndcg@10"] == pytest.approx(best, abs=1e-5)
-    assert not backbone.training
+    assert not backbone.training and backbone._frozen_items is None  # validation's item table is not kept
 
     first = history["epochs"][0]
     assert {"epoch", "train_loss", "val_ndcg@10", "val_hr@10", "epoch_s"} <= set(first)

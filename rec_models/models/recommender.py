@@ -9,10 +9,11 @@ and EASE on standardised scores, optionally MMR-re-ranked for diversity.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class RecommenderConfig:
     finetune_max_epochs: int = 4
     finetune_patience: int = 3
     finetune_lr: float = 3e-4
+    finetune_val_users: int = 1000  # a fine-tune's validation users (0: val_users); the gate scores its own sample
     # safety net only: a run that hits it says so (history["stopped_by"] == "max_time")
     max_time_s: float | None = 1800.0
 
@@ -209,6 +211,14 @@ class HybridRecommender:
         for backbone in self.backbones:
             backbone.freeze_item_table()
 
+    @contextlib.contextmanager
+    def item_tables_frozen(self) -> Iterator[HybridRecommender]:
+        """Within: every network computes its item table once (an evaluation pass)."""
+        with contextlib.ExitStack() as stack:
+            for backbone in self.backbones:
+                stack.enter_context(backbone.item_table_frozen())
+            yield self
+
     def _with_ease(self, sequential: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
         if self.ease is None or self.ease_weight == 0.0:
             return sequential
@@ -301,7 +311,8 @@ def train_recommender(
     n_items = len(text_embeddings) - 1
     text_dim = text_embeddings.shape[1]
     content, window_val, alphas = None, {}, config.alphas
-    val_split = user_sample(split, config.val_users, config.seed)  # what validation scores
+    val_users = config.finetune_val_users or config.val_users if init is not None else config.val_users
+    val_split = user_sample(split, val_users, config.seed)  # what validation scores
     if config.blend and text_dim:
         if init is not None:
             content = ContentRecommender(text_embeddings, init.content_window, config.content_decay)
@@ -368,21 +379,22 @@ def _tune_blend(model: HybridRecommender, split: LeaveLastOutSplit, alphas: Sequ
     val, unseen = split.val_histories(), model.unseen
     content = model.content()
     size = eval_batch_size(model.n_items)
-    for start in range(0, len(val), size):
-        batch, types = val.items[start : start + size], val.event_types[start : start + size]
-        targets = split.val_targets[start : start + size]
-        own = model.sasrec_score(batch, types)
-        second = standardize_scores(content.score(batch, types)) if model.config.blend and content else None
-        ease = standardize_scores(model.ease.score(batch)) if model.ease is not None else None
-        for alpha in sorted({a for a, _ in metrics}):
-            if second is None:
-                sequential = own
-            else:
-                sequential = second if alpha == 0.0 else blend(standardize_scores(own), second, alpha, unseen)
-            for (a, weight), metric in metrics.items():
-                if a != alpha:
-                    continue
-                scores = sequential if ease is None or weight == 0.0 else blend(ease, standardize_scores(sequential),
-                                                                                 weight, unseen)
-                metric.update(scores, batch, targets)
+    with model.item_tables_frozen():
+        for start in range(0, len(val), size):
+            batch, types = val.items[start : start + size], val.event_types[start : start + size]
+            targets = split.val_targets[start : start + size]
+            own = model.sasrec_score(batch, types)
+            second = standardize_scores(content.score(batch, types)) if model.config.blend and content else None
+            ease = standardize_scores(model.ease.score(batch)) if model.ease is not None else None
+            for alpha in sorted({a for a, _ in metrics}):
+                if second is None:
+                    sequential = own
+                else:
+                    sequential = second if alpha == 0.0 else blend(standardize_scores(own), second, alpha, unseen)
+                for (a, weight), metric in metrics.items():
+                    if a != alpha:
+                        continue
+                    scores = sequential if ease is None or weight == 0.0 else blend(ease, standardize_scores(sequential),
+                                                                                     weight, unseen)
+                    metric.update(scores, batch, targets)
     return {key: metric.compute()["ndcg@10"] for key, metric in metrics.items()}

@@ -5,8 +5,9 @@ the design is described in docs/models.md."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,22 @@ class SASRecBackbone(nn.Module):
         with torch.no_grad():
             self._frozen_items = (self.item_representations().detach(),
                                   None if self.item_bias is None else self.item_biases().detach())
+
+    def thaw_item_table(self) -> None:
+        """Forget a frozen item table (the weights are about to change, or changed)."""
+        self._frozen_items = None
+
+    @contextlib.contextmanager
+    def item_table_frozen(self) -> Iterator[SASRecBackbone]:
+        """Within: eval-mode scoring computes the item table once, not per batch (a validation
+        or an evaluation pass; the weights must not change meanwhile). At 100k items the table
+        (a projection of every item's text) cost as much as scoring a batch of users."""
+        previous = self._frozen_items
+        self.freeze_item_table()
+        try:
+            yield self
+        finally:
+            self._frozen_items = previous
 
     def _check_text(self, text_embeddings: torch.Tensor | None, n_items: int) -> None:
         expected = (n_items + 1, self.config.text_dim)

@@ -94,6 +94,7 @@ class SASRecModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
+        self.backbone.freeze_item_table()  # the weights do not change until the epoch's end
         self.val_metrics.reset()
         for metric in self.blend_metrics.values():
             metric.reset()
@@ -110,6 +111,7 @@ class SASRecModule(L.LightningModule):
                 metric.update(blend(own, partner, alpha, unseen), histories, targets)
 
     def on_validation_epoch_end(self) -> None:
+        self.backbone.thaw_item_table()
         metrics = self.val_metrics.compute()
         blend_results = {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in self.blend_metrics.items()}
         # With DDP every rank scored every validation user; rank 0's numbers are used on all
@@ -149,12 +151,9 @@ class _BestEpochTracker(HandoffCallback):
 
     def fit_results(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         early_stopping = trainer.early_stopping_callback
-        if early_stopping is not None and early_stopping.stopped_epoch > 0:
-            stopped_by = "patience"
-        elif trainer.current_epoch >= trainer.max_epochs:
-            stopped_by = "max_epochs"
-        else:
-            stopped_by = "max_time"  # the safety net: the result depends on machine speed
+        stopped_by = ("patience" if early_stopping is not None and early_stopping.stopped_epoch > 0
+                      else "max_epochs" if trainer.current_epoch >= trainer.max_epochs
+                      else "max_time")  # the safety net: the result depends on machine speed
         return {"stopped_by": stopped_by, "epochs": self.epochs, "best_score": self.best_score,
                 "best_state": self.best_state, "best_blend": self.best_blend, "best_own": self.best_own,
                 "sequences_per_rank": per_rank(trainer, pl_module.sequences_seen),
@@ -236,15 +235,16 @@ def _validation_scores(
     own = RankingMetrics(backbone.config.n_items, VAL_K)
     blends = {float(a): RankingMetrics(backbone.config.n_items, VAL_K) for a in alphas} if blend_with else {}
     size = eval_batch_size(backbone.config.n_items)
-    for start in range(0, len(val), size):
-        batch, types = val.items[start : start + size], val.event_types[start : start + size]
-        targets = split.val_targets[start : start + size]
-        scores = backbone.score_histories(batch, types)
-        own.update(scores, batch, targets)
-        if blends:
-            first, second = standardize_scores(scores), standardize_scores(blend_with(batch, types))
-            for alpha, metric in blends.items():
-                metric.update(blend(first, second, alpha, unseen), batch, targets)
+    with backbone.item_table_frozen():
+        for start in range(0, len(val), size):
+            batch, types = val.items[start : start + size], val.event_types[start : start + size]
+            targets = split.val_targets[start : start + size]
+            scores = backbone.score_histories(batch, types)
+            own.update(scores, batch, targets)
+            if blends:
+                first, second = standardize_scores(scores), standardize_scores(blend_with(batch, types))
+                for alpha, metric in blends.items():
+                    metric.update(blend(first, second, alpha, unseen), batch, targets)
     return own.compute()[f"ndcg@{VAL_K}"], {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in blends.items()}
 
 
@@ -343,6 +343,7 @@ def train_sasrec(
         train_s = time.perf_counter() - start
         tracker.recover()  # ddp_spawn: the ranks were other processes
 
+    backbone.thaw_item_table()  # a validation that did not reach its end (max_time) may have left one
     if tracker.best_state is not None:
         backbone.load_state_dict(tracker.best_state)
     backbone.cpu().eval()  # on CPU whatever the accelerator, like every other model here
