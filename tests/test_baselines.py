@@ -14,6 +14,7 @@ from rec_models.models import (
     HybridScorer,
     MMRReranker,
     binary_matrix,
+    blend,
     standardize_scores,
     tune_content,
     tune_ease,
@@ -187,6 +188,11 @@ def test_standardize_scores_and_hybrid_blend():
     assert fallback.argmax().item() == 1
     torch.testing.assert_close(fallback[0, 2:], standardize_scores(first([[]]))[0, 2:])
     torch.testing.assert_close(fallback[0, 1], standardize_scores(second([[]]))[0, 1])
+    # Any alpha: the definition on seen columns, the second model's score on unseen ones.
+    primary, secondary = torch.randn(3, 4), torch.randn(3, 4)
+    mixed = blend(primary, secondary, 0.3, unseen)
+    torch.testing.assert_close(mixed[:, 2:], 0.3 * primary[:, 2:] + 0.7 * secondary[:, 2:])
+    torch.testing.assert_close(mixed[:, :2], secondary[:, :2])
 
 
 def test_tune_hybrid_picks_the_blend_when_each_part_knows_one_user():

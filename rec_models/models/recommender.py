@@ -196,15 +196,16 @@ class HybridRecommender:
             return second
         return blend(standardize_scores(own), second, self.alpha, self.unseen)
 
-    @property
-    def backbones(self) -> list[SASRecBackbone]:
-        return [self.backbone, *self.more_backbones]
+    backbones = property(lambda self: [self.backbone, *self.more_backbones], doc="Every SASRec network.")
 
     def sasrec_score(self, histories: Sequence[np.ndarray], event_types: Sequence[np.ndarray] | None = None):
         """The SASRec logits, or with several networks the mean of their standardised scores."""
         if not self.more_backbones:
             return self.backbone.score_histories(histories, event_types)
-        return torch.stack([standardize_scores(b.score_histories(histories, event_types)) for b in self.backbones]).mean(0)
+        total = standardize_scores(self.backbone.score_histories(histories, event_types))
+        for backbone in self.more_backbones:  # in place: at 100k items each [B, n] copy counts
+            total += standardize_scores(backbone.score_histories(histories, event_types))
+        return total.div_(len(self.backbones))
 
     def freeze(self) -> None:
         """Compute every network's item table once (serving: the weights no longer change)."""
@@ -376,8 +377,7 @@ def _tune_blend(model: HybridRecommender, split: LeaveLastOutSplit, alphas: Sequ
     """Validation NDCG@10 of the model for each (content alpha, EASE weight), all on the same
     scores, composed exactly as ``HybridRecommender.score`` does."""
     metrics = {(float(a), float(w)): RankingMetrics(model.n_items, 10) for a in alphas for w in weights}
-    val, unseen = split.val_histories(), model.unseen
-    content = model.content()
+    val, unseen, content = split.val_histories(), model.unseen, model.content()
     size = eval_batch_size(model.n_items)
     with model.item_tables_frozen():
         for start in range(0, len(val), size):
