@@ -40,13 +40,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from processes import kill_descendants, memory_mb, read_proc, tree  # beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 FILE_EVENTS = 500_000  # events per history file (the landing zone refuses files over 1 GiB)
@@ -65,48 +66,6 @@ def world(size: int) -> dict:
     exponent = math.log(100_000 / 3_000) / math.log(100)
     items = 3_000 if size <= 100_000 else round(3_000 * (size / 100_000) ** exponent)
     return {"n_items": items, "n_users": max(50, round(size / 40)), "events_per_user": 40, **BATCH}
-
-
-def read_proc(path: str, key: str = "") -> str:
-    """A /proc file (the value on its line starting with ``key`` if given); "" when gone."""
-    try:
-        with open(path) as handle:
-            return next((line.split()[1] for line in handle if line.startswith(key)), "") if key else handle.read()
-    except (OSError, IndexError):
-        return ""
-
-
-def tree(root: int) -> list[int]:
-    """``root`` and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        stat = read_proc(f"/proc/{name}/stat").rsplit(")", 1)
-        if len(stat) == 2:
-            children.setdefault(int(stat[1].split()[1]), []).append(int(name))
-    found = [root]
-    for pid in found:
-        found.extend(children.get(pid, []))
-    return found
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    """(RSS, PSS) of one process in MB; PSS shares each shared page among its users."""
-    return (int(read_proc(f"/proc/{pid}/status", "VmRSS:") or 0) / 1024,
-            int(read_proc(f"/proc/{pid}/smaps_rollup", "Pss:") or 0) / 1024)
-
-
-def kill_descendants(grace_s: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL, every process this one started (directly or not); reap them."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in tree(os.getpid())[1:]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while len(tree(os.getpid())) > 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            with contextlib.suppress(ChildProcessError):
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
 
 
 def supervise(phase: str, home: Path, max_pss_gb: float, timeout_s: float) -> tuple[str, dict, dict]:
