@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,17 +61,20 @@ class UserTable:
         """The table of ``events`` (validated rows in ingestion order, ``TRAINING_COLUMNS``)."""
         return cls(*_per_user(events), list(covered), list(dict.fromkeys(events["batch_id"].astype(str))))
 
-    def updated(self, events: ValidatedEvents) -> tuple[UserTable, dict]:
-        """This table with the batches of ``events`` it does not cover yet; what it did."""
+    def updated(self, events: ValidatedEvents) -> tuple[UserTable, dict, pd.DataFrame]:
+        """This table with the batches of ``events`` it does not cover yet, what it did, and
+        the rows it read (every row of the users it rebuilt)."""
         current = list(events.batches)
         if current[: len(self.covered)] != self.covered:  # a covered batch was rejected: rebuild
-            return UserTable.build(events.read(TRAINING_COLUMNS), current), {"table_update": "rebuilt"}
+            rows = events.read(TRAINING_COLUMNS)
+            return UserTable.build(rows, current), {"table_update": "rebuilt"}, rows
         new = current[len(self.covered):]
         if not new:
-            return self, {"table_update": "unchanged", "table_users_rebuilt": 0}
+            return self, {"table_update": "unchanged", "table_users_rebuilt": 0}, pd.DataFrame(columns=TRAINING_COLUMNS)
         fresh = ValidatedEvents(events.lake, tuple(new), 0).read(["batch_id", "user_id"])
         affected = fresh["user_id"].astype(str).unique()
-        ids, items, features, batch_ids = _per_user(events.read_users(affected, TRAINING_COLUMNS))
+        rows = events.read_users(affected, TRAINING_COLUMNS)
+        ids, items, features, batch_ids = _per_user(rows)
         keep = np.flatnonzero(~np.isin(self.user_ids, affected))
         user_ids = np.concatenate([self.user_ids[keep], ids])
         order = np.argsort(user_ids, kind="stable")
@@ -79,7 +83,7 @@ class UserTable:
                           pick(self.batch_ids, batch_ids), current,
                           self.batches + list(dict.fromkeys(fresh["batch_id"].astype(str))))
         return table, {"table_update": "incremental", "table_users_rebuilt": len(affected),
-                       "table_new_batches": len(new)}
+                       "table_new_batches": len(new)}, rows
 
     # -- the lake's copy ---------------------------------------------------------------------
     def save(self, path) -> None:
@@ -108,16 +112,21 @@ class UserTable:
                    meta["covered"], meta["batches"])
 
 
-def update_user_table(path, events: ValidatedEvents) -> tuple[UserTable, dict]:
-    """Bring the table at ``path`` up to ``events`` (built whole the first time) and store it."""
+def update_user_table(path, events: ValidatedEvents,
+                      flag_users: Callable[[pd.DataFrame], set[str]] | None = None) -> tuple[UserTable, dict, set[str]]:
+    """Bring the table at ``path`` up to ``events`` (built whole the first time) and store it.
+    Also returns ``flag_users`` of the rows read (every row of each rebuilt user; empty when
+    unchanged or without it), e.g. the bot-like among them: a micro-batch flags the users it
+    touches without reading anyone else's history."""
     stored = UserTable.load(path)
     if stored is None:
-        table, stats = UserTable.build(events.read(TRAINING_COLUMNS), list(events.batches)), {"table_update": "built"}
+        rows = events.read(TRAINING_COLUMNS)
+        table, stats = UserTable.build(rows, list(events.batches)), {"table_update": "built"}
     else:
-        table, stats = stored.updated(events)
+        table, stats, rows = stored.updated(events)
     if stats["table_update"] != "unchanged":
         table.save(path)
-    return table, stats
+    return table, stats, (set(flag_users(rows)) if flag_users is not None and len(rows) else set())
 
 
 def training_data_from(table: UserTable, item_catalog: pd.DataFrame, vocab_path: Path, excluded_users: set[str]):

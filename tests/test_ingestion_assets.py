@@ -20,10 +20,10 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def materialize(instance, defs, run_config=None, **kwargs):
+def materialize(instance, defs, run_config=None, asset_selection=None, **kwargs):
     return defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
-        instance=instance, run_config=run_config or {}, asset_selection=[dg.AssetKey(a) for a in INGESTION_ASSETS],
-        **kwargs)
+        instance=instance, run_config=run_config or {},
+        asset_selection=asset_selection or [dg.AssetKey(a) for a in INGESTION_ASSETS], **kwargs)
 
 
 def metadata(result, asset):
@@ -83,6 +83,18 @@ def test_per_batch_accounting_features_and_catalog_lag(dagster_env, small_simula
         run_config={"ops": {"training_data": {"config": {"exclude_bots": False}}}})
     assert bot_id in kept.output_for_node("training_data").sequences.user_ids
     assert metadata(kept, "training_data")["bot_interactions_excluded"] == 0
+
+    # A bot arriving in a micro-batch that does not refresh feedback_features (the sensor's runs
+    # reuse it) is flagged by training_data's own update, from the rows of the users it rebuilds.
+    write_jsonl(events / "bot2.jsonl", [{**row, "user_id": "bot-2"} for row in bot])
+    assert materialize(instance, defs, config, asset_selection=[dg.AssetKey("raw_feedback"),
+                                                                dg.AssetKey("validated_feedback")]).success
+    later = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("training_data")])
+    [bot2_id] = pseudonymize(["bot-2"], FeedbackStore(settings.landing_zone, settings.lake).pseudonym_key())
+    assert {bot_id, bot2_id}.isdisjoint(later.output_for_node("training_data").sequences.user_ids)
+    assert metadata(later, "training_data")["bot_users_flagged_by_update"] == 1  # bot-2, the one user rebuilt
+    assert metadata(later, "training_data")["bot_users_excluded"] == 2
 
     catalog_check = check(first, "events_with_catalog_entry")  # kept and reported, not quarantined
     assert catalog_check.metadata["events_without_catalog_entry"].value == 1

@@ -11,6 +11,7 @@ from conftest import TINY_RUN_CONFIG, full_run_config
 import mlflow
 from rec_models.data import interactions
 from rec_pipelines.definitions import defs as load_defs
+from rec_pipelines.defs.training.automation import MICROBATCH_REUSES
 from rec_pipelines.lake import FeedbackStore
 from rec_pipelines.registry import ModelRegistry
 
@@ -72,8 +73,11 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator):
         assert len(tick.run_requests) == 1
         request = tick.run_requests[0]
         micro = defs.resolve_job_def(sensor.job_name).execute_in_process(
-            instance=instance, run_config=TINY_RUN_CONFIG, tags=request.tags)
+            instance=instance, run_config=TINY_RUN_CONFIG, tags=request.tags, asset_selection=request.asset_selection)
         assert micro.success
+        # whole-history analytics are reused (loaded from the lake), everything else is refreshed
+        refreshed = {e.asset_key.to_user_string() for e in micro.get_asset_materialization_events()}
+        assert refreshed == every_asset - set(MICROBATCH_REUSES) and set(MICROBATCH_REUSES) < every_asset
         trained = micro.output_for_node("candidate_model")
         assert trained.mode == "incremental" and trained.parent_version == first["version"]
         assert len(trained.new_batches) == 1 and trained.new_batches[0].startswith("events-00001")

@@ -83,12 +83,18 @@ def test_batch_by_batch_updates_equal_the_whole_history_build(tmp_path):
         store.ingest("events")
         store.validate_pending()
         events = store.validated_events()
-        table, update = update_user_table(table_path, events)
+        seen = []
+        table, update, flagged = update_user_table(table_path, events, lambda rows: seen.append(rows) or {"x"})
+        everything = events.read(TRAINING_COLUMNS)
         if batch == 0:
             assert update == {"table_update": "built"}
-        else:  # only the users of the new batch were rebuilt
+            assert len(seen[0]) == len(everything)
+        else:  # only the users of the new batch were rebuilt, from all of their rows
             assert update["table_update"] == "incremental"
             assert update["table_users_rebuilt"] == len(raw_users)
+            assert set(seen[0]["user_id"]) == set(pseudonymize(raw_users))
+            assert len(seen[0]) == everything["user_id"].isin(set(pseudonymize(raw_users))).sum()
+        assert flagged == {"x"}
         got = assemble_training_data(table, catalog, tmp_path / "vocab.json", excluded)
         expected = reference_training_data(events.read(TRAINING_COLUMNS), catalog, tmp_path / "ref-vocab.json", excluded)
         data, stats = got
@@ -100,12 +106,12 @@ def test_batch_by_batch_updates_equal_the_whole_history_build(tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(stored.item_ids, table.item_ids))
 
     # nothing new: unchanged, nothing written
-    _, update = update_user_table(table_path, store.validated_events())
+    _, update, _ = update_user_table(table_path, store.validated_events())
     assert update["table_update"] == "unchanged"
     # a batch rejected after the table covered it: its rows are gone, the table is rebuilt
     store.reject_batches([store.validated_events().batches[2]], "bad export")
     events = store.validated_events()
-    table, update = update_user_table(table_path, events)
+    table, update, _ = update_user_table(table_path, events)
     assert update == {"table_update": "rebuilt"}
     data, stats = assemble_training_data(table, catalog, tmp_path / "vocab.json", excluded)
     expected = reference_training_data(events.read(TRAINING_COLUMNS), catalog, tmp_path / "ref-vocab.json", excluded)

@@ -24,6 +24,17 @@ class FeedbackFeatures:
     items: pd.DataFrame
     weights: dict[str, float]
     as_of: int  # epoch seconds recency is measured from (the newest event)
+    max_events_per_minute: int = 30  # the bot rule the flags follow (``flag_bots``)
+    sustained_minutes: int = 3
+
+    def bot_users(self) -> set[str]:
+        """The users flagged bot-like."""
+        return set(self.users.loc[self.users["bot_like"], "user_id"].astype(str))
+
+    def flag_bots(self, events: pd.DataFrame) -> set[str]:
+        """The bot-like users of ``events`` (all rows of each user in it) under this rule."""
+        flags = flag_bots(events, self.max_events_per_minute, self.sustained_minutes)
+        return set(flags.index[flags["bot_like"]].astype(str))
 
 
 def resolve_weights(overrides: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -157,4 +168,5 @@ def compute_features(
                                  out=np.full(n_items, np.nan), where=item_ratings > 0),
     })
     items["popularity_pct"] = items["weighted_popularity"].rank(pct=True)
-    return FeedbackFeatures(users=users, items=items, weights=resolved, as_of=as_of)
+    return FeedbackFeatures(users=users, items=items, weights=resolved, as_of=as_of,
+                            max_events_per_minute=max_events_per_minute, sustained_minutes=sustained_minutes)

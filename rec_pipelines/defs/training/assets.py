@@ -48,13 +48,16 @@ def training_data(
     """User sequences and the leave-last-out split under the evaluation protocol (every rating
     row kept, its value as a feature; stable time order), bot-like users left out; the item
     vocabulary is append-only. The per-user table in the lake is updated with the new batches
-    only: users without new events are not rebuilt (``rec_pipelines.user_table``)."""
-    users = feedback_features.users
-    bots = set(users.loc[users["bot_like"], "user_id"].astype(str)) if config.exclude_bots else set()
+    only: users without new events are not rebuilt (``rec_pipelines.user_table``). Bot-like
+    users are those ``feedback_features`` flags plus those the rebuilt users' rows flag under
+    its rule: a micro-batch need not refresh ``feedback_features`` (see ``automation``) to keep
+    a new bot out."""
     lake_root = lake.store().lake
-    table, update = update_user_table(lake_root / "tables" / "user_sequences.parquet", validated_feedback)
+    table, update, flagged = update_user_table(lake_root / "tables" / "user_sequences.parquet", validated_feedback,
+                                               feedback_features.flag_bots if config.exclude_bots else None)
+    bots = feedback_features.bot_users() | flagged if config.exclude_bots else set()
     data, stats = assemble_training_data(table, item_catalog, lake_root / "item_vocab.json", bots)
-    return dg.Output(data, metadata={**stats, **update})
+    return dg.Output(data, metadata={**stats, **update, "bot_users_flagged_by_update": len(flagged)})
 
 
 _DEFAULTS = RecommenderConfig()

@@ -60,6 +60,19 @@ full_retrain_schedule = dg.ScheduleDefinition(
 
 
 RETRAIN_KINDS = ("events", "catalog")  # impressions are read by online_metrics, not retrains
+MICROBATCH_REUSES = ("feedback_features", "user_context_embeddings")
+"""Whole-history analytics a micro-batch run reuses once the lake holds them (the full retrain
+and "Materialize" refresh them): their cost grows with the history, and a fine-tune needs nothing
+new from them (``training_data`` flags the bot-like among the users it rebuilds itself)."""
+
+
+def microbatch_selection(context: dg.SensorEvaluationContext, lake_root) -> list[dg.AssetKey] | None:
+    """The assets a micro-batch run materialises: the whole job, less ``MICROBATCH_REUSES`` once
+    each has a stored value to load (None: the whole job)."""
+    if context.repository_def is None or not all((lake_root / "assets" / name).exists() for name in MICROBATCH_REUSES):
+        return None
+    keys = RETRAIN_ASSETS.resolve(context.repository_def.asset_graph)
+    return sorted(keys - {dg.AssetKey(name) for name in MICROBATCH_REUSES}, key=lambda key: key.to_user_string())
 
 
 @dg.sensor(
@@ -122,7 +135,8 @@ def landing_zone_sensor(context: dg.SensorEvaluationContext, lake: LakeResource)
     if retried:
         context.log.warning(f"asking again for {len(retried)} files whose run ended without ingesting them: {retried[:10]}")
     context.log.info(f"{len(new)} new files: {list(new)[:10]}")
-    return dg.RunRequest(run_key=run_key, tags={**RETRAIN_TAGS, "recsys/files": str(len(new))})
+    return dg.RunRequest(run_key=run_key, tags={**RETRAIN_TAGS, "recsys/files": str(len(new))},
+                         asset_selection=microbatch_selection(context, store.lake))
 
 
 def _run_ended(instance: dg.DagsterInstance, run_key: str) -> bool:
