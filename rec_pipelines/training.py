@@ -21,6 +21,7 @@ from rec_models.data import (
     ItemVocab,
     LeaveLastOutSplit,
     UserSequences,
+    unique_sorted,
 )
 from rec_models.evaluation import (
     PopularityRecommender,
@@ -251,7 +252,7 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     split = data.split
     part = user_sample(split, eval_users, seed)
     histories, targets = part.test_histories(), part.test_targets
-    trained_items = np.unique(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
+    trained_items = unique_sorted(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
     cold = ~np.isin(targets, trained_items)
     bundle = Path(candidate.bundle_dir)
     if not bundle.exists():  # another process or pod trained it: its scratch is gone, MLflow has the model

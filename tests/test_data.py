@@ -204,3 +204,14 @@ def test_collapse_repeats_keeps_first_contact_with_strongest_event():
     assert collapsed["item_id"].tolist() == ["a", "b", "c"]  # "a" stays at its first contact
     assert collapsed["event_type"].tolist() == ["purchase", "click", "view"]  # with its strongest event
     assert collapsed["timestamp"].tolist() == [1, 2, 4]
+
+
+def test_unique_sorted_is_np_unique():
+    from rec_models.data import unique_sorted
+
+    rng = np.random.default_rng(3)
+    for values in (rng.integers(0, 50, 1000), rng.integers(0, 2**63, 500, dtype=np.int64).astype(np.uint64),
+                   np.zeros(0, dtype=np.int64), np.array([7]), np.array([[3, 1], [3, 2]])):
+        got = unique_sorted(values)
+        np.testing.assert_array_equal(got, np.unique(values))
+        assert got.dtype == np.asarray(values).dtype

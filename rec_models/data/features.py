@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rec_models.data import MIN_RATING
+from rec_models.data import MIN_RATING, unique_sorted
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_TYPES
 
 DAY_S = 86_400
@@ -80,7 +80,7 @@ def _per_group(codes: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
 
 def _distinct_per_group(codes: np.ndarray, other: pd.Series, n: int) -> np.ndarray:
     other_codes, _ = pd.factorize(other)
-    pairs = np.unique(codes.astype(np.int64) * (int(other_codes.max()) + 1) + other_codes)
+    pairs = unique_sorted(codes.astype(np.int64) * (int(other_codes.max()) + 1) + other_codes)
     return np.bincount(pairs // (int(other_codes.max()) + 1), minlength=n)
 
 

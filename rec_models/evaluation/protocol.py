@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rec_models.data import ItemVocab, LeaveLastOutSplit, UserSequences, build_sequences
+from rec_models.data import ItemVocab, LeaveLastOutSplit, UserSequences, build_sequences, unique_sorted
 from rec_models.evaluation.metrics import RankingMetrics, ScoreFn, eval_batch_size
 
 # --- the protocol from raw events, the cold-start slice, beyond-accuracy metrics
@@ -44,7 +44,7 @@ def select_cold_items(split: LeaveLastOutSplit, fraction: float = 0.1, seed: int
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError("fraction must be in (0, 1)")
-    items = np.unique(np.concatenate([*split.train.items, split.val_targets, split.test_targets]))
+    items = unique_sorted(np.concatenate([*split.train.items, split.val_targets, split.test_targets]))
     items = items[items > 0]
     n_cold = max(1, int(round(fraction * len(items))))
     return np.sort(np.random.default_rng(seed).choice(items, size=n_cold, replace=False))

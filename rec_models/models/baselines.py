@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rec_models.data import LeaveLastOutSplit, UserSequences
+from rec_models.data import LeaveLastOutSplit, UserSequences, unique_sorted
 from rec_models.evaluation import evaluate_split
 
 DEFAULT_EASE_LAMBDAS = (10.0, 25.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -53,7 +53,7 @@ class EASE:
     def fit(self, seqs: UserSequences, n_items: int) -> EASE:
         all_items = np.concatenate([*seqs.items, np.zeros(0, dtype=np.int64)])
         self.n_items = n_items
-        self._items = np.unique(all_items[all_items > 0])
+        self._items = unique_sorted(all_items[all_items > 0])
         self._column_of = np.full(n_items + 1, -1, dtype=np.int64)
         self._column_of[self._items] = np.arange(len(self._items))
         x = binary_matrix(seqs.items, len(self._items), self._column_of)

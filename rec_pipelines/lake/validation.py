@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from rec_models.data.arrays import unique_sorted
 from rec_models.data.privacy import PSEUDONYM_PATTERN
 from rec_models.data.schema import EVENT_COLUMNS, EVENT_TYPES, RATING_RANGE
 
@@ -38,7 +39,7 @@ class KeySet:
     key ever seen for each batch."""
 
     def __init__(self, keys: np.ndarray | None = None):
-        self._sorted = np.unique(np.asarray(keys if keys is not None else [], dtype=np.uint64))
+        self._sorted = unique_sorted(np.asarray(keys if keys is not None else [], dtype=np.uint64))
         self._recent: list[np.ndarray] = []
         self._recent_size = 0
 
@@ -49,7 +50,7 @@ class KeySet:
         self._recent.append(np.asarray(keys, dtype=np.uint64))
         self._recent_size += len(keys)
         if self._recent_size > max(len(self._sorted) // 4, 4096):
-            self._sorted = np.union1d(self._sorted, np.concatenate(self._recent))
+            self._sorted = unique_sorted(np.concatenate([self._sorted, *self._recent]))
             self._recent, self._recent_size = [], 0
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
