@@ -12,7 +12,7 @@ Per size, in a fresh temp home (nothing of yours is touched), three worker proce
    files of <= 500k events in the landing zone, made a chunk of users at a time (``events(0)``
    holds users x items matrices: same world, another random stream), and the micro-batches
    (200 users x 10 events + 25 new items each, whatever the size); with ``--data DIR`` they are
-   kept in ``DIR/SIZE`` and the next run with the same ``--data`` and ``--microbatches`` reuses
+   kept in ``DIR/SIZE-Nmb`` (N micro-batches) and the next run with the same ``--data`` and ``--microbatches`` reuses
    them (10M takes about half an hour to generate here); ``--generate-only`` stops after this;
 2. train: ``FeedbackStore.ingest`` + ``validate_pending`` of it all (``ingest_rows_per_s``; the
    GE suite timed apart), then ``full_retrain_job`` in process (nothing new to ingest), SASRec

@@ -55,35 +55,40 @@ class UserTable:
     batch_ids: list[list[str]]  # per user, the batches of its interactions, in sequence order
     covered: list[str]  # the validated batches the table holds, in ingestion order
     batches: list[str]  # ... those with at least one row
+    flagged: list[str] | None = None  # users a flag function marked (bot-like), kept with the rows; None: not run
 
     @classmethod
-    def build(cls, events: pd.DataFrame, covered: list[str]) -> UserTable:
+    def build(cls, events: pd.DataFrame, covered: list[str], flag_users: Callable | None = None) -> UserTable:
         """The table of ``events`` (validated rows in ingestion order, ``TRAINING_COLUMNS``)."""
-        return cls(*_per_user(events), list(covered), list(dict.fromkeys(events["batch_id"].astype(str))))
+        flagged = None if flag_users is None else sorted(set(flag_users(events)) if len(events) else set())
+        return cls(*_per_user(events), list(covered), list(dict.fromkeys(events["batch_id"].astype(str))), flagged)
 
-    def updated(self, events: ValidatedEvents) -> tuple[UserTable, dict, pd.DataFrame]:
-        """This table with the batches of ``events`` it does not cover yet, what it did, and
-        the rows it read (every row of the users it rebuilt)."""
+    def updated(self, events: ValidatedEvents, flag_users: Callable | None = None) -> tuple[UserTable, dict]:
+        """This table with the batches of ``events`` it does not cover yet, and what it did.
+        ``flag_users`` (rows -> user ids) runs on every row of each rebuilt user; its marks
+        are kept with the table, the rebuilt users' replaced."""
         current = list(events.batches)
         if current[: len(self.covered)] != self.covered:  # a covered batch was rejected: rebuild
-            rows = events.read(TRAINING_COLUMNS)
-            return UserTable.build(rows, current), {"table_update": "rebuilt"}, rows
+            return UserTable.build(events.read(TRAINING_COLUMNS), current, flag_users), {"table_update": "rebuilt"}
+        if flag_users is not None and self.flagged is None:  # never flagged: flag everyone once
+            return UserTable.build(events.read(TRAINING_COLUMNS), current, flag_users), {"table_update": "rebuilt"}
         new = current[len(self.covered):]
         if not new:
-            return self, {"table_update": "unchanged", "table_users_rebuilt": 0}, pd.DataFrame(columns=TRAINING_COLUMNS)
+            return self, {"table_update": "unchanged", "table_users_rebuilt": 0}
         fresh = ValidatedEvents(events.lake, tuple(new), 0).read(["batch_id", "user_id"])
         affected = fresh["user_id"].astype(str).unique()
         rows = events.read_users(affected, TRAINING_COLUMNS)
         ids, items, features, batch_ids = _per_user(rows)
+        flagged = None if flag_users is None else sorted((set(self.flagged) - set(affected)) | set(flag_users(rows)))
         keep = np.flatnonzero(~np.isin(self.user_ids, affected))
         user_ids = np.concatenate([self.user_ids[keep], ids])
         order = np.argsort(user_ids, kind="stable")
         pick = lambda old, rebuilt: [(old[keep[i]] if i < len(keep) else rebuilt[i - len(keep)]) for i in order]  # noqa: E731
         table = UserTable(user_ids[order], pick(self.item_ids, items), pick(self.features, features),
                           pick(self.batch_ids, batch_ids), current,
-                          self.batches + list(dict.fromkeys(fresh["batch_id"].astype(str))))
+                          self.batches + list(dict.fromkeys(fresh["batch_id"].astype(str))), flagged)
         return table, {"table_update": "incremental", "table_users_rebuilt": len(affected),
-                       "table_new_batches": len(new)}, rows
+                       "table_new_batches": len(new)}
 
     # -- the lake's copy ---------------------------------------------------------------------
     def save(self, path) -> None:
@@ -94,7 +99,8 @@ class UserTable:
             "features": _lists(np.concatenate(self.features) if lengths else [], lengths, pa.int64()),
             "batch_ids": pa.array(self.batch_ids, pa.list_(pa.string())),
         }).replace_schema_metadata({"recsys": json.dumps(
-            {"format": TABLE_FORMAT, "definition": DEFINITION, "covered": self.covered, "batches": self.batches})})
+            {"format": TABLE_FORMAT, "definition": DEFINITION, "covered": self.covered, "batches": self.batches,
+             "flagged": self.flagged})})
         write_arrow_atomic(table, path)
 
     @classmethod
@@ -109,24 +115,24 @@ class UserTable:
             return None
         return cls(np.array(table.column("user_id").to_pylist(), dtype=object), _split(table.column("item_ids")),
                    _split(table.column("features")), table.column("batch_ids").to_pylist(),
-                   meta["covered"], meta["batches"])
+                   meta["covered"], meta["batches"], meta.get("flagged"))
 
 
 def update_user_table(path, events: ValidatedEvents,
                       flag_users: Callable[[pd.DataFrame], set[str]] | None = None) -> tuple[UserTable, dict, set[str]]:
     """Bring the table at ``path`` up to ``events`` (built whole the first time) and store it.
-    Also returns ``flag_users`` of the rows read (every row of each rebuilt user; empty when
-    unchanged or without it), e.g. the bot-like among them: a micro-batch flags the users it
-    touches without reading anyone else's history."""
+    Also returns the users ``flag_users`` marks (e.g. the bot-like): it runs on every row of
+    each user the update rebuilds, and the marks are stored with the table, so a micro-batch
+    flags the users it touches without reading anyone else's history and later updates keep
+    them (empty without ``flag_users``)."""
     stored = UserTable.load(path)
     if stored is None:
-        rows = events.read(TRAINING_COLUMNS)
-        table, stats = UserTable.build(rows, list(events.batches)), {"table_update": "built"}
+        table, stats = UserTable.build(events.read(TRAINING_COLUMNS), list(events.batches), flag_users), {"table_update": "built"}
     else:
-        table, stats, rows = stored.updated(events)
+        table, stats = stored.updated(events, flag_users)
     if stats["table_update"] != "unchanged":
         table.save(path)
-    return table, stats, (set(flag_users(rows)) if flag_users is not None and len(rows) else set())
+    return table, stats, set(table.flagged or []) if flag_users is not None else set()
 
 
 def training_data_from(table: UserTable, item_catalog: pd.DataFrame, vocab_path: Path, excluded_users: set[str]):

@@ -93,8 +93,18 @@ def test_per_batch_accounting_features_and_catalog_lag(dagster_env, small_simula
         instance=instance, asset_selection=[dg.AssetKey("training_data")])
     [bot2_id] = pseudonymize(["bot-2"], FeedbackStore(settings.landing_zone, settings.lake).pseudonym_key())
     assert {bot_id, bot2_id}.isdisjoint(later.output_for_node("training_data").sequences.user_ids)
-    assert metadata(later, "training_data")["bot_users_flagged_by_update"] == 1  # bot-2, the one user rebuilt
+    assert metadata(later, "training_data")["table_users_rebuilt"] == 1  # bot-2 alone
+    assert metadata(later, "training_data")["bot_users_flagged_in_table"] == 2
     assert metadata(later, "training_data")["bot_users_excluded"] == 2
+    # ... and stays out when the next batch does not touch it (the flag is kept with the table)
+    write_jsonl(events / "person.jsonl", [{"user_id": "p1", "item_id": f"i{k:05d}", "event_type": "view",
+                                           "timestamp": T + 3600 * k} for k in range(6)])
+    assert materialize(instance, defs, config, asset_selection=[dg.AssetKey("raw_feedback"),
+                                                                dg.AssetKey("validated_feedback")]).success
+    next_run = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("training_data")])
+    assert metadata(next_run, "training_data")["table_users_rebuilt"] == 1  # p1 alone
+    assert {bot_id, bot2_id}.isdisjoint(next_run.output_for_node("training_data").sequences.user_ids)
 
     catalog_check = check(first, "events_with_catalog_entry")  # kept and reported, not quarantined
     assert catalog_check.metadata["events_without_catalog_entry"].value == 1

@@ -100,7 +100,7 @@ class RecommenderConfig:
     finetune_max_epochs: int = 4
     finetune_patience: int = 3
     finetune_lr: float = 3e-4
-    finetune_val_users: int = 1000  # a fine-tune's validation users (0: val_users); the gate scores its own sample
+    finetune_val_users: int = 1000  # a fine-tune validates on at most this and val_users (0: no limit)
     # safety net only: a run that hits it says so (history["stopped_by"] == "max_time")
     max_time_s: float | None = 1800.0
 
@@ -312,8 +312,8 @@ def train_recommender(
     n_items = len(text_embeddings) - 1
     text_dim = text_embeddings.shape[1]
     content, window_val, alphas = None, {}, config.alphas
-    val_users = config.finetune_val_users or config.val_users if init is not None else config.val_users
-    val_split = user_sample(split, val_users, config.seed)  # what validation scores
+    limits = (config.finetune_val_users, config.val_users) if init is not None else (config.val_users,)
+    val_split = user_sample(split, min(filter(None, limits), default=0), config.seed)  # what validation scores
     if config.blend and text_dim:
         if init is not None:
             content = ContentRecommender(text_embeddings, init.content_window, config.content_decay)

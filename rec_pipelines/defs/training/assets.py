@@ -49,15 +49,15 @@ def training_data(
     row kept, its value as a feature; stable time order), bot-like users left out; the item
     vocabulary is append-only. The per-user table in the lake is updated with the new batches
     only: users without new events are not rebuilt (``rec_pipelines.user_table``). Bot-like
-    users are those ``feedback_features`` flags plus those the rebuilt users' rows flag under
-    its rule: a micro-batch need not refresh ``feedback_features`` (see ``automation``) to keep
-    a new bot out."""
+    users are those ``feedback_features`` flags plus those the table flags under its rule (each
+    rebuilt user from all of their rows, kept with the table): a micro-batch need not refresh
+    ``feedback_features`` (see ``automation``) to keep a new bot out, now or later."""
     lake_root = lake.store().lake
     table, update, flagged = update_user_table(lake_root / "tables" / "user_sequences.parquet", validated_feedback,
                                                feedback_features.flag_bots if config.exclude_bots else None)
     bots = feedback_features.bot_users() | flagged if config.exclude_bots else set()
     data, stats = assemble_training_data(table, item_catalog, lake_root / "item_vocab.json", bots)
-    return dg.Output(data, metadata={**stats, **update, "bot_users_flagged_by_update": len(flagged)})
+    return dg.Output(data, metadata={**stats, **update, "bot_users_flagged_in_table": len(flagged)})
 
 
 _DEFAULTS = RecommenderConfig()
