@@ -1,6 +1,7 @@
 """Retrain automation: a sensor on the landing zone (micro-batch) and a nightly full retrain.
 
-Both jobs materialise the whole graph and carry the ``recsys/model`` tag; dagster.yaml's run
+Both jobs materialise the whole graph (the sensor's runs less ``MICROBATCH_REUSES`` once the
+lake holds them) and carry the ``recsys/model`` tag; dagster.yaml's run
 queue lets one run per value of that tag run at a time, so two retrains of the same model never
 overlap. The sensor also waits while a retrain is queued or running, so files landing meanwhile
 are batched into the next run.
