@@ -68,9 +68,8 @@ class UserTable:
         ``flag_users`` (rows -> user ids) runs on every row of each rebuilt user; its marks
         are kept with the table, the rebuilt users' replaced."""
         current = list(events.batches)
-        if current[: len(self.covered)] != self.covered:  # a covered batch was rejected: rebuild
-            return UserTable.build(events.read(TRAINING_COLUMNS), current, flag_users), {"table_update": "rebuilt"}
-        if flag_users is not None and self.flagged is None:  # never flagged: flag everyone once
+        # Rebuild when a covered batch was rejected, or to flag everyone once (never flagged).
+        if current[: len(self.covered)] != self.covered or (flag_users is not None and self.flagged is None):
             return UserTable.build(events.read(TRAINING_COLUMNS), current, flag_users), {"table_update": "rebuilt"}
         new = current[len(self.covered):]
         if not new:

@@ -196,7 +196,9 @@ class HybridRecommender:
             return second
         return blend(standardize_scores(own), second, self.alpha, self.unseen)
 
-    backbones = property(lambda self: [self.backbone, *self.more_backbones], doc="Every SASRec network.")
+    @property
+    def backbones(self) -> list[SASRecBackbone]:
+        return [self.backbone, *self.more_backbones]
 
     def sasrec_score(self, histories: Sequence[np.ndarray], event_types: Sequence[np.ndarray] | None = None):
         """The SASRec logits, or with several networks the mean of their standardised scores."""

@@ -151,9 +151,12 @@ class _BestEpochTracker(HandoffCallback):
 
     def fit_results(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         early_stopping = trainer.early_stopping_callback
-        stopped_by = ("patience" if early_stopping is not None and early_stopping.stopped_epoch > 0
-                      else "max_epochs" if trainer.current_epoch >= trainer.max_epochs
-                      else "max_time")  # the safety net: the result depends on machine speed
+        if early_stopping is not None and early_stopping.stopped_epoch > 0:
+            stopped_by = "patience"
+        elif trainer.current_epoch >= trainer.max_epochs:
+            stopped_by = "max_epochs"
+        else:
+            stopped_by = "max_time"  # the safety net: the result depends on machine speed
         return {"stopped_by": stopped_by, "epochs": self.epochs, "best_score": self.best_score,
                 "best_state": self.best_state, "best_blend": self.best_blend, "best_own": self.best_own,
                 "sequences_per_rank": per_rank(trainer, pl_module.sequences_seen),

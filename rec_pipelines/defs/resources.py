@@ -13,6 +13,9 @@ from rec_pipelines.lake import FeedbackStore, IngestLimits
 from rec_pipelines.registry import ModelRegistry
 from rec_pipelines.settings import Settings
 
+ASSET_STORE = "assets"
+"""The lake folder the IO manager keeps asset values in (``<lake>/assets/<asset name>``)."""
+
 
 class LakeResource(dg.ConfigurableResource):
     """Where feedback lands, where ingested data lives (a folder or an fsspec URL), which file
@@ -121,6 +124,6 @@ def resources() -> dg.Definitions:
                 model_name=settings.model_name,
             ),
             "serving": ServingResource(urls=settings.serve_urls),
-            "io_manager": dg.FilesystemIOManager(base_dir=str(settings.lake / "assets")),
+            "io_manager": dg.FilesystemIOManager(base_dir=str(settings.lake / ASSET_STORE)),
         }
     )

@@ -14,7 +14,7 @@ import json
 import dagster as dg
 from dagster._core.storage.tags import RUN_KEY_TAG
 
-from rec_pipelines.defs.resources import LakeResource
+from rec_pipelines.defs.resources import ASSET_STORE, LakeResource
 from rec_pipelines.defs.training.assets import RETRAIN_TAG
 from rec_pipelines.lake import fingerprint
 from rec_pipelines.settings import Settings
@@ -70,7 +70,7 @@ new from them (``training_data`` flags the bot-like among the users it rebuilds 
 def microbatch_selection(context: dg.SensorEvaluationContext, lake_root) -> list[dg.AssetKey] | None:
     """The assets a micro-batch run materialises: the whole job, less ``MICROBATCH_REUSES`` once
     each has a stored value to load (None: the whole job)."""
-    if context.repository_def is None or not all((lake_root / "assets" / name).exists() for name in MICROBATCH_REUSES):
+    if context.repository_def is None or not all((lake_root / ASSET_STORE / name).exists() for name in MICROBATCH_REUSES):
         return None
     keys = RETRAIN_ASSETS.resolve(context.repository_def.asset_graph)
     return sorted(keys - {dg.AssetKey(name) for name in MICROBATCH_REUSES}, key=lambda key: key.to_user_string())
