@@ -215,3 +215,26 @@ def test_unique_sorted_is_np_unique():
         got = unique_sorted(values)
         np.testing.assert_array_equal(got, np.unique(values))
         assert got.dtype == np.asarray(values).dtype
+
+
+@pytest.mark.parametrize(("values", "packed"), [
+    ([np.array([3, 1, 2]), np.array([], dtype=np.int64), np.array([70_000, 5])], np.int32),
+    ([np.array([1, 2]), np.array([3])], np.int8),
+    ([np.array([-1, 2]), np.array([2**40])], np.int64),
+    ([np.array([1.5, 2.0])], np.float64),
+    ([np.array([1, 2]), np.array([1.5])], None),  # mixed dtypes: pickled per user
+    ([], np.int64),
+])
+def test_user_sequences_pickle_round_trip_keeps_values_and_dtypes(values, packed):
+    import pickle
+
+    seqs = UserSequences([f"u{i}" for i in range(len(values))], values, [v.copy() for v in values])
+    back = pickle.loads(pickle.dumps(seqs))
+
+    assert back.user_ids == seqs.user_ids
+    for name in ("items", "event_types"):
+        assert len(getattr(back, name)) == len(values)
+        for got, want in zip(getattr(back, name), values):
+            assert got.dtype == want.dtype and got.tolist() == want.tolist()
+    state = seqs.__getstate__()
+    assert (state["items"].values.dtype if "lengths" in state else None) == packed
