@@ -5,6 +5,7 @@ bundle, and the metrics of a model on the held-out users."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,8 +26,10 @@ from rec_models.data import (
 )
 from rec_models.evaluation import (
     PopularityRecommender,
+    RankingMetrics,
     evaluate_ranking,
     paired_difference,
+    stratified_order,
 )
 from rec_models.models import (
     HybridRecommender,
@@ -56,6 +59,13 @@ Measured s: 0.0054 * sqrt(610) = 0.133 on ml-latest-small (NDCG 0.06, s/NDCG 2.2
 0.0014 * sqrt(1989) = 0.062 on the simulator (NDCG ~0.1, s/NDCG 0.6). SE < 15 % of the NDCG
 needs n > (2.2 / 0.15)^2 = 220 users; 5,000 gives SE = 0.133 / 70.7 = 0.0019 (3 % of 0.06, under
 the gate's 0.002 tolerance) and keeps SE < 15 % for s/NDCG up to 0.15 * sqrt(5000) = 10.6."""
+DEFAULT_TARGET_SE_RELATIVE = 0.05
+"""The gate stops scoring its sample once the paired SE is at most this share of the champion's
+NDCG@10: a third of the issue's 15 %, so the largest shortfall noise may excuse (10 %) shows at
+two standard errors. At 10M events (100k items) a fine-tune against its champion reaches it
+after about 3,000 users instead of 5,000."""
+DEFAULT_STEP_USERS = 1_000
+"""Users the gate scores between two looks at the standard error."""
 
 
 @dataclass
@@ -212,13 +222,40 @@ def evaluate_model(model: HybridRecommender, histories: UserSequences, targets: 
     plus NDCG@10 on the cold-start users (``cold`` marks users whose test item never occurs in
     training, e.g. items that arrived with new batches), and each user's NDCG@10
     (``per_user_ndcg@10``) for the paired comparison."""
-    with model.item_tables_frozen():
-        metrics = evaluate_ranking(model.ranker(), histories.items, targets, model.n_items,
-                                   event_types=histories.event_types, per_user=True)
-    positions = np.flatnonzero(cold)
-    metrics["cold_users"] = len(positions)
-    metrics["cold_ndcg@10"] = float(metrics["per_user_ndcg@10"][positions].mean()) if len(positions) else float("nan")
-    return metrics
+    return evaluate_in_steps({"model": model}, histories, targets, cold, max(len(targets), 1), 0.0)["model"]
+
+
+def evaluate_in_steps(models: dict[str, HybridRecommender], histories: UserSequences, targets: np.ndarray,
+                      cold: np.ndarray, step_users: int, target_se_relative: float) -> dict[str, dict]:
+    """``evaluate_model`` of each model on the same users, scored ``step_users`` at a time in the
+    given order until the paired standard error of NDCG@10 between the first two models is at
+    most ``target_se_relative`` of the second's NDCG@10, or every user is scored (always with
+    one model, or a target of 0). Each result's ``n_users`` says how many were scored."""
+    if step_users < 1:
+        raise ValueError(f"step_users must be at least 1, got {step_users}")
+    metrics = {name: RankingMetrics(model.n_items, 10, keep_per_user=True) for name, model in models.items()}
+    scored = 0
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(model.item_tables_frozen())
+        while scored < len(targets):
+            end = min(len(targets), scored + step_users)
+            step = histories.subset(np.arange(scored, end))
+            for name, model in models.items():
+                evaluate_ranking(model.ranker(), step.items, targets[scored:end], model.n_items,
+                                 event_types=step.event_types, metrics=metrics[name])
+            scored = end
+            if len(models) > 1 and target_se_relative > 0:
+                first, second = (metrics[name].per_user_ndcg() for name in list(models)[:2])
+                if second.mean() > 0 and paired_difference(first, second)["se"] <= target_se_relative * second.mean():
+                    break
+    positions = np.flatnonzero(cold[:scored])
+    results = {}
+    for name, metric in metrics.items():
+        results[name] = {**metric.compute(), "per_user_ndcg@10": metric.per_user_ndcg(), "cold_users": len(positions)}
+        results[name]["cold_ndcg@10"] = (float(results[name]["per_user_ndcg@10"][positions].mean()) if len(positions)
+                                         else float("nan"))
+    return results
 
 
 def comparison_figure(results: dict):
@@ -239,35 +276,48 @@ def comparison_figure(results: dict):
 
 
 def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch.Tensor, registry: ModelRegistry,
-                        eval_users: int = DEFAULT_EVAL_USERS, seed: int = 0) -> tuple[dict, object]:
+                        eval_users: int = DEFAULT_EVAL_USERS, seed: int = 0,
+                        target_se_relative: float = DEFAULT_TARGET_SE_RELATIVE,
+                        step_users: int = DEFAULT_STEP_USERS) -> tuple[dict, object]:
     """Protocol metrics (full ranking, history masked, leave-last-out test target) of the
     candidate, the current champion (grown to today's catalog: new items scored from text) and
     popularity on the same users, the paired per-user NDCG difference, all logged to the
-    candidate's MLflow run with a comparison plot. The users are all held-out users, or when
-    there are more than ``eval_users`` a sample of that many stratified by activity
-    (``rec_models.models.user_sample``, ``seed``). Returns ``{"candidate", "champion", "popularity",
-    "paired", "paired_se_relative", "champion_version", "cold_users", "eval_users",
-    "eval_population", "eval_seed", "eval_user_ids"}`` (champion parts when one exists) and the
-    comparison figure."""
+    candidate's MLflow run with a comparison plot.
+
+    The users are all held-out users, or when there are more than ``eval_users`` a sample of
+    that many stratified by activity (``rec_models.models.user_sample``, ``seed``). They are
+    scored ``step_users`` at a time in an order whose every prefix is stratified too
+    (``stratified_order``), and scoring stops once the paired standard error is at most
+    ``target_se_relative`` of the champion's NDCG@10 (0: score them all): a clear comparison
+    costs a fraction of the sample. Returns ``{"candidate", "champion", "popularity",
+    "paired", "paired_se_relative", "champion_version", "cold_users", "eval_users" (scored),
+    "eval_sample", "eval_population", "eval_seed", "eval_user_ids"}`` (champion parts when one
+    exists) and the comparison figure."""
     split = data.split
     part = user_sample(split, eval_users, seed)
+    order = stratified_order(np.fromiter(map(len, part.train.items), np.int64, len(part.train)), seed)
+    part = part.subset(order)
     histories, targets = part.test_histories(), part.test_targets
     trained_items = unique_sorted(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
     cold = ~np.isin(targets, trained_items)
     bundle = Path(candidate.bundle_dir)
     if not bundle.exists():  # another process or pod trained it: its scratch is gone, MLflow has the model
         bundle = registry.download_bundle(model_uri=candidate.model_uri, dst=Path(tempfile.mkdtemp(prefix="candidate-")))
-    results = {"candidate": evaluate_model(HybridRecommender.load(bundle), histories, targets, cold)}
-    champion_version, champion, unloadable = registry.version_by_alias(CHAMPION), None, None
+    models = {"candidate": HybridRecommender.load(bundle)}
+    champion_version, unloadable = registry.version_by_alias(CHAMPION), None
     if champion_version is not None:
         try:
-            champion = HybridRecommender.load(registry.download_bundle(CHAMPION, dst=Path(tempfile.mkdtemp(prefix="champion-"))))
+            models["champion"] = HybridRecommender.load(
+                registry.download_bundle(CHAMPION, dst=Path(tempfile.mkdtemp(prefix="champion-"))))
+            models["champion"].grow(text)
         except (OSError, KeyError, ValueError, RuntimeError) as error:  # e.g. registered by an older version
             unloadable = f"champion v{champion_version.version} cannot be evaluated by this version ({error})"
+    results = evaluate_in_steps(models, histories, targets, cold, step_users,
+                                target_se_relative if "champion" in models else 0.0)
+    scored = results["candidate"]["n_users"]
+    histories, targets = histories.subset(np.arange(scored)), targets[:scored]
     relative_se = None
-    if champion is not None:
-        champion.grow(text)
-        results["champion"] = evaluate_model(champion, histories, targets, cold)
+    if "champion" in results:
         results["paired"] = paired_difference(results["candidate"].pop("per_user_ndcg@10"),
                                               results["champion"].pop("per_user_ndcg@10"))
         champion_ndcg = float(results["champion"]["ndcg@10"])
@@ -275,7 +325,8 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     results["candidate"].pop("per_user_ndcg@10", None)
     popularity = PopularityRecommender().fit(split.train, len(data.vocab))
     results["popularity"] = evaluate_ranking(popularity.score, histories.items, targets, len(data.vocab))
-    sampling = {"eval_users": len(part.train), "eval_population": len(split.train), "eval_seed": int(seed)}
+    sampling = {"eval_users": scored, "eval_sample": len(part.train), "eval_population": len(split.train),
+                "eval_seed": int(seed)}
 
     client = registry.client
     for name, value in results["candidate"].items():
@@ -291,4 +342,4 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     client.log_figure(candidate.run_id, figure, "plots/champion_vs_challenger.png")
     return {**results, **sampling, "paired_se_relative": relative_se, "eval_user_ids": list(histories.user_ids),
             "champion_version": champion_version.version if champion_version else None,
-            "cold_users": int(cold.sum()), "champion_unloadable": unloadable}, figure
+            "cold_users": int(cold[:scored].sum()), "champion_unloadable": unloadable}, figure

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import full_run_config
 
-from rec_models.evaluation import stratified_user_sample
+from rec_models.evaluation import paired_difference, stratified_order, stratified_user_sample
 from rec_pipelines.registry import ModelRegistry
 
 
@@ -69,6 +69,61 @@ def test_a_million_users_are_sampled_quickly():
     assert time.perf_counter() - started < 30  # generous: the CI machine is shared
 
 
+def test_every_prefix_of_the_scoring_order_is_stratified():
+    lengths = np.random.default_rng(7).lognormal(3.0, 1.0, 5_003)
+    order = stratified_order(lengths, seed=2)
+    assert np.array_equal(np.sort(order), np.arange(len(lengths)))  # a permutation
+    assert np.array_equal(order, stratified_order(lengths, seed=2))
+    assert not np.array_equal(order, stratified_order(lengths, seed=3))
+    edges = np.quantile(lengths, [0.2, 0.4, 0.6, 0.8])
+    bins = np.searchsorted(edges, lengths, side="left")
+    share = np.bincount(bins, minlength=5) / len(lengths)
+    for size in (1, 10, 999, 1_000, 2_500, 5_003):
+        drawn = np.bincount(bins[order[:size]], minlength=5)
+        assert np.all(np.abs(drawn - share * size) <= 1), size
+    # within a bin the order is random, not by length
+    heavy = order[bins[order] == 4][:200]
+    assert not np.all(np.diff(lengths[heavy]) >= 0)
+    assert stratified_order(np.zeros(0), seed=0).tolist() == []
+
+
+def test_the_gate_stops_scoring_once_the_paired_error_is_small_enough(tmp_path, single_thread):
+    """Users are scored ``step_users`` at a time; scoring stops at the first step whose paired SE
+    is at most the target share of the champion's NDCG@10, and the metrics are those of the
+    users scored."""
+    from test_serving import make_bundle
+
+    from rec_models.models.recommender import RecommenderConfig, train_recommender
+    from rec_pipelines.training import evaluate_in_steps, evaluate_model
+
+    small = make_bundle(tmp_path / "bundle", max_epochs=1, val_users=0)
+    other, _ = train_recommender(small.split, small.text, RecommenderConfig.from_dict(
+        {**small.model.config.to_dict(), "seed": 1, "max_epochs": 2}))
+    histories, targets = small.split.test_histories(), small.split.test_targets
+    cold = np.arange(len(targets)) % 7 == 0
+    models = {"candidate": other, "champion": small.model}
+    every = evaluate_in_steps(models, histories, targets, cold, 10, 0.0)
+    assert every["candidate"]["n_users"] == every["champion"]["n_users"] == len(targets)
+    first, second = every["candidate"]["per_user_ndcg@10"], every["champion"]["per_user_ndcg@10"]
+
+    def relative_se(n: int) -> float:
+        return paired_difference(first[:n], second[:n])["se"] / second[:n].mean() if second[:n].mean() > 0 else np.inf
+
+    steps = [*range(10, len(targets), 10), len(targets)]
+    errors = [relative_se(n) for n in steps]
+    target = min(errors[1:-1])  # reached after the first step, before the last
+    expected = steps[[e <= target for e in errors].index(True)]
+    assert 10 < expected < len(targets)
+    stopped = evaluate_in_steps(models, histories, targets, cold, 10, target)
+    assert stopped["candidate"]["n_users"] == stopped["champion"]["n_users"] == expected
+    alone = evaluate_model(small.model, histories.subset(np.arange(expected)), targets[:expected], cold[:expected])
+    for key in ("hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"):
+        assert stopped["champion"][key] == pytest.approx(alone[key]), key
+    assert np.array_equal(stopped["candidate"]["per_user_ndcg@10"], first[:expected])
+    with pytest.raises(ValueError):
+        evaluate_in_steps(models, histories, targets, cold, 0, target)
+
+
 def evaluation_config(users: int, seed: int = 0) -> dict:
     config = full_run_config()
     config["ops"]["model_evaluation"] = {"config": {"eval_users": users, "eval_seed": seed}}
@@ -93,7 +148,8 @@ def test_the_gate_evaluates_a_seeded_sample_and_tags_how(dagster_env, small_simu
     decision = first.output_for_node("champion_model")
     assert decision["reason"] == f"no champion yet (evaluated on 30 of {population} held-out users, seed 0)"
     tags = registry.client.get_model_version(settings.model_name, decision["version"]).tags
-    assert (tags["eval.users"], tags["eval.population"], tags["eval.seed"]) == ("30", str(population), "0")
+    assert (tags["eval.users"], tags["eval.sample"], tags["eval.population"], tags["eval.seed"]) == (
+        "30", "30", str(population), "0")
     assert "eval.paired_se" not in tags  # nothing to pair with yet
 
     # evaluation again, same seed: the same users and metrics; now against a champion (itself).

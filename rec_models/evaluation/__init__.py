@@ -20,8 +20,8 @@ from rec_models.evaluation.protocol import (
     protocol_sequences,
     select_cold_items,
 )
-from rec_models.evaluation.sampling import stratified_user_sample
+from rec_models.evaluation.sampling import stratified_order, stratified_user_sample
 
 __all__ = ["EVAL_BATCH", "eval_batch_size", "PopularityRecommender", "RankingMetrics", "ScoreFn", "cold_start_split", "cold_start_users",
            "evaluate_ranking", "evaluate_split", "item_popularity", "pad_histories", "paired_difference",
-           "protocol_sequences", "select_cold_items", "stratified_user_sample"]
+           "protocol_sequences", "select_cold_items", "stratified_order", "stratified_user_sample"]

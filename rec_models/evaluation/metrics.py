@@ -167,6 +167,7 @@ def evaluate_ranking(
     batch_size: int | None = None,
     event_types: Sequence[np.ndarray] | None = None,
     per_user: bool = False,
+    metrics: RankingMetrics | None = None,
 ) -> dict:
     """Full-ranking HR@k / NDCG@k / coverage@k of ``score_fn`` for the given users.
 
@@ -175,10 +176,14 @@ def evaluate_ranking(
     ``score_fn(batch_histories, batch_event_types)``. Works for any subset of users. With
     ``per_user`` the result also holds ``per_user_ndcg@k``: each user's NDCG, in input order
     (for paired comparisons of two models on the same users, see ``paired_difference``).
+    ``metrics`` continues an earlier call's ``RankingMetrics`` (same ``n_items`` and ``k``): the
+    result then covers the users of every call, e.g. an evaluation that scores users in steps.
     """
     if len(histories) != len(targets):
         raise ValueError("histories and targets must have the same length")
-    metrics = RankingMetrics(n_items, k, keep_per_user=per_user)
+    metrics = metrics if metrics is not None else RankingMetrics(n_items, k, keep_per_user=per_user)
+    if (metrics.n_items, metrics.k) != (n_items, k) or (per_user and not metrics.keep_per_user):
+        raise ValueError("metrics must be a RankingMetrics for the same n_items and k (keep_per_user for per_user)")
     batch_size = batch_size or eval_batch_size(n_items)
     for start in range(0, len(histories), batch_size):
         batch = histories[start : start + batch_size]

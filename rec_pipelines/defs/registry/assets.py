@@ -9,6 +9,8 @@ from rec_pipelines.plots import figure_to_md
 from rec_pipelines.registry import decide_promotion
 from rec_pipelines.training import (
     DEFAULT_EVAL_USERS,
+    DEFAULT_STEP_USERS,
+    DEFAULT_TARGET_SE_RELATIVE,
     TrainedModel,
     TrainingData,
     held_out_comparison,
@@ -21,6 +23,9 @@ GROUP = "registry"
 class EvaluationConfig(dg.Config):
     eval_users: int = DEFAULT_EVAL_USERS  # with more held-out users, score a stratified sample of this many
     eval_seed: int = 0  # which sample: the same seed scores the same users
+    target_se_relative: float = DEFAULT_TARGET_SE_RELATIVE  # stop scoring once the paired SE is this share of
+    # the champion's NDCG@10 (0: score the whole sample)
+    step_users: int = DEFAULT_STEP_USERS  # users scored between two looks at the standard error
 
 
 class PromotionConfig(dg.Config):
@@ -43,14 +48,19 @@ def model_evaluation(
 ) -> dg.Output[dict]:
     """Protocol metrics (full ranking, history masked, leave-last-out test target) for the
     candidate, the current champion and a popularity baseline, all on the same users: every
-    held-out user, or a seeded sample of ``eval_users`` stratified by activity when there are more."""
+    held-out user, or a seeded sample of ``eval_users`` stratified by activity when there are more,
+    scored until the paired standard error is below ``target_se_relative`` of the champion's NDCG@10."""
+    if config.step_users < 1 or config.target_se_relative < 0:
+        raise dg.Failure(f"step_users must be at least 1 and target_se_relative at least 0, "
+                         f"got {config.step_users} and {config.target_se_relative}")
     results, comparison = held_out_comparison(candidate_model, training_data,
                                               text_matrix(training_data.vocab, item_text_embeddings),
-                                              mlflow.registry(), config.eval_users, config.eval_seed)
+                                              mlflow.registry(), config.eval_users, config.eval_seed,
+                                              config.target_se_relative, config.step_users)
     table = pd.DataFrame({k: results[k] for k in ("candidate", "champion", "popularity") if k in results}).T.reindex(
         columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
-    context.log.info(f"held-out evaluation on {results['eval_users']} of {results['eval_population']} users "
-                     f"(seed {results['eval_seed']}):\n{table}")
+    context.log.info(f"held-out evaluation on {results['eval_users']} users of a sample of {results['eval_sample']} "
+                     f"of {results['eval_population']} (seed {results['eval_seed']}):\n{table}")
     return dg.Output(
         results,
         metadata={
@@ -60,6 +70,7 @@ def model_evaluation(
             "users": int(results["candidate"]["n_users"]),
             "cold_users": results["cold_users"],
             "eval_users": results["eval_users"],
+            "eval_sample": results["eval_sample"],
             "eval_population": results["eval_population"],
             "eval_seed": results["eval_seed"],
             "paired_se_relative": float("nan") if results["paired_se_relative"] is None else results["paired_se_relative"],
@@ -132,11 +143,11 @@ def champion_model(
 
 
 def evaluation_tags(model_evaluation: dict) -> dict[str, str]:
-    """How the decision was measured, as version tags: users scored, of how many held-out
-    users, the sample's seed, and the paired standard error (absolute and relative to the
+    """How the decision was measured, as version tags: users scored, of a sample of how many, of
+    how many held-out users, the sample's seed, and the paired standard error (absolute and relative to the
     champion's NDCG@10) when there was a champion. Empty for an evaluation from before sampling."""
     tags = {f"eval.{key}": str(model_evaluation[f"eval_{key}"])
-            for key in ("users", "population", "seed") if f"eval_{key}" in model_evaluation}
+            for key in ("users", "sample", "population", "seed") if f"eval_{key}" in model_evaluation}
     if model_evaluation.get("paired"):
         tags["eval.paired_se"] = f"{model_evaluation['paired']['se']:.6g}"
     if model_evaluation.get("paired_se_relative") is not None:
