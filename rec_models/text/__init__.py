@@ -10,6 +10,7 @@ from rec_models.text.encoder import (
 )
 from rec_models.text.templates import (
     DEFAULT_ITEM_TEMPLATE,
+    REVIEW_EVENT,
     REVIEW_SEPARATOR,
     USER_CONTEXT_TEMPLATE,
     TextTemplate,
@@ -18,7 +19,7 @@ from rec_models.text.templates import (
     latest_texts,
 )
 
-__all__ = ["DEFAULT_ITEM_TEMPLATE", "DEFAULT_TEXT_MODEL_NAME", "REVIEW_SEPARATOR", "USER_CONTEXT_TEMPLATE",
+__all__ = ["DEFAULT_ITEM_TEMPLATE", "DEFAULT_TEXT_MODEL_NAME", "REVIEW_EVENT", "REVIEW_SEPARATOR", "USER_CONTEXT_TEMPLATE",
            "EmbeddingCache", "TextEncoder", "TextTemplate", "add_reviews", "as_matrix", "build_user_contexts",
            "cpu_supports_fast_bf16", "default_text_model_path", "embed_catalog", "embed_texts", "latest_texts",
            "text_sha256", "top_k_cosine"]

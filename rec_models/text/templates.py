@@ -86,7 +86,11 @@ the task objective. Built by ``build_user_contexts``; lives in the item texts' s
 REVIEW_SEPARATOR = " / "
 
 
-def latest_texts(events: pd.DataFrame, key: str, per_key: int, event_type: str = "review") -> pd.Series:
+REVIEW_EVENT = "review"
+"""The event type whose texts ``add_reviews`` and user contexts take."""
+
+
+def latest_texts(events: pd.DataFrame, key: str, per_key: int, event_type: str = REVIEW_EVENT) -> pd.Series:
     """The ``per_key`` newest non-empty ``text`` values of ``event_type`` events per ``key``
     (e.g. each item's latest reviews): a Series of lists, newest first, indexed by ``key``.
 

@@ -55,12 +55,16 @@ class ValidatedEvents:
         return read_parquets(self.paths(), columns) if self.batches else empty_events()[columns]
 
     def read_users(self, user_ids, columns: Sequence[str]) -> pd.DataFrame:
-        """The events of ``user_ids`` only (in ingestion order): filtered in Arrow, so only
-        those rows become pandas rows."""
+        """The events of ``user_ids`` only (in ingestion order)."""
+        return self.read_matching("user_id", user_ids, columns)
+
+    def read_matching(self, column: str, values, columns: Sequence[str]) -> pd.DataFrame:
+        """The events whose ``column`` (a string column among ``columns``) is one of ``values``,
+        in ingestion order: filtered in Arrow, so only those rows become pandas rows."""
         if not self.batches:
             return empty_events()[list(columns)]
         table = read_arrow(self.paths(), list(columns))
-        wanted = pc.is_in(table["user_id"], value_set=pa.array([str(u) for u in user_ids], pa.string()))
+        wanted = pc.is_in(table[column], value_set=pa.array([str(v) for v in values], pa.string()))
         return table.filter(wanted).to_pandas()
 
 

@@ -149,6 +149,7 @@ def item_text_embeddings(
     reviews encode only themselves."""
     from rec_models.text import (
         DEFAULT_ITEM_TEMPLATE,
+        REVIEW_EVENT,
         EmbeddingCache,
         add_reviews,
         as_matrix,
@@ -157,7 +158,8 @@ def item_text_embeddings(
     from rec_pipelines.plots import markdown_table
 
     template = _template(DEFAULT_ITEM_TEMPLATE, config.template, config.template_version)
-    catalog = add_reviews(item_catalog, validated_feedback.read(REVIEW_COLUMNS), per_item=config.reviews_per_item)
+    reviews = validated_feedback.read_matching("event_type", [REVIEW_EVENT], REVIEW_COLUMNS)  # not the whole history
+    catalog = add_reviews(item_catalog, reviews, per_item=config.reviews_per_item)
     encoder = text_encoder.encoder()
     context.log.info(f"embedding {len(catalog)} item texts with {encoder.describe()}, template {template.version}")
     cache = EmbeddingCache(lake.store().lake / ITEM_CACHE_FILE)
