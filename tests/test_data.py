@@ -223,18 +223,21 @@ def test_unique_sorted_is_np_unique():
     ([np.array([-1, 2]), np.array([2**40])], np.int64),
     ([np.array([1.5, 2.0])], np.float64),
     ([np.array([1, 2]), np.array([1.5])], None),  # mixed dtypes: pickled per user
+    ([[1, 2], np.array([3])], None),  # a list: pickled per user
     ([], np.int64),
 ])
 def test_user_sequences_pickle_round_trip_keeps_values_and_dtypes(values, packed):
     import pickle
 
     seqs = UserSequences([f"u{i}" for i in range(len(values))], values, [v.copy() for v in values])
+    unaligned = UserSequences(["a", "b"], [np.array([1, 2]), np.array([3])], [np.array([1]), np.array([2, 3])])
+    assert [a.tolist() for a in pickle.loads(pickle.dumps(unaligned)).event_types] == [[1], [2, 3]]
     back = pickle.loads(pickle.dumps(seqs))
 
     assert back.user_ids == seqs.user_ids
     for name in ("items", "event_types"):
         assert len(getattr(back, name)) == len(values)
         for got, want in zip(getattr(back, name), values):
-            assert got.dtype == want.dtype and got.tolist() == want.tolist()
+            assert np.asarray(got).dtype == np.asarray(want).dtype and list(got) == list(want)
     state = seqs.__getstate__()
     assert (state["items"].values.dtype if "lengths" in state else None) == packed

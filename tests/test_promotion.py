@@ -101,6 +101,24 @@ def test_rollback_from_cli_and_from_dagster(trained, capsys):
     assert registry.version_by_alias(CHAMPION).version == 1
 
 
+def test_a_champion_that_cannot_grow_to_todays_catalog_is_not_compared(trained, monkeypatch):
+    """A champion that loads but cannot take today's text table (e.g. another encoder) is left
+    out of the comparison, never scored as it is, and the reason says so."""
+    settings, defs, instance, registry = trained
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError("text embeddings have 384 columns, the model 16")
+
+    monkeypatch.setattr(HybridRecommender, "grow", refuse)
+    result = defs.resolve_job_def("full_retrain_job").execute_in_process(
+        instance=instance, run_config=TINY_RUN_CONFIG,
+        asset_selection=[dg.AssetKey("model_evaluation"), dg.AssetKey("champion_model")])
+    evaluation = result.output_for_node("model_evaluation")
+    assert "champion" not in evaluation and "paired" not in evaluation
+    assert "champion v1 cannot be evaluated by this version (text embeddings have 384" in evaluation["champion_unloadable"]
+    assert "cannot be evaluated by this version" in result.output_for_node("champion_model")["reason"]
+
+
 def test_a_champion_this_version_cannot_load_is_replaced_with_the_reason_said(trained):
     settings, defs, instance, registry = trained
     stored = list(settings.local_artifact_root.rglob("recommender.json"))

@@ -44,8 +44,8 @@ def stratified_user_sample(history_lengths: np.ndarray, size: int, seed: int, st
 
 def stratified_order(history_lengths: np.ndarray, seed: int, strata: int = 5) -> np.ndarray:
     """All positions in an order whose every prefix is itself stratified by activity (each of
-    the ``strata`` bins of ``stratified_user_sample`` holds its share of the prefix, up to one
-    user), random within a bin; deterministic for a given ``seed``. An evaluation that scores
+    the ``strata`` bins of ``stratified_user_sample`` holds its share of the prefix, within two
+    users), random within a bin; deterministic for a given ``seed``. An evaluation that scores
     users in this order can stop after any prefix."""
     lengths = np.asarray(history_lengths)
     if lengths.ndim != 1:

@@ -1,6 +1,7 @@
 """The model registry: MLflow access (``mlflow_registry``) and the promotion gate (``gate``)."""
 
 from rec_pipelines.registry.gate import (
+    MIN_COLD_USERS,
     PRIMARY_METRIC,
     PromotionDecision,
     decide_promotion,
@@ -16,5 +17,5 @@ from rec_pipelines.registry.mlflow_registry import (
     pip_requirements,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "PRIMARY_METRIC", "SIGNATURE", "MlflowEpochMetrics", "ModelRegistry",
+__all__ = ["CHALLENGER", "CHAMPION", "MIN_COLD_USERS", "PRIMARY_METRIC", "SIGNATURE", "MlflowEpochMetrics", "ModelRegistry",
            "PromotionDecision", "RollbackError", "decide_promotion", "metric_key", "pip_requirements"]

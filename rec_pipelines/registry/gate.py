@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRIMARY_METRIC = "ndcg@10"
+MIN_COLD_USERS = 20
+"""Below this many cold-start users among those scored, the cold-start guard is not applied."""
 
 
 def metric_key(name: str) -> str:
@@ -38,7 +40,7 @@ def decide_promotion(
     tolerance: float = 0.002,
     coverage_tolerance: float = 0.2,
     cold_tolerance: float = 0.01,
-    min_cold_users: int = 20,
+    min_cold_users: int = MIN_COLD_USERS,
     paired: dict | None = None,
     significance_z: float = 1.645,
     max_relative_shortfall: float = 0.1,

@@ -6,7 +6,7 @@ import pandas as pd
 
 from rec_pipelines.defs.resources import MlflowResource, ServingResource
 from rec_pipelines.plots import figure_to_md
-from rec_pipelines.registry import decide_promotion
+from rec_pipelines.registry import MIN_COLD_USERS, decide_promotion
 from rec_pipelines.training import (
     DEFAULT_EVAL_USERS,
     DEFAULT_STEP_USERS,
@@ -26,13 +26,15 @@ class EvaluationConfig(dg.Config):
     target_se_relative: float = DEFAULT_TARGET_SE_RELATIVE  # stop scoring once the paired SE is this share of
     # the champion's NDCG@10 (0: score the whole sample)
     step_users: int = DEFAULT_STEP_USERS  # users scored between two looks at the standard error
+    min_cold_users: int = MIN_COLD_USERS  # nor stop before this many cold-start users are scored (or all of the
+    # sample's): keep it at the gate's min_cold_users, so stopping early never switches the cold guard off
 
 
 class PromotionConfig(dg.Config):
     ndcg_tolerance: float = 0.002  # absolute NDCG@10 a candidate may lose and still be promoted
     coverage_tolerance: float = 0.2  # relative coverage@10 loss allowed
     cold_tolerance: float = 0.01  # absolute cold-start NDCG@10 loss allowed
-    min_cold_users: int = 20  # below this many cold-start users the cold guard is not applied
+    min_cold_users: int = MIN_COLD_USERS  # below this many cold-start users the cold guard is not applied
     significance_z: float = 1.645  # an NDCG shortfall rejects only if significant (one-sided); 0: plain rule
     max_relative_shortfall: float = 0.1  # ... and never when NDCG@10 is this share below the champion's
 
@@ -56,7 +58,7 @@ def model_evaluation(
     results, comparison = held_out_comparison(candidate_model, training_data,
                                               text_matrix(training_data.vocab, item_text_embeddings),
                                               mlflow.registry(), config.eval_users, config.eval_seed,
-                                              config.target_se_relative, config.step_users)
+                                              config.target_se_relative, config.step_users, config.min_cold_users)
     table = pd.DataFrame({k: results[k] for k in ("candidate", "champion", "popularity") if k in results}).T.reindex(
         columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
     context.log.info(f"held-out evaluation on {results['eval_users']} users of a sample of {results['eval_sample']} "
