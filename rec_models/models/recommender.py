@@ -100,7 +100,7 @@ class RecommenderConfig:
     finetune_max_epochs: int = 4
     finetune_patience: int = 3
     finetune_lr: float = 3e-4
-    finetune_val_users: int = 1000  # a fine-tune validates on at most this and val_users (0: no limit)
+    finetune_val_users: int = 500  # a fine-tune validates on at most this and val_users (0: no limit)
     # safety net only: a run that hits it says so (history["stopped_by"] == "max_time")
     max_time_s: float | None = 1800.0
 
