@@ -200,7 +200,7 @@ class ContentRecommender:
             if len(recent) == 0:
                 continue
             weights = self.decay ** torch.arange(len(recent) - 1, -1, -1, dtype=torch.float32)
-            profiles[row] = weights @ self.embeddings[torch.from_numpy(recent)]
+            profiles[row] = weights @ self.embeddings[torch.tensor(recent)]  # a copy: histories may be read-only views
         return F.normalize(profiles, dim=1)
 
     def score(
