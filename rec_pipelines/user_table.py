@@ -27,7 +27,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_models.data import ItemVocab, UserSequences, collapse_repeats, interactions, leave_last_out
+from rec_models.data import (
+    ItemVocab,
+    UserSequences,
+    collapse_repeats,
+    interactions,
+    leave_last_out,
+    list_array,
+    split_lists,
+)
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_TYPE_INDEX
 from rec_models.files import parquet_source, write_json_atomic
 from rec_models.models import event_features
@@ -107,8 +115,8 @@ class UserTable:
         codes = np.concatenate(self.item_codes) if lengths else np.zeros(0, np.int32)
         table = pa.table({
             "user_id": pa.array(self.user_ids.tolist(), pa.string()),
-            "item_ids": _lists(pa.array(self.items, pa.string()).take(pa.array(codes)), lengths),
-            "features": _lists(pa.array(np.concatenate(self.features) if lengths else [], pa.int64()), lengths),
+            "item_ids": list_array(pa.array(self.items, pa.string()).take(pa.array(codes)), lengths),
+            "features": list_array(pa.array(np.concatenate(self.features) if lengths else [], pa.int64()), lengths),
             "batch_ids": pa.array(self.batch_ids, pa.list_(pa.string())),
         }).replace_schema_metadata({"recsys": json.dumps(
             {"format": TABLE_FORMAT, "definition": DEFINITION, "covered": self.covered, "batches": self.batches,
@@ -128,9 +136,9 @@ class UserTable:
         item_lists = table.column("item_ids").combine_chunks()
         encoded = item_lists.flatten().dictionary_encode()  # no Python string per row: 10M rows, 100k ids
         return cls(np.array(table.column("user_id").to_pylist(), dtype=object),
-                   _split(item_lists, encoded.indices.to_numpy().astype(np.int32, copy=False)),
+                   split_lists(item_lists, encoded.indices.to_numpy().astype(np.int32, copy=False)),
                    encoded.dictionary.to_numpy(zero_copy_only=False).astype(object),
-                   _split(table.column("features").combine_chunks()), table.column("batch_ids").to_pylist(),
+                   split_lists(table.column("features").combine_chunks()), table.column("batch_ids").to_pylist(),
                    meta["covered"], meta["batches"], meta.get("flagged"))
 
 
@@ -198,14 +206,3 @@ def _per_user(events: pd.DataFrame) -> tuple[np.ndarray, list, np.ndarray, list,
     return (users[starts], [codes[s:e] for s, e in spans], np.asarray(items, dtype=object),
             [features[s:e] for s, e in spans], [list(dict.fromkeys(batches[s:e])) for s, e in spans])
 
-
-def _lists(values: pa.Array, lengths: list[int]) -> pa.Array:
-    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
-    return pa.ListArray.from_arrays(offsets, values)
-
-
-def _split(lists: pa.ListArray, values: np.ndarray | None = None) -> list[np.ndarray]:
-    """Per list of ``lists``, its values (``values``: the flattened values already converted)."""
-    offsets = lists.offsets.to_numpy()
-    values = lists.flatten().to_numpy() if values is None else values
-    return np.split(values, offsets[1:-1] - offsets[0]) if len(offsets) > 1 else []

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from rec_models.data import (
@@ -10,6 +11,8 @@ from rec_models.data import (
     build_sequences,
     interactions,
     leave_last_out,
+    list_array,
+    split_lists,
 )
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_DTYPES, EVENT_TYPE_INDEX
 
@@ -241,3 +244,14 @@ def test_user_sequences_pickle_round_trip_keeps_values_and_dtypes(values, packed
             assert np.asarray(got).dtype == np.asarray(want).dtype and list(got) == list(want)
     state = seqs.__getstate__()
     assert (state["items"].values.dtype if "lengths" in state else None) == packed
+
+
+@pytest.mark.parametrize("lengths", [[3, 0, 2, 1], [0, 0], []])
+def test_list_array_and_split_lists_round_trip(lengths):
+    arrays = [np.arange(n, dtype=np.int64) + 10 * i for i, n in enumerate(lengths)]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    lists = list_array(flat, lengths)
+    assert lists.to_pylist() == [a.tolist() for a in arrays]
+    back = split_lists(pa.chunked_array([lists]), dtype=np.int32)
+    assert [a.tolist() for a in back] == [a.tolist() for a in arrays]
+    assert all(a.dtype == np.int32 for a in back)

@@ -1,6 +1,7 @@
 """The serving bundle and the MLflow pyfunc: history from the request counts at once, cold
 starts, exclusions, explanations, warnings, and clear errors for malformed requests."""
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from rec_models.serving import (
     parse_requests,
     write_bundle,
 )
+from rec_models.serving.recommender import USERS_FILE
 
 
 @dataclass
@@ -81,6 +83,23 @@ def recommender(bundle) -> Recommender:
 
 def popular(bundle: TinyBundle, k: int) -> list[str]:
     return [bundle.vocab.ids[i - 1] for i in np.argsort(-bundle.popularity[1:], kind="stable")[:k] + 1]
+
+
+def test_bundle_histories_load_as_written_and_older_bundles_still_load(bundle, recommender, tmp_path):
+    """Histories are written as Arrow lists from one flat array; a bundle whose users table was
+    written by the older writer (a pandas column of Python lists) loads the same histories."""
+    sequences = bundle.sequences
+    assert list(recommender.histories) == sequences.user_ids
+    for (items, types), want_items, want_types in zip(recommender.histories.values(), sequences.items, sequences.event_types):
+        assert items.dtype == types.dtype == np.int64
+        assert items.tolist() == list(want_items) and types.tolist() == list(want_types)
+    older = tmp_path / "older"
+    shutil.copytree(bundle.path, older)
+    pd.DataFrame({"user_id": sequences.user_ids, "items": [a.tolist() for a in sequences.items],
+                  "event_types": [a.tolist() for a in sequences.event_types]}).to_parquet(older / USERS_FILE, index=False)
+    loaded = Recommender(older).histories
+    assert {u: (i.tolist(), t.tolist()) for u, (i, t) in loaded.items()} == \
+        {u: (i.tolist(), t.tolist()) for u, (i, t) in recommender.histories.items()}
 
 
 def test_known_user_gets_k_unseen_titled_items(bundle, recommender):

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from rec_models.data import ItemVocab
+from rec_models.data import ItemVocab, list_array, split_lists
 from rec_models.data.privacy import (
     PSEUDONYM_PATTERN,
     USER_PREFIX,
@@ -62,21 +64,27 @@ def write_bundle(
     pd.DataFrame({"item_id": vocab.ids, "title": titles.reindex(vocab.ids).fillna("").astype(str).to_numpy()}).to_parquet(
         path / ITEMS_FILE, index=False
     )
-    users = pd.DataFrame({
-        "user_id": list(user_histories),
-        "items": [vocab_ids.tolist() for vocab_ids, _ in user_histories.values()],
-        "event_types": [types.tolist() for _, types in user_histories.values()],
-    })
-    users.to_parquet(path / USERS_FILE, index=False)
+    histories = list(user_histories.values())
+    lengths = [len(items) for items, _ in histories]
+    pq.write_table(pa.table({
+        "user_id": pa.array(list(user_histories), pa.string()),
+        "items": list_array(_flat([items for items, _ in histories], np.int64), lengths),
+        "event_types": list_array(_flat([types for _, types in histories], np.int64), lengths),
+    }), path / USERS_FILE)
     if user_contexts is not None and len(user_contexts):
-        pd.DataFrame({
-            "user_id": user_contexts["user_id"].astype(str).to_numpy(),
-            "embedding": [np.asarray(v, dtype=np.float32).tolist() for v in user_contexts["embedding"]],
-        }).to_parquet(path / USER_CONTEXT_FILE, index=False)
+        vectors = [np.asarray(v, dtype=np.float32) for v in user_contexts["embedding"]]
+        pq.write_table(pa.table({
+            "user_id": pa.array(user_contexts["user_id"].astype(str).to_numpy(), pa.string()),
+            "embedding": list_array(_flat(vectors, np.float32), [len(v) for v in vectors]),
+        }), path / USER_CONTEXT_FILE)
     if text_encoder_dir is not None:
         shutil.copytree(text_encoder_dir, path / ENCODER_DIR, dirs_exist_ok=True)
     (path / IDENTITY_FILE).write_text(json.dumps({"pseudonym_key_id": pseudonym_key_id}))
     return path
+
+
+def _flat(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype=dtype)
 
 
 def serving_pseudonym_key(env: Mapping[str, str] | None = None) -> bytes | None:
@@ -107,15 +115,16 @@ class Recommender:
         self.item_ids = np.array([""] + self.vocab.ids, dtype=object)  # row 0 = padding
         items = pd.read_parquet(bundle / ITEMS_FILE)
         self.titles = np.concatenate([[""], items["title"].to_numpy(dtype=object)])
-        users = pd.read_parquet(bundle / USERS_FILE)
-        self.histories = {
-            uid: (np.asarray(i, dtype=np.int64), np.asarray(t, dtype=np.int64))
-            for uid, i, t in zip(users["user_id"], users["items"], users["event_types"])
-        }
+        users = pq.read_table(bundle / USERS_FILE)
+        self.histories: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if users.num_rows:  # (an empty table of an older bundle has no list type)
+            items, types = (split_lists(users.column(name), dtype=np.int64) for name in ("items", "event_types"))
+            self.histories = dict(zip(users.column("user_id").to_pylist(), zip(items, types)))
         self.user_contexts: dict[str, np.ndarray] = {}
         if (bundle / USER_CONTEXT_FILE).exists():
-            contexts = pd.read_parquet(bundle / USER_CONTEXT_FILE)
-            self.user_contexts = {u: np.asarray(v, dtype=np.float32) for u, v in zip(contexts["user_id"], contexts["embedding"])}
+            contexts = pq.read_table(bundle / USER_CONTEXT_FILE)
+            vectors = split_lists(contexts.column("embedding"), dtype=np.float32) if contexts.num_rows else []
+            self.user_contexts = dict(zip(contexts.column("user_id").to_pylist(), vectors))
         self.encoder = None
         if (bundle / ENCODER_DIR).is_dir():
             from rec_models.text import (

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rec_models.data.arrays import list_array
 from rec_models.files import as_location, atomic_path, parquet_source
 
 # --- the cache -------------------------------------------------------------------------------
@@ -79,14 +80,13 @@ class EmbeddingCache:
         """Write all entries to ``path`` atomically."""
         keys = list(self._vectors)
         vectors = [self._vectors[key] for key in keys]
-        offsets = np.cumsum([0] + [len(vector) for vector in vectors], dtype=np.int32)
         values = np.concatenate(vectors) if vectors else np.zeros(0, dtype=np.float32)
         table = pa.table(
             {
                 "model_id": [key[0] for key in keys],
                 "template_version": [key[1] for key in keys],
                 "text_sha256": [key[2] for key in keys],
-                "embedding": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+                "embedding": list_array(values, [len(vector) for vector in vectors]),
             },
             schema=self._SCHEMA,
         )
