@@ -255,3 +255,50 @@ def test_mmr_wrap_puts_the_reranked_list_on_top():
     assert masked.topk(3).indices[0].tolist() == reranker.rerank(base(histories), histories)[0].tolist()
     with pytest.raises(ValueError):
         MMRReranker(emb, diversity=1.5)
+
+
+def test_cached_scores_compute_each_set_of_histories_once_within_the_budget():
+    from rec_models.models.hybrid import CachedScores
+
+    content = ContentRecommender(unit_embeddings(12), window=2)
+    calls = []
+
+    def score(histories, event_types=None):
+        calls.append(len(histories))
+        return content.score(histories, event_types)
+
+    batch = [np.array([1, 2, 3]), np.array([4])]
+    cached = CachedScores(score)
+    first = cached(batch)
+    assert cached([a.copy() for a in batch]) is first and len(calls) == 1  # same histories: stored
+    torch.testing.assert_close(first, content.score(batch))
+    cached([np.array([1, 2]), np.array([3, 4])])  # same items, other users' split: another key
+    cached(batch, [np.array([0, 0, 1]), np.array([2])])  # other event types: another key
+    assert len(calls) == 3
+    small = CachedScores(score, max_bytes=first.nbytes - 1)  # nothing fits: always computed
+    small(batch), small(batch)
+    assert len(calls) == 5
+
+
+def test_training_gives_the_same_model_with_and_without_the_partner_cache(monkeypatch, tmp_path):
+    from test_serving import make_bundle
+
+    import rec_models.models.hybrid as hybrid
+    from rec_models.models import RecommenderConfig, train_recommender
+
+    small = make_bundle(tmp_path / "b", max_epochs=1, ease=False)
+    config = RecommenderConfig.from_dict({**small.model.config.to_dict(), "max_epochs": 3, "patience": 3})
+    runs = {}
+    for budget in (hybrid.PARTNER_CACHE_BYTES, 0):
+        monkeypatch.setattr(hybrid, "PARTNER_CACHE_BYTES", budget)
+        full, history = train_recommender(small.split, small.text, config)
+        tuned, again = train_recommender(small.split, small.text, config, init=full, users_subset=np.arange(8))
+        runs[budget] = (full, history, tuned, again)
+    (full, history, tuned, again), (full0, history0, tuned0, again0) = runs.values()
+    assert len(history["epochs"]) == 3 and history["blend_val_ndcg@10"]
+    for a, b in ((history, history0), (again, again0)):
+        assert [e["val_hybrid_ndcg@10"] for e in a["epochs"]] == [e["val_hybrid_ndcg@10"] for e in b["epochs"]]
+        assert a["best_val_hybrid_ndcg@10"] == b["best_val_hybrid_ndcg@10"] and a["best_alpha"] == b["best_alpha"]
+    histories = small.split.test_histories().items[:10]
+    assert torch.equal(full.score(histories), full0.score(histories))
+    assert torch.equal(tuned.score(histories), tuned0.score(histories))

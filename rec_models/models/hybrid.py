@@ -3,6 +3,7 @@ content model and EASE)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -12,6 +13,44 @@ import torch
 from rec_models.data import LeaveLastOutSplit
 from rec_models.evaluation import RankingMetrics, eval_batch_size
 from rec_models.models.sasrec import DEFAULT_ALPHAS, VAL_K
+
+PARTNER_CACHE_BYTES = 256 << 20
+"""Scores ``CachedScores`` keeps for the validation users of one training (at 100k items, 670
+users' rows: a fine-tune's 500 validation users fit, a full retrain's 5,000 are cached in part)."""
+
+
+class CachedScores:
+    """A score function that keeps (up to ``max_bytes``) the scores it returned, keyed by the
+    histories scored. For a model that does not change while another trains (the content model
+    SASRec is blended with): validation scores the same users every epoch, for each network
+    and for the blend tuning, so they are computed once (a fine-tune at 10M events, 100k items:
+    train_candidate 40-42 s -> 33-34 s, the same validation scores). Returns the stored tensor itself: callers must not change it."""
+
+    def __init__(self, score: Callable[..., torch.Tensor], max_bytes: int | None = None) -> None:
+        self.score = score
+        self.max_bytes = PARTNER_CACHE_BYTES if max_bytes is None else max_bytes
+        self._scores: dict[bytes, torch.Tensor] = {}
+        self._bytes = 0
+
+    def __call__(self, histories: Sequence[np.ndarray], event_types: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+        key = _key(histories, event_types)
+        scores = self._scores.get(key)
+        if scores is None:
+            scores = self.score(histories, event_types)
+            if self._bytes + scores.nbytes <= self.max_bytes:
+                self._scores[key] = scores
+                self._bytes += scores.nbytes
+        return scores
+
+
+def _key(*groups: Sequence[np.ndarray] | None) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for arrays in groups:
+        arrays = [] if arrays is None else arrays
+        digest.update(np.fromiter(map(len, arrays), np.int64, len(arrays)).tobytes() + b"|")
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return digest.digest()
 
 
 def standardize_scores(scores: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -31,7 +31,7 @@ from rec_models.models.baselines import (
     tune_content,
     tune_ease,
 )
-from rec_models.models.hybrid import blend, standardize_scores
+from rec_models.models.hybrid import CachedScores, blend, standardize_scores
 from rec_models.models.rerank import MMRReranker
 from rec_models.models.sasrec import (
     DEFAULT_ALPHAS,
@@ -322,6 +322,7 @@ def train_recommender(
             alphas = (init.alpha,)
         else:
             content, window_val = tune_content(val_split, text_embeddings, config.content_windows, config.content_decay)
+    partner = None if content is None else CachedScores(content.score)  # same users every validation
     networks, histories = [], []
     for index in range(config.sasrec_models):
         sasrec_config = dataclasses.replace(config.sasrec(n_items, text_dim, finetune=init is not None),
@@ -330,7 +331,7 @@ def train_recommender(
         network, network_history = train_sasrec(
             split, sasrec_config, text_embeddings if text_dim else None, init_backbone=start,
             max_time_s=config.max_time_s, logger=logger, callbacks=callbacks, users_subset=users_subset, val_split=val_split,
-            progress=progress, blend_with=None if content is None else content.score, alphas=alphas,
+            progress=progress, blend_with=partner, alphas=alphas,
         )
         networks.append(network)
         histories.append(network_history)
@@ -357,7 +358,7 @@ def train_recommender(
     # One network: alpha was chosen with its epoch. An ensemble (or EASE) is blended afterwards,
     # every (alpha, weight) on the same validation scores; a fine-tune keeps the champion's.
     blend_alphas = alphas if (len(networks) > 1 and content is not None) else (model.alpha,)
-    grid = _tune_blend(model, val_split, blend_alphas, weights)
+    grid = _tune_blend(model, val_split, blend_alphas, weights, partner)
     model.alpha, model.ease_weight = max(sorted(grid), key=lambda key: grid[key])  # ties: smaller alpha, weight
     details["blend_val_ndcg@10"] = {f"{a}/{w}": v for (a, w), v in grid.items()}
     history["best_alpha"], history["best_ease_weight"] = model.alpha, model.ease_weight
@@ -375,9 +376,10 @@ def user_sample(split: LeaveLastOutSplit, users: int, seed: int) -> LeaveLastOut
 
 
 def _tune_blend(model: HybridRecommender, split: LeaveLastOutSplit, alphas: Sequence[float],
-                weights: Sequence[float]) -> dict[tuple[float, float], float]:
+                weights: Sequence[float], content_score: Callable | None = None) -> dict[tuple[float, float], float]:
     """Validation NDCG@10 of the model for each (content alpha, EASE weight), all on the same
-    scores, composed exactly as ``HybridRecommender.score`` does."""
+    scores, composed exactly as ``HybridRecommender.score`` does (``content_score``: the content
+    model's scores, if already at hand)."""
     metrics = {(float(a), float(w)): RankingMetrics(model.n_items, 10) for a in alphas for w in weights}
     val, unseen, content = split.val_histories(), model.unseen, model.content()
     size = eval_batch_size(model.n_items)
@@ -386,7 +388,8 @@ def _tune_blend(model: HybridRecommender, split: LeaveLastOutSplit, alphas: Sequ
             batch, types = val.items[start : start + size], val.event_types[start : start + size]
             targets = split.val_targets[start : start + size]
             own = model.sasrec_score(batch, types)
-            second = standardize_scores(content.score(batch, types)) if model.config.blend and content else None
+            second = (standardize_scores((content_score or content.score)(batch, types)) if model.config.blend and content
+                      else None)
             ease = standardize_scores(model.ease.score(batch)) if model.ease is not None else None
             for alpha in sorted({a for a, _ in metrics}):
                 if second is None:
