@@ -1,6 +1,7 @@
 """Tests for the baselines (EASE, content-only), the hybrid blend and MMR re-ranking."""
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -278,6 +279,11 @@ def test_cached_scores_compute_each_set_of_histories_once_within_the_budget():
     small = CachedScores(score, max_bytes=first.nbytes - 1)  # nothing fits: always computed
     small(batch), small(batch)
     assert len(calls) == 5
+    plain = CachedScores(content.score)
+    plain(batch)
+    copy = pickle.loads(pickle.dumps(plain))  # (DDP ranks) an empty cache over the same function
+    assert plain._scores and copy._bytes == 0 and not copy._scores
+    torch.testing.assert_close(copy(batch), first)
 
 
 def test_training_gives_the_same_model_with_and_without_the_partner_cache(monkeypatch, tmp_path):
@@ -288,13 +294,18 @@ def test_training_gives_the_same_model_with_and_without_the_partner_cache(monkey
 
     small = make_bundle(tmp_path / "b", max_epochs=1, ease=False)
     config = RecommenderConfig.from_dict({**small.model.config.to_dict(), "max_epochs": 3, "patience": 3})
-    runs = {}
-    for budget in (hybrid.PARTNER_CACHE_BYTES, 0):
+    calls = []
+    score = ContentRecommender.score
+    monkeypatch.setattr(ContentRecommender, "score", lambda self, *args: calls.append(1) or score(self, *args))
+    runs, counts, default = {}, {}, hybrid.PARTNER_CACHE_BYTES
+    for budget in (default, 0):
         monkeypatch.setattr(hybrid, "PARTNER_CACHE_BYTES", budget)
+        calls.clear()
         full, history = train_recommender(small.split, small.text, config)
         tuned, again = train_recommender(small.split, small.text, config, init=full, users_subset=np.arange(8))
-        runs[budget] = (full, history, tuned, again)
-    (full, history, tuned, again), (full0, history0, tuned0, again0) = runs.values()
+        runs[budget], counts[budget] = (full, history, tuned, again), len(calls)
+    assert counts[default] < counts[0]  # the cache is used ...
+    (full, history, tuned, again), (full0, history0, tuned0, again0) = runs.values()  # ... and changes nothing
     assert len(history["epochs"]) == 3 and history["blend_val_ndcg@10"]
     for a, b in ((history, history0), (again, again0)):
         assert [e["val_hybrid_ndcg@10"] for e in a["epochs"]] == [e["val_hybrid_ndcg@10"] for e in b["epochs"]]

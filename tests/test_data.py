@@ -255,3 +255,7 @@ def test_list_array_and_split_lists_round_trip(lengths):
     back = split_lists(pa.chunked_array([lists]), dtype=np.int32)
     assert [a.tolist() for a in back] == [a.tolist() for a in arrays]
     assert all(a.dtype == np.int32 for a in back)
+    if len(arrays) > 1:  # a slice (offsets not from 0) and several chunks
+        assert [a.tolist() for a in split_lists(lists.slice(1))] == [a.tolist() for a in arrays[1:]]
+        chunked = pa.chunked_array([lists.slice(0, 1), lists.slice(1)])
+        assert [a.tolist() for a in split_lists(chunked)] == [a.tolist() for a in arrays]

@@ -32,6 +32,10 @@ class CachedScores:
         self._scores: dict[bytes, torch.Tensor] = {}
         self._bytes = 0
 
+    def __getstate__(self) -> dict:
+        """Pickled empty (DDP spawns its ranks with pickled copies): each rank fills its own."""
+        return {**self.__dict__, "_scores": {}, "_bytes": 0}
+
     def __call__(self, histories: Sequence[np.ndarray], event_types: Sequence[np.ndarray] | None = None) -> torch.Tensor:
         key = _key(histories, event_types)
         scores = self._scores.get(key)
