@@ -24,7 +24,8 @@ class CachedScores:
     histories scored. For a model that does not change while another trains (the content model
     SASRec is blended with): validation scores the same users every epoch, for each network
     and for the blend tuning, so they are computed once (a fine-tune at 10M events, 100k items:
-    train_candidate 40-42 s -> 33-34 s, the same validation scores). Returns the stored tensor itself: callers must not change it."""
+    train_candidate 40-42 s -> 33-34 s, the same validation scores). Returns the stored tensor
+    itself: callers must not change it (``standardize_scores`` and ``blend`` write new ones)."""
 
     def __init__(self, score: Callable[..., torch.Tensor], max_bytes: int | None = None) -> None:
         self.score = score
