@@ -259,3 +259,18 @@ def test_list_array_and_split_lists_round_trip(lengths):
         assert [a.tolist() for a in split_lists(lists.slice(1))] == [a.tolist() for a in arrays[1:]]
         chunked = pa.chunked_array([lists.slice(0, 1), lists.slice(1)])
         assert [a.tolist() for a in split_lists(chunked)] == [a.tolist() for a in arrays]
+
+
+def test_text_matrix_puts_each_vector_on_its_vocab_row():
+    from rec_pipelines.training import text_matrix
+
+    vocab = ItemVocab(["a", "b", "c"])
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3) + 1
+    for ids, rows in ((["c", "a", "b"], [3, 1, 2]), (["c", "zz", "a"], [3, 0, 1])):  # every id known; one not in the vocab
+        frame = pd.DataFrame({"item_id": ids, "embedding": list(vectors[: len(ids)])})
+        matrix = text_matrix(vocab, frame).numpy()
+        expected = np.zeros((4, 3), np.float32)
+        for vector, row in zip(vectors, rows):
+            if row:
+                expected[row] = vector
+        assert np.array_equal(matrix, expected)
