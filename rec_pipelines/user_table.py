@@ -138,7 +138,7 @@ class UserTable:
         return cls(np.array(table.column("user_id").to_pylist(), dtype=object),
                    split_lists(item_lists, encoded.indices.to_numpy().astype(np.int32, copy=False)),
                    encoded.dictionary.to_numpy(zero_copy_only=False).astype(object),
-                   split_lists(table.column("features").combine_chunks()), table.column("batch_ids").to_pylist(),
+                   split_lists(table.column("features")), table.column("batch_ids").to_pylist(),
                    meta["covered"], meta["batches"], meta.get("flagged"))
 
 
