@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def train_candidate(request: TrainingRequest, data: TrainingData, text: torch.Te
         mode = "full"
     if mode == "incremental":
         try:
-            init = HybridRecommender.load(registry.download_bundle(CHAMPION, dst=Path(tempfile.mkdtemp(prefix="champion-"))))
+            init = registry.load_recommender(CHAMPION)
         except (OSError, KeyError, ValueError, RuntimeError) as error:
             log.warning(f"champion v{champion.version} cannot be fine-tuned ({error}): full retrain instead")
             mode = "full"
@@ -312,13 +311,13 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     trained_items = unique_sorted(np.concatenate(split.train.items)) if len(split.train) else np.zeros(0, np.int64)
     cold = ~np.isin(targets, trained_items)
     bundle = Path(candidate.bundle_dir)
-    if not bundle.exists():  # another process or pod trained it: its scratch is gone, MLflow has the model
-        bundle = registry.download_bundle(model_uri=candidate.model_uri, dst=Path(tempfile.mkdtemp(prefix="candidate-")))
-    models = {"candidate": HybridRecommender.load(bundle)}
+    # another process or pod trained it when its scratch is gone: MLflow has the model
+    models = {"candidate": HybridRecommender.load(bundle) if bundle.exists()
+              else registry.load_recommender(model_uri=candidate.model_uri)}
     champion_version, unloadable = registry.version_by_alias(CHAMPION), None
     if champion_version is not None:
         try:
-            champion = HybridRecommender.load(registry.download_bundle(CHAMPION, dst=Path(tempfile.mkdtemp(prefix="champion-"))))
+            champion = registry.load_recommender(CHAMPION)
             champion.grow(text)
             models["champion"] = champion
         except (OSError, KeyError, ValueError, RuntimeError) as error:  # e.g. registered by an older version

@@ -2,6 +2,7 @@
 Lightning training on a tiny simulated catalog."""
 
 import json
+import tempfile
 
 import dagster as dg
 import pandas as pd
@@ -16,8 +17,11 @@ from rec_pipelines.lake import FeedbackStore
 from rec_pipelines.registry import ModelRegistry
 
 
-def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator):
+def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator, tmp_path, monkeypatch):
     settings = recsys_env
+    scratch = tmp_path / "tmp"  # where the run's temporary files go: downloaded bundles must not stay
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     small_simulator.write_batch(settings.landing_zone, 0)
     defs = load_defs()
     registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root, settings.model_name)
@@ -97,6 +101,8 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator):
         assert float(version.tags["paired.ndcg_diff"]) == pytest.approx(evaluation["paired"]["diff"], abs=1e-5)
         assert registry.version_by_alias("champion").version == (second["version"] if second["promoted"] else first["version"])
         assert json.loads(version.tags["batches"])[-1] == trained.new_batches[0]
+        # the champion bundles the fine-tune and the gate downloaded are gone from the disk
+        assert not list(scratch.rglob("MLmodel"))
 
         # 5. re-running ingests nothing twice
         rows_before = len(store.read("events"))

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mlflow.types.schema import AnyType, Array
 
 import mlflow
 from mlflow import MlflowClient
+from rec_models.models import HybridRecommender
 from rec_models.serving import ENCODER_DIR
 from rec_pipelines.registry.gate import PromotionDecision, metric_key
 from rec_pipelines.settings import artifact_root_uri
@@ -162,6 +164,15 @@ class ModelRegistry:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst) if dst else None))
         flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
         return local / flavor["artifacts"]["bundle"]["path"]
+
+    def load_recommender(self, alias: str = CHAMPION, model_uri: str | None = None) -> HybridRecommender | None:
+        """The recommender behind ``alias`` (None when the alias is not set), or of the logged
+        model ``model_uri``, loaded into memory from a download into a temporary folder that is
+        removed afterwards (a bundle is hundreds of MB at 10M events: one per run would fill
+        the disk)."""
+        with tempfile.TemporaryDirectory(prefix="recsys-bundle-") as folder:
+            bundle = self.download_bundle(alias, dst=Path(folder), model_uri=model_uri)
+            return None if bundle is None else HybridRecommender.load(bundle)
 
 
 class MlflowEpochMetrics(L.Callback):
