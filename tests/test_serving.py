@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
@@ -86,9 +88,13 @@ def popular(bundle: TinyBundle, k: int) -> list[str]:
 
 
 def test_bundle_histories_load_as_written_and_older_bundles_still_load(bundle, recommender, tmp_path):
-    """Histories are written as Arrow lists from one flat array; a bundle whose users table was
-    written by the older writer (a pandas column of Python lists) loads the same histories."""
+    """Histories are written as Arrow lists of narrow integers from one flat array and served
+    as int64; a bundle whose users table was written by the older writer (a pandas column of
+    Python lists of int64) loads the same histories."""
     sequences = bundle.sequences
+    schema = pq.read_schema(bundle.path / USERS_FILE)
+    assert schema.field("items").type.value_type.bit_width < 64 and schema.field("event_types").type.value_type == pa.int8()
+    assert len(recommender.histories) == len(sequences.user_ids) and "nobody" not in recommender.histories
     assert list(recommender.histories) == sequences.user_ids
     for (items, types), want_items, want_types in zip(recommender.histories.values(), sequences.items, sequences.event_types):
         assert items.dtype == types.dtype == np.int64

@@ -17,6 +17,15 @@ def unique_sorted(values) -> np.ndarray:
     return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
 
 
+def narrowest(values: np.ndarray) -> np.ndarray:
+    """Non-negative integers as int8 or int32 when they fit (a quarter or half of int64's
+    memory), anything else unchanged."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu" and len(values) and values.min() >= 0 and values.max() < 2**31:
+        return values.astype(np.int8 if values.max() < 128 else np.int32, copy=False)
+    return values
+
+
 def list_array(values: np.ndarray | pa.Array, lengths: Sequence[int] | np.ndarray) -> pa.Array:
     """An Arrow list array of the flat ``values`` cut into lists of ``lengths``, built from the
     offsets (no Python object per value: at 10M values ~20x faster than a column of

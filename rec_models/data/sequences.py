@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from rec_models.data.arrays import narrowest
 from rec_models.data.schema import (
     DEFAULT_EVENT_WEIGHTS,
     EVENT_TYPE_INDEX,
@@ -141,8 +142,7 @@ class _Packed:
     def __init__(self, arrays: list[np.ndarray]) -> None:
         flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
         self.dtype = flat.dtype.str
-        narrow = flat.dtype.kind in "iu" and len(flat) and flat.min() >= 0 and flat.max() < 2**31
-        self.values = flat.astype(np.int8 if narrow and flat.max() < 128 else np.int32) if narrow else flat
+        self.values = narrowest(flat)
 
     def unpack(self) -> np.ndarray:
         return self.values.astype(self.dtype, copy=False)
