@@ -206,6 +206,16 @@ def test_warm_start_grows_and_trains_only_the_subset(trained):
     # Warm start keeps most of the accuracy after one short epoch.
     assert history["best_val_ndcg@10"] > 0.5 * max(e["val_ndcg@10"] for e in trained[2]["epochs"])
     assert backbone.config.n_items == N_ITEMS  # the initial model is left as it was
+    # One text table, not a copy per network: the fine-tune holds the caller's; loading another
+    # state replaces the table instead of writing into it (the caller's is left as it was).
+    assert fine_tuned.text_embeddings.data_ptr() == text.data_ptr()
+    before = text.clone()
+    state = fine_tuned.state_dict()
+    state["text_embeddings"] = torch.zeros_like(text)
+    fine_tuned.load_state_dict(state)
+    assert torch.equal(text, before) and fine_tuned.text_embeddings.abs().sum() == 0
+    with pytest.raises(ValueError, match="text_embeddings must have shape"):
+        fine_tuned.load_state_dict({**state, "text_embeddings": torch.zeros(3, TEXT_DIM)})
 
 
 def test_early_stopping_stops_patience_epochs_after_the_best(tmp_path, monkeypatch):

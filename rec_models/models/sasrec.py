@@ -104,7 +104,9 @@ class SASRecBackbone(nn.Module):
         self.id_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=0)
         if config.text_dim:
             self._check_text(text_embeddings, config.n_items)
-            self.register_buffer("text_embeddings", text_embeddings.detach().float().clone())
+            # Shared, not copied (150 MB at 100k items, once per network and loaded model):
+            # the table is an input, never written in place (see _load_from_state_dict).
+            self.register_buffer("text_embeddings", text_embeddings.detach().float())
             self.text_projection: nn.Linear | None = nn.Linear(config.text_dim, d)
             nn.init.zeros_(self.id_embedding.weight)
         else:
@@ -140,6 +142,15 @@ class SASRecBackbone(nn.Module):
             raise ValueError("id_dropout needs a text side (text_dim > 0)")
         self.id_embedding.weight.requires_grad_(not config.freeze_ids)
         self._frozen_items: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Loading a state takes its text table instead of writing it into ours, which may be
+        # shared with the caller and other backbones.
+        text = state_dict.get(prefix + "text_embeddings")
+        if self.text_projection is not None and text is not None:
+            self._check_text(text, self.config.n_items)
+            self.text_embeddings = text.detach().float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def freeze_item_table(self) -> None:
         """Compute the item representations and biases once and reuse them in eval mode
@@ -322,7 +333,7 @@ class SASRecBackbone(nn.Module):
             bias[: len(old)] = self.item_bias.detach()
             self.item_bias = nn.Parameter(bias)
         if self.text_projection is not None:
-            self.text_embeddings = new_text_embeddings.detach().float().clone().to(old.device)
+            self.text_embeddings = new_text_embeddings.detach().float().to(old.device)  # shared, as in __init__
         self.config.n_items = n_items
 
 

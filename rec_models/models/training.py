@@ -172,8 +172,7 @@ class _BestEpochTracker(HandoffCallback):
         # Strictly better, like EarlyStopping with min_delta=0.
         if self.best_score is None or float(score) > self.best_score:
             self.best_score = float(score)
-            state = pl_module.backbone.state_dict()
-            self.best_state = {name: value.detach().clone() for name, value in state.items()}
+            self.best_state = snapshot(pl_module.backbone)
             self.best_blend = dict(pl_module.blend_results)
             self.best_own = pl_module.own_val_ndcg
 
@@ -184,9 +183,17 @@ class _BestEpochTracker(HandoffCallback):
         self.epochs.append(record)
 
 
+def snapshot(backbone: SASRecBackbone) -> dict[str, torch.Tensor]:
+    """A copy of the backbone's state to return to later; the text table, an input that
+    training never changes, is referenced rather than copied."""
+    return {name: value if name == "text_embeddings" else value.detach().clone()
+            for name, value in backbone.state_dict().items()}
+
+
 def _warm_start(backbone: SASRecBackbone, init_backbone: SASRecBackbone) -> None:
     """Copy ``init_backbone``'s weights into ``backbone`` (growing its item table if needed)."""
-    source = copy.deepcopy(init_backbone)
+    text = getattr(init_backbone, "text_embeddings", None)
+    source = copy.deepcopy(init_backbone, memo={id(text): text})  # the text table is shared, not copied
     n_items = backbone.config.n_items
     if source.config.n_items != n_items:
         source.grow(getattr(backbone, "text_embeddings", None), n_items=n_items)
@@ -319,7 +326,7 @@ def train_sasrec(
         own, blends = _validation_scores(backbone, data.val_split, blend_with, alphas, ~module.candidate_items.cpu())
         warm_start_score = own
         tracker.best_score = max(blends.values()) if blends else own
-        tracker.best_state = {name: value.detach().clone() for name, value in backbone.state_dict().items()}
+        tracker.best_state = snapshot(backbone)
         tracker.best_blend = blends
         tracker.best_own = own
     early_stopping = EarlyStopping(monitor, mode="max", patience=config.patience)
