@@ -24,6 +24,7 @@ from rec_models.models import (
     save_backbone,
     train_sasrec,
 )
+from rec_models.models.training import SASRecModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models train fastest on one thread
 
@@ -216,6 +217,31 @@ def test_warm_start_grows_and_trains_only_the_subset(trained):
     assert torch.equal(text, before) and fine_tuned.text_embeddings.abs().sum() == 0
     with pytest.raises(ValueError, match="text_embeddings must have shape"):
         fine_tuned.load_state_dict({**state, "text_embeddings": torch.zeros(3, TEXT_DIM)})
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_a_sampled_loss_step_computes_only_the_rows_it_reads():
+    """With a sampled loss a training step builds the item table of the batch's items and its
+    negatives only: the same loss and gradients as from the whole table."""
+    config = small_config(loss="sampled", n_negatives=8, dropout=0.0, item_bias=True, id_dropout=0.3)
+    torch.manual_seed(1)
+    module = SASRecModule(SASRecBackbone(config, text_table()))
+    assert module.compact_item_table
+    items = torch.tensor([[0, 0, 3, 4], [5, 6, 7, 8]])
+    batch = [items, torch.ones_like(items), torch.tensor([[0, 0, 4, 9], [6, 7, 8, 10]])]
+    results = []
+    for compact in (True, False):
+        module.compact_item_table = compact
+        module.zero_grad()
+        torch.manual_seed(2)
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    (compact_loss, compact_grads), (full_loss, full_grads) = results
+    assert torch.allclose(compact_loss, full_loss, atol=1e-6)
+    assert compact_grads.keys() == full_grads.keys() and "backbone.text_projection.weight" in compact_grads
+    for name, grad in full_grads.items():
+        assert torch.allclose(compact_grads[name], grad, atol=1e-6), name
 
 
 def test_early_stopping_stops_patience_epochs_after_the_best(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 # --- losses: (hidden [N, d], targets [N], item_reps [n+1, d], candidates [n+1] bool,
-#              n_negatives) -> scalar. ``candidates`` marks the items allowed in the softmax.
+#              n_negatives, negatives=None) -> scalar. ``candidates`` marks the items allowed in
+#              the softmax; a loss in SAMPLED_LOSSES draws ``negatives`` itself unless given
+#              (indices into item_reps: the trainer may pass a table of only the rows it needs).
 
 
 def full_softmax_loss(
@@ -18,10 +20,17 @@ def full_softmax_loss(
     item_reps: torch.Tensor,
     candidates: torch.Tensor,
     n_negatives: int,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy over all candidate items."""
     logits = (hidden @ item_reps.T).masked_fill(~candidates, -math.inf)
     return F.cross_entropy(logits, targets)
+
+
+def sample_negatives(candidates: torch.Tensor, n_negatives: int) -> torch.Tensor:
+    """``n_negatives`` item indices drawn uniformly (with replacement) from ``candidates``."""
+    pool = candidates.nonzero().squeeze(1)
+    return pool[torch.randint(len(pool), (n_negatives,), device=pool.device)]
 
 
 def sampled_softmax_loss(
@@ -30,13 +39,15 @@ def sampled_softmax_loss(
     item_reps: torch.Tensor,
     candidates: torch.Tensor,
     n_negatives: int,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the target against ``n_negatives`` uniformly sampled candidates.
+    """Cross-entropy of the target against ``n_negatives`` uniformly sampled candidates
+    (``sample_negatives``, unless ``negatives`` are given).
 
     The negatives are shared by the batch; a negative equal to a row's target is ignored.
     """
-    pool = candidates.nonzero().squeeze(1)
-    negatives = pool[torch.randint(len(pool), (n_negatives,), device=pool.device)]
+    if negatives is None:
+        negatives = sample_negatives(candidates, n_negatives)
     positive = (hidden * item_reps[targets]).sum(dim=1, keepdim=True)
     negative = (hidden @ item_reps[negatives].T).masked_fill(
         negatives[None, :] == targets[:, None], -math.inf
@@ -49,3 +60,4 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "ce": full_softmax_loss,
     "sampled": sampled_softmax_loss,
 }
+SAMPLED_LOSSES = {"sampled"}  # losses that read only the targets' and the negatives' rows

@@ -181,27 +181,32 @@ class SASRecBackbone(nn.Module):
             shape = None if text_embeddings is None else tuple(text_embeddings.shape)
             raise ValueError(f"text_embeddings must have shape {expected}, got {shape}")
 
-    def item_representations(self, drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """[n_items + 1, d]: ID embedding + projected text embedding (row 0 = padding).
+    def item_representations(self, drop_ids: torch.Tensor | None = None,
+                             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_items + 1, d]: ID embedding + projected text embedding (row 0 = padding); only
+        the items ``rows`` ([R] indices) when given.
 
         Items marked in ``drop_ids`` (bool [n_items + 1]) are represented by their text alone,
         as if never seen in training (ID dropout).
         """
-        reps = self.id_embedding.weight
+        reps = self.id_embedding.weight if rows is None else self.id_embedding(rows)
         if drop_ids is not None:
-            reps = reps * ~drop_ids[:, None]
+            reps = reps * ~(drop_ids if rows is None else drop_ids[rows])[:, None]
         if self.text_projection is not None:
-            reps = reps + self.text_projection(self.text_embeddings)
+            reps = reps + self.text_projection(self.text_embeddings if rows is None else self.text_embeddings[rows])
         return reps
 
-    def item_biases(self, drop_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """[n_items + 1] score offsets: learned per-item bias (not for ``drop_ids``) + the
-        text part; None without ``item_bias``."""
+    def item_biases(self, drop_ids: torch.Tensor | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[n_items + 1] score offsets (or those of ``rows``): learned per-item bias (not for
+        ``drop_ids``) + the text part; None without ``item_bias``."""
         if self.item_bias is None:
             return None
-        bias = self.item_bias if drop_ids is None else self.item_bias * ~drop_ids
+        bias = self.item_bias if rows is None else self.item_bias[rows]
+        if drop_ids is not None:
+            bias = bias * ~(drop_ids if rows is None else drop_ids[rows])
         if self.text_bias is not None:
-            bias = bias + self.text_bias(self.text_embeddings).squeeze(1)
+            bias = bias + self.text_bias(self.text_embeddings if rows is None else self.text_embeddings[rows]).squeeze(1)
         return bias
 
     def output_layer(

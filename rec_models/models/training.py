@@ -30,7 +30,7 @@ from rec_models.models.distributed import (
     restored_environment,
 )
 from rec_models.models.hybrid import blend, standardize_scores
-from rec_models.models.losses import LOSSES
+from rec_models.models.losses import LOSSES, SAMPLED_LOSSES, sample_negatives
 from rec_models.models.sasrec import (
     DEFAULT_ALPHAS,
     HYBRID_MONITOR,
@@ -74,19 +74,38 @@ class SASRecModule(L.LightningModule):
         self.blend_results: dict[float, float] = {}
         self.own_val_ndcg: float | None = None
         self.sequences_seen = 0
+        # A sampled loss reads the rows of the batch's items and its negatives only: the step
+        # computes those rows of the item table, not all of them (at 100k items 0.13 -> 0.02 s
+        # of a 0.18 s step); the negatives are drawn as the loss would draw them.
+        self.compact_item_table = self.config.loss in SAMPLED_LOSSES
+
+    def _step_rows(self, items: torch.Tensor, targets: torch.Tensor):
+        """``(items, targets, rows, negatives)``: ``rows`` the sorted distinct item indices the
+        batch and a draw of negatives name (with 0, so that local 0 is still padding), the
+        others renumbered into it."""
+        negatives = sample_negatives(self.candidate_items, self.config.n_negatives)
+        padding = torch.zeros(1, dtype=items.dtype, device=items.device)
+        rows, local = torch.unique(torch.cat([padding, items.flatten(), targets, negatives]), return_inverse=True)
+        start = 1 + items.numel()
+        return (local[1:start].view_as(items), local[start:start + len(targets)], rows,
+                local[start + len(targets):])
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         items, event_types, targets = batch
         drop_ids = None
         if self.config.id_dropout > 0:
             drop_ids = torch.rand(len(self.candidate_items), device=self.device) < self.config.id_dropout
-        item_reps = self.backbone.item_representations(drop_ids)
-        hidden = self.backbone(items, event_types, item_reps)
         counted = targets > 0
+        targets, rows, negatives = targets[counted], None, None
+        if self.compact_item_table:
+            items, targets, rows, negatives = self._step_rows(items, targets)
+        item_reps = self.backbone.item_representations(drop_ids, rows)
+        hidden = self.backbone(items, event_types, item_reps)
         hidden, outputs = self.backbone.output_layer(
-            hidden[counted], item_reps, self.backbone.item_biases(drop_ids)
+            hidden[counted], item_reps, self.backbone.item_biases(drop_ids, rows)
         )
-        loss = self.loss_fn(hidden, targets[counted], outputs, self.candidate_items, self.config.n_negatives)
+        loss = self.loss_fn(hidden, targets, outputs, self.candidate_items, self.config.n_negatives,
+                            negatives=negatives)
         self.sequences_seen += len(items)
         self.log(  # the mean over the ranks' losses with DDP
             "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(items), sync_dist=True
