@@ -83,11 +83,11 @@ class SequenceDataModule(L.LightningDataModule):
 
     def candidate_items(self) -> torch.Tensor:
         """Bool [n_items + 1]: items occurring in any user's training sequence."""
-        seen = torch.zeros(self.config.n_items + 1, dtype=torch.bool)
-        for items in self.split.train.items:
-            seen[torch.from_numpy(items)] = True
+        seen = np.zeros(self.config.n_items + 1, dtype=bool)
+        if len(self.split.train):  # one flat index, not one per user (250k users: 0.9 -> 0.05 s)
+            seen[np.concatenate(self.split.train.items)] = True
         seen[0] = False
-        return seen
+        return torch.from_numpy(seen)
 
     def setup(self, stage: str | None = None) -> None:
         train = self.split.train
