@@ -1,5 +1,8 @@
 """The promotion gate and the registry aliases, on a real MLflow store in a temp dir."""
 
+import gc
+import weakref
+
 import pytest
 
 import mlflow
@@ -75,3 +78,25 @@ def test_aliases_move_only_on_promotion(tmp_path):
     assert promoted.tags["previous_champion"] == str(v1.version)
     experiment = registry.client.get_experiment_by_name("demo-model")
     assert experiment.artifact_location.startswith((tmp_path / "artifacts").as_uri())
+
+
+def test_logging_the_recommender_checks_its_example_and_keeps_no_loaded_copy(tmp_path, monkeypatch):
+    """MLflow loads the logged model once to serve the input example; nothing keeps that copy
+    afterwards (at 10M events it is 0.7 GB the training run would carry to its end)."""
+    from test_serving import make_bundle
+
+    from rec_models.serving import Recommender, example_request
+
+    bundle = make_bundle(tmp_path / "bundle", max_epochs=0)
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", "demo-model")
+    loaded, original = [], Recommender.__init__
+
+    def tracked(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        loaded.append(weakref.ref(self))
+
+    monkeypatch.setattr(Recommender, "__init__", tracked)
+    with registry.start_run("r"):
+        registry.log_recommender(bundle.path, example_request(bundle.sequences.user_ids[:2], bundle.vocab.ids[:2]))
+    gc.collect()
+    assert len(loaded) == 1 and loaded[0]() is None
