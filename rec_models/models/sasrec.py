@@ -149,7 +149,7 @@ class SASRecBackbone(nn.Module):
         text = state_dict.get(prefix + "text_embeddings")
         if self.text_projection is not None and text is not None:
             self._check_text(text, self.config.n_items)
-            self.text_embeddings = text.detach().float()
+            self.text_embeddings = text.detach().to(self.id_embedding.weight.device, torch.float32)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def freeze_item_table(self) -> None:

@@ -107,6 +107,9 @@ class StoredHistories(Mapping):
         start, end = self._offsets[row], self._offsets[row + 1]
         return self._items[start:end].astype(np.int64), self._types[start:end].astype(np.int64)
 
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._rows
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._rows)
 

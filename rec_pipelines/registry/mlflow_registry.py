@@ -104,20 +104,21 @@ class ModelRegistry:
         Models-from-code: the model is ``rec_models/pyfunc_model.py`` and the ``rec_models``
         package travels in ``code_paths``, so loading it needs only the pip requirements,
         not this project."""
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(MODEL_CODE),
-            code_paths=[str(MODEL_PACKAGE)],
-            artifacts={"bundle": str(bundle_dir)},
-            signature=SIGNATURE,
-            input_example=input_example,
-            pip_requirements=pip_requirements(text_encoder=(Path(bundle_dir) / ENCODER_DIR).is_dir()),
-        )
-        # MLflow keeps the last models-from-code object it ran in a module global: here the
-        # served model it loaded to check the input example (0.7 GB at 10M events), which the
-        # run that trained it would otherwise carry to its end.
-        mlflow.models.model.__mlflow_model__ = None
-        return info
+        try:
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                code_paths=[str(MODEL_PACKAGE)],
+                artifacts={"bundle": str(bundle_dir)},
+                signature=SIGNATURE,
+                input_example=input_example,
+                pip_requirements=pip_requirements(text_encoder=(Path(bundle_dir) / ENCODER_DIR).is_dir()),
+            )
+        finally:
+            # MLflow keeps the last models-from-code object it ran in a module global: here the
+            # served model it loaded to check the input example (0.7 GB at 10M events), which
+            # the run that trained it would otherwise carry to its end.
+            mlflow.models.model.__mlflow_model__ = None
 
     def version_by_alias(self, alias: str):
         try:
