@@ -301,6 +301,40 @@ def test_training_windows_count_every_target_once():
     assert targets[7, -2:].tolist() == [0, 8]
 
 
+def test_training_batches_are_built_from_the_sequences_in_the_order_of_a_shuffled_loader():
+    """The data module builds each batch from the sequences when asked: the same windows, in
+    the same shuffled order, as a loader over all windows materialised (what it replaced), and
+    under DDP Lightning still reaches the DistributedSampler to reshuffle every epoch."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from rec_models.models.data_module import SequenceDataModule
+
+    split = cycle_split(n_users=40)
+    config = small_config(batch_size=16)
+    module = SequenceDataModule(split, config)
+    module.setup("fit")
+    everything = TensorDataset(*(torch.from_numpy(a) for a in build_training_windows(
+        split.train.items, split.train.event_types, config.max_len)))
+    assert len(module.train_windows) == len(everything) > 16
+    torch.manual_seed(7)
+    built = list(module.train_dataloader())
+    torch.manual_seed(7)
+    materialised = list(DataLoader(everything, batch_size=16, shuffle=True))
+    assert len(built) == len(materialised)
+    for ours, theirs in zip(built, materialised):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+    class TwoRanks:
+        world_size, global_rank = 2, 0
+    module.trainer = TwoRanks()
+    loader = module.train_dataloader()
+    sampler = loader.batch_sampler.sampler
+    assert isinstance(sampler, DistributedSampler) and loader.batch_sampler.batch_size == 8
+    _set_sampler_epoch(loader, 3)
+    assert sampler.epoch == 3
+
+
 def test_sampled_loss_ignores_accidental_hits():
     hidden = torch.randn(4, 8)
     item_reps = torch.randn(6, 8)

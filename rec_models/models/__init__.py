@@ -10,7 +10,7 @@ from rec_models.models.baselines import (
     tune_content,
     tune_ease,
 )
-from rec_models.models.data_module import build_training_windows
+from rec_models.models.data_module import TrainingWindows, build_training_windows
 from rec_models.models.hybrid import (
     HybridScorer,
     blend,
@@ -44,7 +44,7 @@ from rec_models.models.training import (
 )
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_EASE_LAMBDAS", "LOSSES", "RATING_FEATURE_OFFSET", "binary_matrix",
-           "build_training_windows", "sampled_softmax_loss", "DEFAULT_EVENT_TYPE", "EASE", "ContentRecommender", "HybridRecommender", "HybridScorer", "MMRReranker",
+           "build_training_windows", "TrainingWindows", "sampled_softmax_loss", "DEFAULT_EVENT_TYPE", "EASE", "ContentRecommender", "HybridRecommender", "HybridScorer", "MMRReranker",
            "RecommenderConfig", "SASRecBackbone", "SASRecConfig", "blend", "event_features", "left_pad",
            "load_backbone", "recommend", "save_backbone", "standardize_scores", "svd_item_factors", "train_recommender",
            "train_sasrec", "training_counts", "tune_content", "tune_ease", "tune_hybrid", "user_sample"]

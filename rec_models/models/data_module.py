@@ -1,5 +1,5 @@
-"""Training windows (half-overlapping, every position a target once) and the
-``LightningDataModule`` that serves them, with the validation users."""
+"""Training windows (half-overlapping, every position a target once), built batch by batch,
+and the ``LightningDataModule`` that serves them, with the validation users."""
 
 from __future__ import annotations
 
@@ -8,12 +8,71 @@ from collections.abc import Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from rec_models.data import LeaveLastOutSplit
+from rec_models.data.arrays import narrowest
 from rec_models.evaluation import eval_batch_size
 from rec_models.models.distributed import train_sampler
 from rec_models.models.sasrec import SASRecConfig
+
+
+class TrainingWindows(Dataset):
+    """Half-overlapping training windows of sequences, built batch by batch.
+
+    A sequence of n + 1 items gives n (input, next item) pairs. Windows of ``max_len`` pairs
+    end at n, n - max_len // 2, ... until one starts at the first pair; rows are left-padded.
+    Each target is counted in exactly one window (elsewhere its target is 0 = ignored): in the
+    window where it has most context, i.e. a window's last ``max_len // 2`` positions, or all
+    positions of the earliest window.
+
+    Only the sequences (one flat array, as narrow as the values allow) and three numbers per
+    window are held; a batch's rows are built when the loader asks for them, so the memory of
+    training does not grow with ``max_len`` x the windows (at 10M events the three int64 arrays of all
+    windows took ~0.3 GB per network, twice that while built). ``__getitems__`` (what a
+    ``DataLoader`` calls with a batch of window positions) builds the batch in one vectorised
+    pass: three int64 tensors [len(indices), max_len], input items, input event types, targets.
+    """
+
+    def __init__(self, items: Sequence[np.ndarray], event_types: Sequence[np.ndarray], max_len: int) -> None:
+        lengths = np.fromiter((len(s) for s in items), dtype=np.int64, count=len(items))
+        if not np.array_equal(lengths, [len(t) for t in event_types]):
+            raise ValueError("items and event_types differ in length for some sequence")
+        self.max_len = max_len
+        self.items = narrowest(np.concatenate(items)) if len(items) else np.zeros(0, dtype=np.int8)
+        self.event_types = narrowest(np.concatenate(event_types)) if len(items) else np.zeros(0, dtype=np.int8)
+        stride = max(max_len // 2, 1)
+        pairs = np.maximum(lengths - 1, 0)
+        # Windows per sequence: one for n <= max_len pairs, then one more per stride (or part).
+        counts = np.where(pairs > max_len, 1 + -(-(pairs - max_len) // stride), (pairs > 0).astype(np.int64))
+        sequence = np.repeat(np.arange(len(items)), counts)
+        first = np.cumsum(counts) - counts
+        rank = np.arange(len(sequence)) - np.repeat(first, counts)  # 0 = the window ending at n
+        end = pairs[sequence] - rank * stride
+        start = np.maximum(end - max_len, 0)
+        offsets = np.cumsum(lengths) - lengths
+        self.start = narrowest(offsets[sequence] + start)  # of the window's first input in self.items
+        self.width = narrowest(end - start)
+        self.counted = narrowest(np.where(start == 0, end - start, np.minimum(stride, end - start)))
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(t[0] for t in self.__getitems__([index]))
+
+    def __getitems__(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        start, width, counted = (a[indices].astype(np.int64)[:, None] for a in (self.start, self.width, self.counted))
+        column = np.arange(self.max_len)
+        offset = column - (self.max_len - width)  # position in the window's slice; < 0: padding
+        flat = start + np.maximum(offset, 0)
+        real = offset >= 0
+        counted_here = column >= self.max_len - counted
+        items = np.where(real, self.items[flat], 0)
+        types = np.where(real, self.event_types[flat], 0)
+        targets = np.where(counted_here, self.items[np.minimum(flat + 1, len(self.items) - 1)], 0)
+        return tuple(torch.from_numpy(a.astype(np.int64)) for a in (items, types, targets))
 
 
 def build_training_windows(
@@ -21,38 +80,15 @@ def build_training_windows(
     event_types: Sequence[np.ndarray],
     max_len: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-overlapping training windows: (input items, input types, targets), each [W, max_len].
+    """All training windows of ``TrainingWindows`` at once: (input items, input types, targets),
+    each int64 [W, max_len], in sequence order and, per sequence, from the latest window back."""
+    windows = TrainingWindows(items, event_types, max_len)
+    return tuple(a.numpy() for a in windows.__getitems__(np.arange(len(windows))))
 
-    A sequence of n + 1 items gives n (input, next item) pairs. Windows of ``max_len`` pairs
-    end at n, n - max_len // 2, ... until one starts at the first pair; rows are left-padded.
-    Each target is counted in exactly one window (elsewhere its target is 0 = ignored): in the
-    window where it has most context, i.e. a window's last ``max_len // 2`` positions, or all
-    positions of the earliest window.
-    """
-    stride = max(max_len // 2, 1)
-    window_items, window_types, window_targets = [], [], []
-    for seq, types in zip(items, event_types):
-        end = len(seq) - 1
-        while end > 0:
-            start = max(end - max_len, 0)
-            counted_from = start if start == 0 else end - stride
-            width = end - start
-            row_items = np.zeros(max_len, dtype=np.int64)
-            row_types = np.zeros(max_len, dtype=np.int64)
-            row_targets = np.zeros(max_len, dtype=np.int64)
-            row_items[max_len - width :] = seq[start:end]
-            row_types[max_len - width :] = types[start:end]
-            row_targets[max_len - (end - counted_from) :] = seq[counted_from + 1 : end + 1]
-            window_items.append(row_items)
-            window_types.append(row_types)
-            window_targets.append(row_targets)
-            if start == 0:
-                break
-            end -= stride
-    if not window_items:
-        empty = np.zeros((0, max_len), dtype=np.int64)
-        return empty, empty.copy(), empty.copy()
-    return np.stack(window_items), np.stack(window_types), np.stack(window_targets)
+
+def _as_built(batch):
+    """The loader's collate: ``TrainingWindows.__getitems__`` already returns the batch."""
+    return batch
 
 
 class SequenceDataModule(L.LightningDataModule):
@@ -79,7 +115,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.val_split = val_split if val_split is not None else split
         self.config = config
         self.users_subset = users_subset
-        self.train_windows: TensorDataset | None = None
+        self.train_windows: TrainingWindows | None = None
 
     def candidate_items(self) -> torch.Tensor:
         """Bool [n_items + 1]: items occurring in any user's training sequence."""
@@ -93,19 +129,22 @@ class SequenceDataModule(L.LightningDataModule):
         train = self.split.train
         if self.users_subset is not None:
             train = train.subset(self.users_subset)
-        arrays = build_training_windows(train.items, train.event_types, self.config.max_len)
-        if len(arrays[0]) == 0:
+        self.train_windows = TrainingWindows(train.items, train.event_types, self.config.max_len)
+        if len(self.train_windows) == 0:
             raise ValueError("no training windows: every training sequence is shorter than 2")
-        self.train_windows = TensorDataset(*(torch.from_numpy(a) for a in arrays))
 
     def train_dataloader(self) -> DataLoader:
         """``config.batch_size`` windows per step: with N processes, ``batch_size // N`` each
         (the optimisation, and so the model, does not depend on the number of devices)."""
         sampler = train_sampler(self.train_windows, self.trainer, self.config.seed)
-        if sampler is None:
-            return DataLoader(self.train_windows, batch_size=self.config.batch_size, shuffle=True)
-        batch_size = max(1, self.config.batch_size // sampler.num_replicas)
-        return DataLoader(self.train_windows, batch_size=batch_size, sampler=sampler)
+        if sampler is None:  # the order of ``shuffle=True``: the same windows per step as before
+            sampler, batch_size = RandomSampler(self.train_windows), self.config.batch_size
+        else:
+            batch_size = max(1, self.config.batch_size // sampler.num_replicas)
+        # Each step asks the dataset for its whole batch (one vectorised build, nothing to collate);
+        # Lightning finds a DistributedSampler under the batch sampler and sets its epoch.
+        batches = BatchSampler(sampler, batch_size, drop_last=False)
+        return DataLoader(self.train_windows, batch_sampler=batches, collate_fn=_as_built)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
