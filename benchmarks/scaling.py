@@ -5,7 +5,7 @@
         [--text-model PATH | --tiny-text] [--sensor-interval 5] [--max-rss-gb G] [--out FILE] [--keep]
         [--data DIR [--generate-only]]
 
-Per size, in a fresh temp home (nothing of yours is touched), three worker processes in turn:
+Per size, in a fresh temp home (nothing of yours is touched), four worker processes in turn:
 
 1. generate (not timed): a simulator history of ~SIZE events (SIZE / 40 users of 40 events on
    average; 3k items up to 100k events, then log-linearly to 100k items at 10M) in JSON Lines
@@ -14,17 +14,18 @@ Per size, in a fresh temp home (nothing of yours is touched), three worker proce
    (200 users x 10 events + 25 new items each, whatever the size); with ``--data DIR`` they are
    kept in ``DIR/SIZE-Nmb`` (N micro-batches) and the next run with the same ``--data`` and ``--microbatches`` reuses
    them (10M takes about half an hour to generate here); ``--generate-only`` stops after this;
-2. train: ``FeedbackStore.ingest`` + ``validate_pending`` of it all (``ingest_rows_per_s``; the
-   GE suite timed apart), then ``full_retrain_job`` in process (nothing new to ingest), SASRec
-   capped by ``--cap-s`` (``max_time_s`` per network) and ``--max-epochs``:
+2. ingest: ``FeedbackStore.ingest`` + ``validate_pending`` of it all (``ingest_rows_per_s``; the
+   GE suite timed apart);
+3. train: ``full_retrain_job`` (nothing new to ingest) as ``dagster job execute`` runs it, in its
+   own process, SASRec capped by ``--cap-s`` (``max_time_s`` per network) and ``--max-epochs``:
    ``full_retrain_windows_per_s`` is its ``sequences_per_s`` (training windows/s, first network);
-3. microbatch: the real ``dagster-daemon`` (sensor, queued runs); each micro-batch is moved into
+4. microbatch: the real ``dagster-daemon`` (sensor, queued runs); each micro-batch is moved into
    the landing zone and ``microbatch_s`` (median) runs from the drop to a new model version with
    a ``promotion.decision`` (the champion alias moved, or rejected) in the MLflow registry.
 
 ``stage_s``: the ingest parts, the full retrain's steps, and per micro-batch the run's sensor and
 queue delays and steps. ``peak_rss_mb``: peak of the summed RSS of this process and all its
-descendants (worker, daemon, code server, run workers; /proc every 0.5 s) in phases 2-3;
+descendants (worker, daemon, code server, run workers; /proc every 0.5 s) in phases 2-4;
 ``peak_pss_mb`` counts shared pages once. A stage past its timeout or a PSS above
 ``--max-rss-gb`` is stopped and said in ``status``; the next size still runs. The last line is
 one JSON object, a list per field aligned with ``sizes``.
@@ -162,14 +163,10 @@ def step_seconds(instance, run_id: str) -> dict:
             if s.start_time and s.end_time}
 
 
-def train(home: Path, spec: dict, stage, out: dict) -> None:
-    settings, registry = environment(home, spec)
-    import dagster as dg
-
-    from rec_pipelines.definitions import defs as load_defs
+def ingest(home: Path, spec: dict, stage, out: dict) -> None:
+    settings, _ = environment(home, spec)
     from rec_pipelines.lake import FeedbackStore
     from rec_pipelines.lake.validation import GE_MAX_ROWS, run_expectations
-    from rec_pipelines.registry import CHAMPION
 
     stage("ingest")
     store = FeedbackStore.from_settings(settings, settings.landing_zone)
@@ -182,19 +179,34 @@ def train(home: Path, spec: dict, stage, out: dict) -> None:
                rows_valid=sum(a["rows_valid"] for a in accounts), ge_success=bool(suite.success))
     out["stage_s"] = {"ingest": {"ingest": round(t1 - t0, 2), "validate": round(t2 - t1, 2), "ge": round(t3 - t2, 2)}}
 
+
+def train(home: Path, spec: dict, stage, out: dict) -> None:
+    """The full retrain in its own process, as ``dagster job execute`` runs it (the job's
+    in-process executor, outputs through the IO manager, as in a launched run's worker)."""
+    settings, registry = environment(home, spec)
+    import dagster as dg
+
+    from rec_pipelines.registry import CHAMPION
+
     stage("full_retrain")
     config = {"mode": "full", "max_time_s": spec["cap_s"], "model": spec["model"],
               **({"max_epochs": spec["max_epochs"]} if spec["max_epochs"] else {})}
     run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}, "ops": {"candidate_model": {"config": config}}}
+    (home / "full_retrain.yaml").write_text(json.dumps(run_config))  # JSON is YAML
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "rec_pipelines.definitions",
+                    "-j", "full_retrain_job", "-c", str(home / "full_retrain.yaml")],
+                   stdout=open(home / "full_retrain.log", "w"), stderr=subprocess.STDOUT, check=True)
+    out["full_retrain_s"] = round(time.perf_counter() - started, 1)
     with dg.DagsterInstance.get() as instance:
-        started = time.perf_counter()
-        result = load_defs().resolve_job_def("full_retrain_job").execute_in_process(instance=instance, run_config=run_config)
-        out["full_retrain_s"] = round(time.perf_counter() - started, 1)
-        out["stage_s"]["full_retrain"] = step_seconds(instance, result.run_id)
-    history = result.output_for_node("candidate_model").history
-    out.update(full_retrain_windows_per_s=round(history["sequences_per_s"], 1), full_retrain_stopped_by=history["stopped_by"],
-               full_retrain_train_s=round(history["train_s"], 1), full_retrain_networks=history.get("networks"),
-               full_retrain_windows_per_epoch=history.get("n_windows"), champion=registry.version_by_alias(CHAMPION).version)
+        record = instance.get_run_records(dg.RunsFilter(job_name="full_retrain_job"), limit=1)[0]
+        out["stage_s"] = {"full_retrain": step_seconds(instance, record.dagster_run.run_id)}
+        event = instance.get_latest_materialization_event(dg.AssetKey("candidate_model"))
+        meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    out.update(full_retrain_windows_per_s=round(meta["sequences_per_s"], 1), full_retrain_stopped_by=meta["stopped_by"],
+               full_retrain_train_s=round(meta["train_s"], 1), full_retrain_networks=meta.get("networks"),
+               full_retrain_windows_per_epoch=meta.get("windows_per_epoch"),
+               champion=registry.version_by_alias(CHAMPION).version)
 
 
 def microbatches(home: Path, spec: dict, stage, out: dict) -> None:
@@ -254,7 +266,7 @@ def microbatches(home: Path, spec: dict, stage, out: dict) -> None:
         stop_processes((daemon,), grace_s=20)
 
 
-PHASES = {"generate": generate, "train": train, "microbatch": microbatches}
+PHASES = {"generate": generate, "ingest": ingest, "train": train, "microbatch": microbatches}
 
 
 def worker(phase: str, home: Path) -> int:
@@ -291,7 +303,8 @@ def copy_generated(source: Path, target: Path) -> None:
 
 def run_size(label: str, args: argparse.Namespace) -> dict:
     size, home = parse_size(label), Path(tempfile.mkdtemp(prefix=f"recsys-scaling-{label}-"))
-    timeouts = {"generate": args.gen_timeout_s, "train": args.stage_timeout_s, "microbatch": args.microbatch_timeout_s}
+    timeouts = {"generate": args.gen_timeout_s, "ingest": args.stage_timeout_s, "train": args.stage_timeout_s,
+                "microbatch": args.microbatch_timeout_s}
     (home / "spec.json").write_text(json.dumps({**vars(args), "size": size, "model": json.loads(args.model)}, default=str))
     print(f"== {label}: {world(size)} in {home}", flush=True)
     row: dict = {"size": label, "stage_s": {}, "peak_rss_mb_by_stage": {}, "status": "ok", "peak_rss_mb": 0, "peak_pss_mb": 0}

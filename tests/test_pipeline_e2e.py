@@ -85,6 +85,10 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator, tmp_path
         trained = micro.output_for_node("candidate_model")
         assert trained.mode == "incremental" and trained.parent_version == first["version"]
         assert len(trained.new_batches) == 1 and trained.new_batches[0].startswith("events-00001")
+        meta = next(e for e in micro.get_asset_materialization_events()
+                    if e.asset_key == dg.AssetKey("candidate_model")).materialization.metadata
+        assert [n["epochs"] for n in meta["networks"].value] == [n["epochs"] for n in trained.history["networks"]]
+        assert meta["windows_per_epoch"].value == trained.history["n_windows"] > 0
         second = micro.output_for_node("champion_model")
         version = registry.client.get_model_version(settings.model_name, second["version"])
         # The gate compared the fine-tune with the champion on the same users and says so.

@@ -134,6 +134,9 @@ def candidate_model(
             "warm_start_val_ndcg@10": float(history["warm_start_val_ndcg@10"] or float("nan")),
             "train_s": float(history["train_s"]),
             "sequences_per_s": float(history["sequences_per_s"]),
+            "windows_per_epoch": int(history.get("n_windows", 0)),
+            "networks": dg.MetadataValue.json([{k: v if isinstance(v, (str, int)) else float(v) for k, v in n.items()}
+                                               for n in history["networks"]]),
             "new_batches": dg.MetadataValue.json(trained.new_batches),
             "config": dg.MetadataValue.json(model_config.to_dict()),
             "training_curves": dg.MetadataValue.md(figure_to_md(curves, alt="training curves")),
