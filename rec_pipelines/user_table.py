@@ -7,7 +7,8 @@ from the lake filtered to those users), with the same functions a full build use
 table after any sequence of updates equals the table built from all batches at once
 (``tests/test_user_table.py``); everyone else is kept as stored. A batch that left the
 validated events after the table covered it (rejected after the fact) makes the next update a
-full rebuild. ``training_data_from`` then maps the table onto the append-only item vocabulary
+full rebuild, and so does a covered batch validated again (``FeedbackStore.revalidate``: its
+``validated_at`` changed). ``training_data_from`` then maps the table onto the append-only item vocabulary
 and the leave-last-out split, without the excluded (bot-like) users. In memory, item ids are
 codes into one array of the distinct ids (no Python string per row: at 10M events the table
 loads in 1.9 s instead of 2.1 s and 0.7 GB instead of 1.25, and maps onto the vocabulary in
@@ -19,7 +20,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,15 @@ class UserTable:
     covered: list[str]  # the validated batches the table holds, in ingestion order
     batches: list[str]  # ... those with at least one row
     flagged: list[str] | None = None  # users a flag function marked (bot-like), kept with the rows; None: not run
+    covered_at: list[float] = field(default_factory=list)  # when each covered batch was validated ([]: not known)
 
     @classmethod
-    def build(cls, events: pd.DataFrame, covered: list[str], flag_users: Callable | None = None) -> UserTable:
+    def build(cls, events: pd.DataFrame, covered: list[str], flag_users: Callable | None = None,
+              covered_at: list[float] = ()) -> UserTable:
         """The table of ``events`` (validated rows in ingestion order, ``TRAINING_COLUMNS``)."""
         flagged = None if flag_users is None else sorted(set(flag_users(events)) if len(events) else set())
-        return cls(*_per_user(events), list(covered), list(dict.fromkeys(events["batch_id"].astype(str))), flagged)
+        return cls(*_per_user(events), list(covered), list(dict.fromkeys(events["batch_id"].astype(str))), flagged,
+                   list(covered_at))
 
     def item_ids(self, position: int) -> np.ndarray:
         """The item ids of the user at ``position``, in sequence order."""
@@ -83,10 +87,13 @@ class UserTable:
         """This table with the batches of ``events`` it does not cover yet, and what it did.
         ``flag_users`` (rows -> user ids) runs on every row of each rebuilt user; its marks
         are kept with the table, the rebuilt users' replaced."""
-        current = list(events.batches)
-        # Rebuild when a covered batch was rejected, or to flag everyone once (never flagged).
-        if current[: len(self.covered)] != self.covered or (flag_users is not None and self.flagged is None):
-            return UserTable.build(events.read(TRAINING_COLUMNS), current, flag_users), {"table_update": "rebuilt"}
+        current, current_at = list(events.batches), list(events.validated_at)
+        covered = len(self.covered)
+        # Rebuild when a covered batch was rejected or validated again, or to flag everyone once (never flagged).
+        if (current[:covered] != self.covered or (self.covered_at and current_at[:covered] != self.covered_at)
+                or (flag_users is not None and self.flagged is None)):
+            return (UserTable.build(events.read(TRAINING_COLUMNS), current, flag_users, current_at),
+                    {"table_update": "rebuilt"})
         new = current[len(self.covered):]
         if not new:
             return self, {"table_update": "unchanged", "table_users_rebuilt": 0}
@@ -105,7 +112,7 @@ class UserTable:
         pick = lambda old, rebuilt: [(old[keep[i]] if i < len(keep) else rebuilt[i - len(keep)]) for i in order]  # noqa: E731
         table = UserTable(user_ids[order], pick(self.item_codes, codes), np.concatenate([self.items, items[added]]),
                           pick(self.features, features), pick(self.batch_ids, batch_ids), current,
-                          self.batches + list(dict.fromkeys(fresh["batch_id"].astype(str))), flagged)
+                          self.batches + list(dict.fromkeys(fresh["batch_id"].astype(str))), flagged, current_at)
         return table, {"table_update": "incremental", "table_users_rebuilt": len(affected),
                        "table_new_batches": len(new)}
 
@@ -120,7 +127,7 @@ class UserTable:
             "batch_ids": pa.array(self.batch_ids, pa.list_(pa.string())),
         }).replace_schema_metadata({"recsys": json.dumps(
             {"format": TABLE_FORMAT, "definition": DEFINITION, "covered": self.covered, "batches": self.batches,
-             "flagged": self.flagged})})
+             "flagged": self.flagged, "covered_at": self.covered_at})})
         write_arrow_atomic(table, path)
 
     @classmethod
@@ -139,7 +146,7 @@ class UserTable:
                    split_lists(item_lists, encoded.indices.to_numpy().astype(np.int32, copy=False)),
                    encoded.dictionary.to_numpy(zero_copy_only=False).astype(object),
                    split_lists(table.column("features")), table.column("batch_ids").to_pylist(),
-                   meta["covered"], meta["batches"], meta.get("flagged"))
+                   meta["covered"], meta["batches"], meta.get("flagged"), meta.get("covered_at", []))
 
 
 def update_user_table(path, events: ValidatedEvents,
@@ -151,7 +158,8 @@ def update_user_table(path, events: ValidatedEvents,
     them (empty without ``flag_users``)."""
     stored = UserTable.load(path)
     if stored is None:
-        table, stats = UserTable.build(events.read(TRAINING_COLUMNS), list(events.batches), flag_users), {"table_update": "built"}
+        table = UserTable.build(events.read(TRAINING_COLUMNS), list(events.batches), flag_users, events.validated_at)
+        stats = {"table_update": "built"}
     else:
         table, stats = stored.updated(events, flag_users)
     if stats["table_update"] != "unchanged":

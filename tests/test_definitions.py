@@ -20,8 +20,10 @@ EXPECTED_ASSETS = {
     "champion_model": ("registry", {"candidate_model", "model_evaluation"}),
     "online_metrics": ("online", {"validated_feedback"}),
     "online_promotion": ("online", {"online_metrics"}),
+    "event_batch": ("event_batches", {"raw_feedback"}),
 }
 ONLINE_ASSETS = {"online_metrics", "online_promotion"}
+BATCH_ASSETS = {"event_batch"}  # partitioned per landing batch, outside the retrain jobs
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,8 @@ def test_asset_graph_snapshot(defs):
         node = graph.get(dg.AssetKey(name))
         assert node.group_name == group, name
         assert {p.to_user_string() for p in node.parent_keys} == parents, name
+    partitions = graph.get(dg.AssetKey("event_batch")).partitions_def
+    assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "event_batches"
 
 
 def test_checks_snapshot(defs):
@@ -60,7 +64,8 @@ def test_automation_snapshot(defs):
     for job_name in ("microbatch_retrain_job", "full_retrain_job"):
         job = defs.resolve_job_def(job_name)
         assert job.tags["recsys/model"] == "recsys-sasrec"  # the queue's per-model limit key
-        assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == set(EXPECTED_ASSETS) - ONLINE_ASSETS
+        assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == \
+            set(EXPECTED_ASSETS) - ONLINE_ASSETS - BATCH_ASSETS
     online = defs.resolve_schedule_def("online_metrics_schedule")
     assert online.job_name == "online_metrics_job" and online.default_status == dg.DefaultScheduleStatus.STOPPED
     assert {k.to_user_string() for k in defs.resolve_job_def("online_metrics_job").asset_layer.executable_asset_keys} \

@@ -194,3 +194,53 @@ def test_recsys_ingest_movielens_folder(recsys_env, tmp_path, capsys):
     store = FeedbackStore(recsys_env.landing_zone, recsys_env.lake)
     assert store.catalog().set_index("item_id").loc["10", "title"] == "Café Society (1995)"
     assert store.read_validated()["user_id"].str.startswith("p_").all()
+
+
+def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simulator):
+    """Each ingested batch is a partition of ``event_batch``; materialising one with
+    ``revalidate`` applies new rules to that batch alone (nothing lost: its rows move between
+    valid and quarantine), and the next training rebuilds the per-user table from them."""
+    settings, defs, instance = dagster_env
+    events = settings.landing_zone / "events"
+    small_simulator.write_batch(settings.landing_zone, 0)
+    write_jsonl(events / "old.jsonl", [
+        {"user_id": "o1", "item_id": f"i{k:05d}", "event_type": "view", "timestamp": 1_500_000_000 + k} for k in range(6)
+    ] + [{"user_id": "o2", "item_id": "i00001", "event_type": "view", "timestamp": T}])
+    first = materialize(instance, defs, asset_selection=[dg.AssetKey(a) for a in [*INGESTION_ASSETS, "training_data"]])
+    assert first.success
+    store = FeedbackStore(settings.landing_zone, settings.lake)
+    assert sorted(instance.get_dynamic_partitions("event_batches")) == sorted(store.batches("events"))
+    [old] = [a for a in store.accounts() if a["file"] == "events/old.jsonl"]
+    assert (old["rows_in"], old["rows_valid"], old["rows_quarantined"]) == (7, 7, 0)
+    [o1] = pseudonymize(["o1"], store.pseudonym_key())
+    assert o1 in first.output_for_node("training_data").sequences.user_ids
+    others = [a for a in store.accounts() if a["batch_id"] != old["batch_id"]]
+
+    from rec_pipelines.defs.ingestion.assets import event_batch
+
+    def revalidate(**rules):
+        result = dg.materialize([event_batch], partition_key=old["batch_id"], instance=instance,
+                                resources=defs.resources,
+                                run_config={"ops": {"event_batch": {"config": {"revalidate": True, **rules}}}})
+        assert result.success
+        return metadata(result, "event_batch")
+
+    # A stricter floor for this batch: o1's six old views go to quarantine, o2's view stays.
+    strict = revalidate(min_timestamp=1_600_000_000)
+    assert (strict["rows_in"], strict["rows_valid"], strict["rows_quarantined"]) == (7, 1, 6)
+    assert strict["quarantine_reasons"] == {"timestamp before the floor (2020-09-13)": 6}
+    assert len(store.quarantined_rows(old["batch_id"])) == 6 and len(store.read_validated([old["batch_id"]])) == 1
+    assert [a for a in store.accounts() if a["batch_id"] != old["batch_id"]] == others  # other batches untouched
+    after = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("validated_feedback"), dg.AssetKey("training_data")])
+    assert metadata(after, "training_data")["table_update"] == "rebuilt"
+    assert o1 not in after.output_for_node("training_data").sequences.user_ids
+
+    # Validated again under the default rules, the rows come back from quarantine.
+    restored = revalidate()
+    assert (restored["rows_in"], restored["rows_valid"], restored["rows_quarantined"]) == (7, 7, 0)
+    assert store.quarantined_rows(old["batch_id"]).empty
+    again = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("validated_feedback"), dg.AssetKey("training_data")])
+    assert metadata(again, "training_data")["table_update"] == "rebuilt"
+    assert o1 in again.output_for_node("training_data").sequences.user_ids

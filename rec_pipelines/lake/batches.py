@@ -4,6 +4,7 @@ that works on batches already in the lake (docs/lake.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -74,6 +75,37 @@ class ValidatedBatches:
                     group, rows = [], 0
             return accounts
 
+    def revalidate(
+        self,
+        batch_id: str,
+        *,
+        now: float | None = None,
+        min_timestamp: int = DEFAULT_MIN_TIMESTAMP,
+        max_clock_skew_s: int = MAX_CLOCK_SKEW_S,
+        run_id: str | None = None,
+    ) -> dict:
+        """Validate an ingested batch again from its lake copy (e.g. under changed rules, or
+        after a rejection was resolved): its valid rows, quarantined rows and accounting are
+        replaced, rows_in = rows_valid + rows_quarantined still holds. A row whose event is
+        valid in another batch is quarantined here as a duplicate, so no event counts twice.
+        The new ``validated_at`` tells readers (the per-user table) that the batch changed."""
+        with self._locked():
+            entries = self.ledger()
+            self._check_lake(entries)
+            entry = next((e for e in entries if e["kind"] == "events" and e["status"] == "ingested"
+                          and e["batch_id"] == batch_id), None)
+            if entry is None:
+                raise KeyError(f"no ingested events batch {batch_id!r}")
+            others = [a["batch_id"] for a in self.accounts() if not a.get("rejected") and a["batch_id"] != batch_id]
+            seen = KeySet(self._validated_keys(others))
+            # Not validated until the new accounting is written: a crash in between leaves the
+            # batch to validate_pending, never new rows under the old counts.
+            with contextlib.suppress(FileNotFoundError):
+                self._account_path(batch_id).unlink()
+            sync_all(self.lake)
+            return self._validate_group([entry], seen, now=now, min_timestamp=min_timestamp,
+                                        max_clock_skew_s=max_clock_skew_s, run_id=run_id)[0]
+
     def _validate_group(self, entries: list[dict], seen: KeySet, *, run_id: str | None, **rules) -> list[dict]:
         """Validate the batches of ``entries`` together (duplicates of an earlier batch of the
         group count as in an earlier batch, as if validated one by one); write each batch's
@@ -117,8 +149,11 @@ class ValidatedBatches:
         sync_all(self.lake)
         return accounts
 
-    def _validated_keys(self) -> np.ndarray:
-        paths = [self.lake / "validated" / f"{a['batch_id']}.parquet" for a in self.accounts() if not a.get("rejected")]
+    def _validated_keys(self, batch_ids: list[str] | None = None) -> np.ndarray:
+        """The event keys of the valid rows of ``batch_ids`` (default: every batch not rejected)."""
+        if batch_ids is None:
+            batch_ids = [a["batch_id"] for a in self.accounts() if not a.get("rejected")]
+        paths = [self.lake / "validated" / f"{b}.parquet" for b in batch_ids]
         paths = [p for p in paths if p.exists()]
         if not paths:
             return np.zeros(0, dtype=np.uint64)

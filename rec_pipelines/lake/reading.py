@@ -52,7 +52,8 @@ class LakeReads:
         wanted = None if batch_ids is None else set(batch_ids)
         accounts = [a for a in self.accounts() if not a.get("rejected") and (wanted is None or a["batch_id"] in wanted)]
         return ValidatedEvents(str(self.lake), tuple(a["batch_id"] for a in accounts),
-                               sum(int(a["rows_valid"]) for a in accounts))
+                               sum(int(a["rows_valid"]) for a in accounts),
+                               tuple(float(a.get("validated_at", 0.0)) for a in accounts))
 
     def quarantined_rows(self, batch_id: str | None = None) -> pd.DataFrame:
         """Quarantined rows (with ``reason``) of one batch, or of all batches."""

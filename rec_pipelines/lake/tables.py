@@ -40,11 +40,14 @@ def read_arrow(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
 class ValidatedEvents:
     """A handle on the lake's validated events, what the ``validated_feedback`` asset hands
     over instead of a copy of the history: the batches it covers and their row count. Readers
-    take only the columns they need, from the Parquet files, when they need them."""
+    take only the columns they need, from the Parquet files, when they need them.
+    ``validated_at`` (aligned with ``batches``) says when each was last validated: a batch
+    validated again (``FeedbackStore.revalidate``) has changed under the same id."""
 
     lake: str
     batches: tuple[str, ...]
     rows: int
+    validated_at: tuple[float, ...] = ()
 
     def paths(self) -> list[Path]:
         return [as_location(self.lake) / "validated" / f"{batch}.parquet" for batch in self.batches]

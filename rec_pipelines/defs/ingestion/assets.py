@@ -28,6 +28,9 @@ from rec_pipelines.lake.validation import (
 
 GROUP = "ingestion"
 INGESTION_ASSETS = ["item_catalog", "raw_feedback", "validated_feedback", "feedback_features"]
+BATCH_GROUP = "event_batches"  # per-batch partitions: outside the retrain jobs (automation.RETRAIN_ASSETS)
+EVENT_BATCHES = dg.DynamicPartitionsDefinition(name="event_batches")
+"""One partition per ingested events batch (landing file), added by ``raw_feedback``."""
 
 
 def _preview(frame: pd.DataFrame, rows: int = 5) -> dg.MetadataValue:
@@ -70,13 +73,17 @@ def raw_feedback(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ma
     landing files exactly once (content-hash ledger), with user ids pseudonymised and text
     scrubbed; unreadable files are quarantined whole. The asset is the lake table itself: its
     materialization records what changed, and no copy of the history is handed over (the
-    ledger counts the rows)."""
+    ledger counts the rows). Each new batch becomes a partition of ``event_batch``."""
     store = lake.store()
     report = store.ingest("events")
     for bad in report.quarantined_files:
         context.log.warning(f"quarantined file {printable(bad['file'])}: {bad['reason']}")
     rows = store.ingested_rows("events")
     context.log.info(f"ingested {report.rows_in} rows from {len(report.batches)} new files; {rows} rows in all")
+    known = set(context.instance.get_dynamic_partitions(EVENT_BATCHES.name))
+    added = [b for b in store.batches("events") if b not in known]  # also batches of a lake older than partitions
+    if added:
+        context.instance.add_dynamic_partitions(EVENT_BATCHES.name, added)
     preview = store.read_batch("events", report.batches[-1]).drop(columns=["text"]) if report.batches else None
     return dg.MaterializeResult(
         metadata={
@@ -161,6 +168,10 @@ def _latest_metadata(context: dg.AssetCheckExecutionContext, asset: str) -> dict
     return {key: value.value for key, value in metadata.items()}
 
 
+def _ge_reason(failed: list[dict]) -> str:
+    return "batch failed the Great Expectations suite: " + ", ".join(f"{r['expectation']}({r['column']})" for r in failed)
+
+
 @dg.asset_check(asset=validated_feedback, blocking=True,
                 description="Great Expectations suite over the batches the latest materialisation added; "
                             "a failure stops training and quarantines those batches")
@@ -176,9 +187,8 @@ def feedback_expectations(context: dg.AssetCheckExecutionContext, lake: LakeReso
     failed = result.failed
     rejected = []
     if failed:
-        names = ", ".join(f"{r['expectation']}({r['column']})" for r in failed)
-        rejected = store.reject_batches(batches, f"batch failed the Great Expectations suite: {names}")
-        context.log.error(f"Great Expectations suite failed on {batches}: {names}; batches quarantined")
+        rejected = store.reject_batches(batches, _ge_reason(failed))
+        context.log.error(f"{_ge_reason(failed)}: {batches} quarantined")
     return dg.AssetCheckResult(
         passed=result.success,
         severity=dg.AssetCheckSeverity.ERROR,
@@ -211,6 +221,55 @@ def events_with_catalog_entry(validated_feedback: ValidatedEvents, item_catalog:
         metadata={"share_without_catalog_entry": share,
                   "events_without_catalog_entry": int(unknown.sum()),
                   "examples": dg.MetadataValue.json(events.loc[unknown, "item_id"].drop_duplicates().head(5).tolist())},
+    )
+
+
+class BatchConfig(ValidationConfig):
+    revalidate: bool = Field(
+        default=False, description="Validate this batch again from its lake copy under these rules and the Great "
+                                   "Expectations suite (a backfill over all partitions re-validates every batch).")
+
+
+@dg.asset(group_name=BATCH_GROUP, kinds={"parquet"}, partitions_def=EVENT_BATCHES, deps=[raw_feedback])
+def event_batch(context: dg.AssetExecutionContext, config: BatchConfig, lake: LakeResource) -> dg.MaterializeResult:
+    """One ingested landing batch (a partition per file): its accounting (rows_in = rows_valid
+    + rows_quarantined), quarantine reasons and a preview. With ``revalidate`` its rows are
+    validated again from the lake's copy of the raw file under the configured rules, then the
+    Great Expectations suite runs on them (a failure quarantines the batch whole, as for new
+    batches); its valid and quarantined rows and accounting are replaced, and the next
+    training rebuilds the per-user table from them. Without it, nothing changes."""
+    store, batch_id = lake.store(), context.partition_key
+    if config.revalidate:
+        try:
+            store.revalidate(batch_id, min_timestamp=config.min_timestamp,
+                             max_clock_skew_s=config.max_clock_skew_s, run_id=context.run_id)
+        except KeyError as error:
+            raise dg.Failure(f"cannot validate batch {printable(batch_id)} again: {error}") from error
+        rows = store.read_validated([batch_id])
+        failed = run_expectations(rows, config.min_timestamp, max_rows=GE_MAX_ROWS).failed if len(rows) else []
+        if failed:
+            store.reject_batches([batch_id], _ge_reason(failed))
+            context.log.error(f"{_ge_reason(failed)}: {batch_id} quarantined")
+    account = store.account(batch_id)
+    if account is None:
+        raise dg.Failure(f"batch {printable(batch_id)} is not validated yet: materialize validated_feedback first")
+    if config.revalidate:
+        context.log.info(f"batch {batch_id} validated again: {account['rows_valid']} valid, "
+                         f"{account['rows_quarantined']} quarantined of {account['rows_in']}")
+    valid = store.read_validated([batch_id])
+    return dg.MaterializeResult(
+        metadata={
+            **{k: account[k] for k in ("rows_in", "rows_valid", "rows_quarantined")},
+            "file": account["file"],
+            "revalidated": config.revalidate,
+            "rejected": account.get("rejected") or "no",
+            "quarantine_reasons": dg.MetadataValue.json(account["reasons"]),
+            "validated_at": dg.MetadataValue.timestamp(account["validated_at"]),
+            "users": int(valid["user_id"].nunique()),
+            "event_types": _counts(valid["event_type"]),
+            "preview": _preview(valid.drop(columns=["text", "key_hash"], errors="ignore")),
+            "quarantined_preview": _preview(store.quarantined_rows(batch_id).drop(columns=["text"], errors="ignore")),
+        },
     )
 
 
