@@ -124,3 +124,45 @@ def test_a_table_of_another_format_is_rebuilt(tmp_path):
     path.write_bytes(b"PAR1 not a table")
     with pytest.raises(Exception):  # a damaged file is an error, never silently a partial table
         UserTable.load(path)
+
+
+def test_a_whole_build_in_shares_of_users_equals_one_pass(tmp_path, monkeypatch):
+    """``build_from`` reads a share of the users at a time (bounded memory on large histories):
+    the table, the flags and the training data are those of one pass over every row."""
+    import rec_pipelines.user_table as user_table
+
+    rng = np.random.default_rng(5)
+    store = FeedbackStore(tmp_path / "landing", tmp_path / "lake", pseudonym_key="ab" * 32)
+    for batch in range(4):
+        land_batch(tmp_path / "landing", batch, rng, users=40)
+    store.ingest("events")
+    store.validate_pending()
+    events = store.validated_events()
+    calls = []
+
+    def flag(rows):  # per user, as the bot rule: here users with more than 6 rows
+        calls.append(set(rows["user_id"]))
+        counts = rows["user_id"].value_counts()
+        return set(counts.index[counts > 6])
+
+    whole = UserTable.build_from(events, flag)
+    assert len(calls) == 1
+    monkeypatch.setattr(user_table, "BUILD_ROWS", events.rows // 4)
+    calls.clear()
+    shared = UserTable.build_from(events, flag)
+    assert len(calls) >= 4 and all(a.isdisjoint(b) for i, a in enumerate(calls) for b in calls[i + 1:])
+    assert list(shared.user_ids) == list(whole.user_ids) and len(whole.user_ids) > 30
+    for i in range(len(whole.user_ids)):
+        assert np.array_equal(shared.item_ids(i), whole.item_ids(i))
+        assert np.array_equal(shared.features[i], whole.features[i])
+    assert shared.batch_ids == whole.batch_ids and shared.batches == whole.batches and shared.covered == whole.covered
+    assert shared.flagged == whole.flagged and len(whole.flagged) > 0
+    catalog = pd.DataFrame({"item_id": ["item-1", "item-2"]})
+    got, expected = training(shared, catalog, tmp_path / "a.json"), training(whole, catalog, tmp_path / "b.json")
+    expected[4].pop("users_in_split")  # assert_same compares it on one side only
+    assert_same(got, expected)
+
+
+def training(table, catalog, vocab_path):
+    data, stats = assemble_training_data(table, catalog, vocab_path, set())
+    return data.vocab, data.sequences, data.split, data.user_batches, stats

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,9 +67,20 @@ class ValidatedEvents:
         in ingestion order: filtered in Arrow, so only those rows become pandas rows."""
         if not self.batches:
             return empty_events()[list(columns)]
-        table = read_arrow(self.paths(), list(columns))
-        wanted = pc.is_in(table[column], value_set=pa.array([str(v) for v in values], pa.string()))
-        return table.filter(wanted).to_pandas()
+        wanted = pa.array([str(v) for v in values], pa.string())
+        parts = []
+        for path in self.paths():  # file by file: only one file's rows in memory besides those kept
+            table = read_arrow([path], list(columns))
+            parts.append(table.filter(pc.is_in(table[column], value_set=wanted)))
+        return pa.concat_tables(parts, promote_options="permissive").to_pandas()
+
+    def distinct(self, column: str) -> np.ndarray:
+        """The distinct values of a string ``column`` (object array, unsorted), read in Arrow:
+        no Python string per row."""
+        values = [pc.unique(read_arrow([path], [column]).column(0)).cast(pa.string()) for path in self.paths()]
+        if not values:
+            return np.zeros(0, dtype=object)
+        return pc.unique(pa.chunked_array(values, pa.string())).to_numpy(zero_copy_only=False).astype(object)
 
 
 def empty_events() -> pd.DataFrame:
