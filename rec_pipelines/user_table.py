@@ -89,12 +89,10 @@ class UserTable:
         are cut into shares (each user's rows all in one share) and the shares' tables joined.
         Rows, flags and order are those of one build over all rows; only the memory differs."""
         covered, covered_at = list(events.batches), list(events.validated_at)
-        shares = -(-events.rows // BUILD_ROWS)
-        if shares <= 1:
-            return cls.build(events.read(TRAINING_COLUMNS), covered, flag_users, covered_at)
-        users = np.sort(events.distinct("user_id"))
-        parts = [cls.build(events.read_users(group, TRAINING_COLUMNS), covered, flag_users)
-                 for group in np.array_split(users, shares) if len(group)]
+        parts = [cls.build(frame, covered, flag_users, covered_at)
+                 for frame in events.by_user_shares(TRAINING_COLUMNS, BUILD_ROWS)]
+        if len(parts) == 1:
+            return parts[0]
         items = pd.unique(np.concatenate([part.items for part in parts]))
         dictionary = pd.Index(items)
         codes = []

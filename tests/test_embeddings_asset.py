@@ -158,7 +158,7 @@ def test_item_embeddings_are_incremental_at_the_dagster_level(
 
 
 def test_user_context_embeddings_cover_users_with_few_interactions(
-    lake: LakeResource, tiny_encoder_dir: Path, small_simulator
+    lake: LakeResource, tiny_encoder_dir: Path, small_simulator, monkeypatch
 ) -> None:
     for batch in (0, 1):  # batch 1 brings brand-new users with a handful of events
         small_simulator.write_batch(lake.landing_zone, batch)
@@ -196,6 +196,14 @@ def test_user_context_embeddings_cover_users_with_few_interactions(
     # nothing new: every user context comes from the cache; "every user" embeds all of them
     again = run([item_text_embeddings, user_context_embeddings], lake, instance, tiny_encoder_dir)
     assert counts(metadata(again, "user_context_embeddings")) == (0, len(cold))
+    # read a share of the users at a time (large histories): the same contexts
+    import rec_pipelines.defs.embeddings.assets as embedding_assets
+
+    monkeypatch.setattr(embedding_assets, "CONTEXT_ROWS", len(feedback) // 4)
+    shared = run([item_text_embeddings, user_context_embeddings], lake, instance, tiny_encoder_dir)
+    columns = ["user_id", "interactions", "text"]
+    pd.testing.assert_frame_equal(shared.output_for_node("user_context_embeddings")[columns], users[columns])
+    monkeypatch.undo()
     everyone = {"ops": {"user_context_embeddings": {"config": {"max_interactions": 0}}}}
     all_users = run([item_text_embeddings, user_context_embeddings], lake, instance, tiny_encoder_dir, everyone)
     assert sorted(all_users.output_for_node("user_context_embeddings")["user_id"]) == sorted(per_user.index)

@@ -3,7 +3,7 @@ folders or object storage, ``rec_models.files``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,18 @@ class ValidatedEvents:
             table = read_arrow([path], list(columns))
             parts.append(table.filter(pc.is_in(table[column], value_set=wanted)))
         return pa.concat_tables(parts, promote_options="permissive").to_pandas()
+
+    def by_user_shares(self, columns: Sequence[str], rows: int) -> Iterator[pd.DataFrame]:
+        """The events in frames of about ``rows`` rows, each holding every row of a share of the
+        users (ids in sorted ranges; ingestion order within a frame): for work done user by user,
+        in bounded memory. One frame of all events when they are fewer than ``rows``."""
+        shares = -(-self.rows // max(rows, 1))
+        if shares <= 1:
+            yield self.read(columns)
+            return
+        for group in np.array_split(np.sort(self.distinct("user_id")), shares):
+            if len(group):
+                yield self.read_users(group, columns)
 
     def distinct(self, column: str) -> np.ndarray:
         """The distinct values of a string ``column`` (object array, unsorted), read in Arrow:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # transformers import is slow: at run time only inside the as
 GROUP = "embeddings"
 REVIEW_COLUMNS = ["item_id", "event_type", "timestamp", "text"]  # what add_reviews reads
 CONTEXT_COLUMNS = ["user_id", "item_id", "event_type", "value", "timestamp", "text"]  # build_user_contexts
+CONTEXT_ROWS = 2_000_000  # events read at once (a share of the users) for the user contexts
 ITEM_CACHE_FILE = "embedding_cache.parquet"
 USER_CACHE_FILE = "user_context_cache.parquet"
 PROGRESS_EVERY_S = 5.0
@@ -210,14 +211,13 @@ def user_context_embeddings(
     from rec_pipelines.plots import markdown_table, sample_rows
 
     template = _template(USER_CONTEXT_TEMPLATE, config.template, config.template_version)
-    events = validated_feedback.read(CONTEXT_COLUMNS)
-    users = build_user_contexts(
-        events,
-        item_catalog,
-        recent_items=config.recent_items,
-        recent_reviews=config.recent_reviews,
-        max_interactions=config.max_interactions or None,
-    )
+    # A share of the users at a time (a user's context reads only their own rows): at 10M
+    # events the step's peak RSS 5.1 -> 1.7 GB, 54 -> 33 s (contexts cached in both).
+    users = pd.concat([
+        build_user_contexts(events, item_catalog, recent_items=config.recent_items,
+                            recent_reviews=config.recent_reviews, max_interactions=config.max_interactions or None)
+        for events in validated_feedback.by_user_shares(CONTEXT_COLUMNS, CONTEXT_ROWS)
+    ]).sort_values("user_id", kind="stable").reset_index(drop=True)
     texts = template.render(users)
     encoder = text_encoder.encoder()
     context.log.info(f"embedding {len(texts)} user contexts with {encoder.describe()}, template {template.version}")
@@ -240,7 +240,8 @@ def user_context_embeddings(
         shown = sample_rows(len(frame), SANITY_EXAMPLES, seed=2)
         item_ids = item_text_embeddings["item_id"].astype(str)
         titles, _ = _item_labels(item_text_embeddings["item_id"], item_catalog)
-        seen = events.groupby("user_id")["item_id"].agg(set)
+        shown_users = frame["user_id"][shown]
+        seen = validated_feedback.read_users(shown_users, ["user_id", "item_id"]).groupby("user_id")["item_id"].agg(set)
         seen_rows = [np.flatnonzero(item_ids.isin(seen.get(frame["user_id"][row], set()))) for row in shown]
         top, sims = top_k_cosine(vectors[shown], as_matrix(item_text_embeddings), k=3, exclude=seen_rows)
         sanity = markdown_table(
