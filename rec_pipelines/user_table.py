@@ -119,7 +119,8 @@ class UserTable:
         current, current_at = list(events.batches), list(events.validated_at)
         covered = len(self.covered)
         # Rebuild when a covered batch was rejected or validated again, or to flag everyone once (never flagged).
-        if (current[:covered] != self.covered or (self.covered_at and current_at[:covered] != self.covered_at)
+        # A table stored before covered_at existed is rebuilt once (it cannot tell re-validated batches).
+        if (current[:covered] != self.covered or (current_at and current_at[:covered] != self.covered_at)
                 or (flag_users is not None and self.flagged is None)):
             return UserTable.build_from(events, flag_users), {"table_update": "rebuilt"}
         new = current[len(self.covered):]

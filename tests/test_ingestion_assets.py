@@ -244,3 +244,11 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
         instance=instance, asset_selection=[dg.AssetKey("validated_feedback"), dg.AssetKey("training_data")])
     assert metadata(again, "training_data")["table_update"] == "rebuilt"
     assert o1 in again.output_for_node("training_data").sequences.user_ids
+
+    # A suite that fails (the asset runs Great Expectations there) rejects the batch whole,
+    # under the lake's lock and before any of its rows is written as valid.
+    account = store.revalidate(old["batch_id"], suite=lambda rows: f"suite failed on {len(rows)} rows")
+    assert account["rejected"] == "suite failed on 7 rows" == store.account(old["batch_id"])["rejected"]
+    assert (account["rows_valid"], account["rows_quarantined"]) == (0, 7)
+    assert old["batch_id"] not in store.validated_events().batches
+    assert store.quarantined_rows(old["batch_id"])["reason"].tolist() == ["suite failed on 7 rows"] * 7

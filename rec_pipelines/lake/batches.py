@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +83,14 @@ class ValidatedBatches:
         min_timestamp: int = DEFAULT_MIN_TIMESTAMP,
         max_clock_skew_s: int = MAX_CLOCK_SKEW_S,
         run_id: str | None = None,
+        suite: Callable[[pd.DataFrame], str | None] | None = None,
     ) -> dict:
         """Validate an ingested batch again from its lake copy (e.g. under changed rules, or
         after a rejection was resolved): its valid rows, quarantined rows and accounting are
         replaced, rows_in = rows_valid + rows_quarantined still holds. A row whose event is
         valid in another batch is quarantined here as a duplicate, so no event counts twice.
+        ``suite`` (valid rows -> a reason, or None), e.g. the Great Expectations suite, runs
+        before anything is written: a reason rejects the batch whole, as ``reject_batches``.
         The new ``validated_at`` tells readers (the per-user table) that the batch changed."""
         with self._locked():
             entries = self.ledger()
@@ -104,12 +107,13 @@ class ValidatedBatches:
                 self._account_path(batch_id).unlink()
             sync_all(self.lake)
             return self._validate_group([entry], seen, now=now, min_timestamp=min_timestamp,
-                                        max_clock_skew_s=max_clock_skew_s, run_id=run_id)[0]
+                                        max_clock_skew_s=max_clock_skew_s, run_id=run_id, suite=suite)[0]
 
-    def _validate_group(self, entries: list[dict], seen: KeySet, *, run_id: str | None, **rules) -> list[dict]:
+    def _validate_group(self, entries: list[dict], seen: KeySet, *, run_id: str | None,
+                        suite: Callable | None = None, **rules) -> list[dict]:
         """Validate the batches of ``entries`` together (duplicates of an earlier batch of the
         group count as in an earlier batch, as if validated one by one); write each batch's
-        valid rows, quarantined rows and accounting."""
+        valid rows, quarantined rows and accounting. ``suite``: see ``revalidate`` (one batch)."""
         batch_ids = [entry["batch_id"] for entry in entries]
         rows = read_parquets([self.lake / "events" / f"{b}.parquet" for b in batch_ids])
         batch_of = pd.Index(batch_ids).get_indexer(rows["batch_id"])
@@ -118,6 +122,10 @@ class ValidatedBatches:
         if len(valid) + len(quarantined) != len(rows):
             raise AssertionError(f"row accounting broken: {len(rows)} in, {len(valid)} valid, "
                                  f"{len(quarantined)} quarantined")
+        rejected = suite(valid.reset_index(drop=True)) if suite is not None and len(valid) else None
+        if rejected:  # the whole batch to quarantine, in source order
+            quarantined = pd.concat([quarantined, valid.assign(reason=rejected)]).sort_index(kind="stable")
+            valid = valid.iloc[:0]
         valid_keys = keys[valid.index.to_numpy()]
         seen.add(valid_keys)
         # Rows keep their order (and their position as index): each batch is a contiguous slice.
@@ -140,7 +148,7 @@ class ValidatedBatches:
                 "rows_valid": good.num_rows, "rows_quarantined": n_bad, "reasons": reasons.get(i, {}),
                 "texts_truncated": int(entry.get("texts_truncated", 0)),
                 "min_timestamp": int(rules["min_timestamp"]), "max_clock_skew_s": int(rules["max_clock_skew_s"]),
-                "validated_at": time.time(), "run_id": run_id,
+                "validated_at": time.time(), "run_id": run_id, **({"rejected": rejected} if rejected else {}),
             })
         sync_all(self.lake)  # the rows on disk before any account says the batch is validated
         self._verify_lock()

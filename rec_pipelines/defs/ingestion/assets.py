@@ -240,16 +240,17 @@ def event_batch(context: dg.AssetExecutionContext, config: BatchConfig, lake: La
     training rebuilds the per-user table from them. Without it, nothing changes."""
     store, batch_id = lake.store(), context.partition_key
     if config.revalidate:
+        def suite(rows: pd.DataFrame) -> str | None:  # before anything is written, under the lake's lock
+            failed = run_expectations(rows, config.min_timestamp, max_rows=GE_MAX_ROWS).failed
+            return _ge_reason(failed) if failed else None
+
         try:
-            store.revalidate(batch_id, min_timestamp=config.min_timestamp,
-                             max_clock_skew_s=config.max_clock_skew_s, run_id=context.run_id)
+            account = store.revalidate(batch_id, min_timestamp=config.min_timestamp,
+                                       max_clock_skew_s=config.max_clock_skew_s, run_id=context.run_id, suite=suite)
         except KeyError as error:
             raise dg.Failure(f"cannot validate batch {printable(batch_id)} again: {error}") from error
-        rows = store.read_validated([batch_id])
-        failed = run_expectations(rows, config.min_timestamp, max_rows=GE_MAX_ROWS).failed if len(rows) else []
-        if failed:
-            store.reject_batches([batch_id], _ge_reason(failed))
-            context.log.error(f"{_ge_reason(failed)}: {batch_id} quarantined")
+        if account.get("rejected"):
+            context.log.error(f"{account['rejected']}: {batch_id} quarantined")
     account = store.account(batch_id)
     if account is None:
         raise dg.Failure(f"batch {printable(batch_id)} is not validated yet: materialize validated_feedback first")
