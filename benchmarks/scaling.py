@@ -200,9 +200,10 @@ def train(home: Path, spec: dict, stage, out: dict) -> None:
     run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}, "ops": {"candidate_model": {"config": config}}}
     (home / "full_retrain.yaml").write_text(json.dumps(run_config))  # JSON is YAML
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "rec_pipelines.definitions",
-                    "-j", "full_retrain_job", "-c", str(home / "full_retrain.yaml")],
-                   stdout=open(home / "full_retrain.log", "w"), stderr=subprocess.STDOUT, check=True)
+    with open(home / "full_retrain.log", "w") as log:
+        subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "rec_pipelines.definitions",
+                        "-j", "full_retrain_job", "-c", str(home / "full_retrain.yaml")],
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
     out["full_retrain_s"] = round(time.perf_counter() - started, 1)
     with dg.DagsterInstance.get() as instance:
         record = instance.get_run_records(dg.RunsFilter(job_name="full_retrain_job"), limit=1)[0]
