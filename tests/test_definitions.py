@@ -97,3 +97,6 @@ def test_rollback_job_is_defined(defs):
 def test_training_runs_in_the_shared_pool(defs):
     node = defs.resolve_asset_graph().get(dg.AssetKey("candidate_model"))
     assert node.pools == {"recsys_training"}
+    # a re-validation of a batch never runs while the per-user table is built from the batches
+    for name in ("training_data", "event_batch"):
+        assert defs.resolve_asset_graph().get(dg.AssetKey(name)).pools == {"recsys_user_table"}

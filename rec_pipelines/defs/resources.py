@@ -14,6 +14,10 @@ from rec_pipelines.registry import ModelRegistry
 from rec_pipelines.settings import Settings
 
 ASSET_STORE = "assets"
+USER_TABLE_POOL = "recsys_user_table"
+"""The steps that rebuild the per-user table from the validated batches (``training_data``) or
+change a validated batch (``event_batch`` re-validation): one at a time across all runs, so a
+build never reads a batch while it is being replaced (dagster.yaml: every pool has one slot)."""
 """The lake folder the IO manager keeps asset values in (``<lake>/assets/<asset name>``)."""
 
 

@@ -17,7 +17,7 @@ from pydantic import Field
 from rec_models.data.features import FeedbackFeatures, compute_features
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS
 from rec_models.files import as_location
-from rec_pipelines.defs.resources import LakeResource
+from rec_pipelines.defs.resources import USER_TABLE_POOL, LakeResource
 from rec_pipelines.lake import ValidatedEvents, printable
 from rec_pipelines.lake.validation import (
     DEFAULT_MIN_TIMESTAMP,
@@ -230,7 +230,8 @@ class BatchConfig(ValidationConfig):
                                    "Expectations suite (a backfill over all partitions re-validates every batch).")
 
 
-@dg.asset(group_name=BATCH_GROUP, kinds={"parquet"}, partitions_def=EVENT_BATCHES, deps=[raw_feedback])
+@dg.asset(group_name=BATCH_GROUP, kinds={"parquet"}, partitions_def=EVENT_BATCHES, deps=[raw_feedback],
+          pool=USER_TABLE_POOL)
 def event_batch(context: dg.AssetExecutionContext, config: BatchConfig, lake: LakeResource) -> dg.MaterializeResult:
     """One ingested landing batch (a partition per file): its accounting (rows_in = rows_valid
     + rows_quarantined), quarantine reasons and a preview. With ``revalidate`` its rows are

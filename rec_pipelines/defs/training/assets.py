@@ -10,6 +10,7 @@ from rec_models.data.features import FeedbackFeatures
 from rec_models.data.privacy import key_id
 from rec_models.models import RecommenderConfig
 from rec_pipelines.defs.resources import (
+    USER_TABLE_POOL,
     LakeResource,
     MlflowResource,
     TextEncoderResource,
@@ -37,7 +38,7 @@ class TrainingDataConfig(dg.Config):
     exclude_bots: bool = True  # users flagged bot-like by feedback_features stay out of training and evaluation
 
 
-@dg.asset(group_name=GROUP, kinds={"pandas"})
+@dg.asset(group_name=GROUP, kinds={"pandas"}, pool=USER_TABLE_POOL)
 def training_data(
     config: TrainingDataConfig,
     lake: LakeResource,
