@@ -158,8 +158,6 @@ def train_candidate(request: TrainingRequest, data: TrainingData, text: torch.Te
     if mode == "incremental":
         try:
             init = registry.load_recommender(CHAMPION)
-            if init is None:
-                raise KeyError("the champion alias was removed meanwhile")
         except (OSError, KeyError, ValueError, RuntimeError) as error:
             log.warning(f"champion v{champion.version} cannot be fine-tuned ({error}): full retrain instead")
             mode = "full"
@@ -320,8 +318,6 @@ def held_out_comparison(candidate: TrainedModel, data: TrainingData, text: torch
     if champion_version is not None:
         try:
             champion = registry.load_recommender(CHAMPION)
-            if champion is None:
-                raise KeyError("the champion alias was removed meanwhile")
             champion.grow(text)
             models["champion"] = champion
         except (OSError, KeyError, ValueError, RuntimeError) as error:  # e.g. registered by an older version

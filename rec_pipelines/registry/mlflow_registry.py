@@ -171,14 +171,16 @@ class ModelRegistry:
         flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
         return local / flavor["artifacts"]["bundle"]["path"]
 
-    def load_recommender(self, alias: str = CHAMPION, model_uri: str | None = None) -> HybridRecommender | None:
-        """The recommender behind ``alias`` (None when the alias is not set), or of the logged
-        model ``model_uri``, loaded into memory from a download into a temporary folder that is
-        removed afterwards (a bundle is hundreds of MB at 10M events: one per run would fill
-        the disk)."""
+    def load_recommender(self, alias: str = CHAMPION, model_uri: str | None = None) -> HybridRecommender:
+        """The recommender behind ``alias`` (KeyError when no version has it, e.g. removed
+        meanwhile), or of the logged model ``model_uri``, loaded into memory from a download
+        into a temporary folder that is removed afterwards (a bundle is hundreds of MB at 10M
+        events: one per run would fill the disk)."""
         with tempfile.TemporaryDirectory(prefix="recsys-bundle-") as folder:
             bundle = self.download_bundle(alias, dst=Path(folder), model_uri=model_uri)
-            return None if bundle is None else HybridRecommender.load(bundle)
+            if bundle is None:
+                raise KeyError(f"no model version has the alias {alias!r}")
+            return HybridRecommender.load(bundle)
 
 
 class MlflowEpochMetrics(L.Callback):

@@ -250,14 +250,13 @@ def event_batch(context: dg.AssetExecutionContext, config: BatchConfig, lake: La
                                        max_clock_skew_s=config.max_clock_skew_s, run_id=context.run_id, suite=suite)
         except KeyError as error:
             raise dg.Failure(f"cannot validate batch {printable(batch_id)} again: {error}") from error
-        if account.get("rejected"):
-            context.log.error(f"{account['rejected']}: {batch_id} quarantined")
-    account = store.account(batch_id)
-    if account is None:
-        raise dg.Failure(f"batch {printable(batch_id)} is not validated yet: materialize validated_feedback first")
-    if config.revalidate:
-        context.log.info(f"batch {batch_id} validated again: {account['rows_valid']} valid, "
-                         f"{account['rows_quarantined']} quarantined of {account['rows_in']}")
+        (context.log.error if account.get("rejected") else context.log.info)(
+            f"batch {batch_id} validated again: {account['rows_valid']} valid, {account['rows_quarantined']} "
+            f"quarantined of {account['rows_in']}" + (f" ({account['rejected']})" if account.get("rejected") else ""))
+    else:
+        account = store.account(batch_id)
+        if account is None:
+            raise dg.Failure(f"batch {printable(batch_id)} is not validated yet: materialize validated_feedback first")
     valid = store.read_validated([batch_id])
     return dg.MaterializeResult(
         metadata={
