@@ -252,3 +252,48 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
     assert (account["rows_valid"], account["rows_quarantined"]) == (0, 7)
     assert old["batch_id"] not in store.validated_events().batches
     assert store.quarantined_rows(old["batch_id"])["reason"].tolist() == ["suite failed on 7 rows"] * 7
+
+
+def test_validated_feedback_compacts_small_batches_training_reads_the_same(dagster_env, small_simulator):
+    """Batch files validated by earlier runs are compacted by the next ``validated_feedback``
+    once enough wait; the per-user table is not rebuilt for it and equals a build from scratch,
+    and a compacted batch is still its own partition to validate again."""
+    settings, defs, instance = dagster_env
+    events = settings.landing_zone / "events"
+    small_simulator.write_batch(settings.landing_zone, 0)
+    for n in range(3):
+        write_jsonl(events / f"small-{n}.jsonl", [
+            {"user_id": f"s{n}", "item_id": f"i{k:05d}", "event_type": "view", "timestamp": T + 10 * n + k}
+            for k in range(6)])
+    compact = {"ops": {"validated_feedback": {"config": {"compact_min_files": 2}}}}
+    selection = [dg.AssetKey(a) for a in [*INGESTION_ASSETS, "training_data"]]
+    first = materialize(instance, defs, compact, asset_selection=selection)
+    assert metadata(first, "validated_feedback")["compaction"]["compacted_batches"] == 0  # none validated before
+
+    write_jsonl(events / "small-3.jsonl", [
+        {"user_id": "s0", "item_id": "i00009", "event_type": "click", "timestamp": T + 100}])
+    second = materialize(instance, defs, compact, asset_selection=selection)
+    assert metadata(second, "validated_feedback")["compaction"] == {
+        "compacted_batches": 4, "files_written": 1, "small_files": 4, "retired_deleted": 0}
+    assert metadata(second, "training_data")["table_update"] == "incremental"
+    incremental = second.output_for_node("training_data").sequences
+
+    (settings.lake / "tables" / "user_sequences.parquet").unlink()
+    scratch = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("training_data")])
+    assert metadata(scratch, "training_data")["table_update"] == "built"
+    rebuilt = scratch.output_for_node("training_data").sequences
+    assert incremental.user_ids == rebuilt.user_ids and len(rebuilt.user_ids) > 4
+    for a, b in zip(incremental.items + incremental.event_types, rebuilt.items + rebuilt.event_types):
+        assert a.tolist() == b.tolist()
+
+    from rec_pipelines.defs.ingestion.assets import event_batch
+
+    store = FeedbackStore(settings.landing_zone, settings.lake)
+    [small] = [a["batch_id"] for a in store.accounts() if a["file"] == "events/small-1.jsonl"]
+    rows = store.validated_events().rows
+    result = dg.materialize([event_batch], partition_key=small, instance=instance, resources=defs.resources,
+                            run_config={"ops": {"event_batch": {"config": {"revalidate": True,
+                                                                           "min_timestamp": T + 13}}}})
+    assert (metadata(result, "event_batch")["rows_valid"], metadata(result, "event_batch")["rows_quarantined"]) == (3, 3)
+    assert len(store.read_validated([small])) == 3 and store.validated_events().rows == rows - 3

@@ -15,7 +15,13 @@ import pandas as pd
 import pyarrow as pa
 
 from rec_models.files import sync_all, write_json_atomic
-from rec_pipelines.lake.tables import read_arrow, read_parquets, write_arrow_atomic, write_parquet_atomic
+from rec_pipelines.lake.tables import (
+    ValidatedEvents,
+    read_parquets,
+    read_source,
+    write_arrow_atomic,
+    write_parquet_atomic,
+)
 from rec_pipelines.lake.validation import (
     DEFAULT_MIN_TIMESTAMP,
     MAX_CLOCK_SKEW_S,
@@ -29,7 +35,7 @@ GROUP_ROWS = 500_000  # records of event files converted, or batches validated, 
 
 class ValidatedBatches:
     """Mixed into ``FeedbackStore``: uses its ``lake``, ``ledger()``, ``_locked()``,
-    ``_check_lake()`` and ``batches()``."""
+    ``_check_lake()``, ``batches()`` and ``uncompact()`` (``compaction.Compaction``)."""
 
     def _account_path(self, batch_id: str) -> Path:
         return self.lake / "validated" / f"{batch_id}.json"
@@ -99,6 +105,7 @@ class ValidatedBatches:
                           and e["batch_id"] == batch_id), None)
             if entry is None:
                 raise KeyError(f"no ingested events batch {batch_id!r}")
+            self.uncompact([batch_id])
             others = [a["batch_id"] for a in self.accounts() if not a.get("rejected") and a["batch_id"] != batch_id]
             seen = KeySet(self._validated_keys(others))
             # Not validated until the new accounting is written: a crash in between leaves the
@@ -161,17 +168,19 @@ class ValidatedBatches:
         """The event keys of the valid rows of ``batch_ids`` (default: every batch not rejected)."""
         if batch_ids is None:
             batch_ids = [a["batch_id"] for a in self.accounts() if not a.get("rejected")]
-        paths = [self.lake / "validated" / f"{b}.parquet" for b in batch_ids]
-        paths = [p for p in paths if p.exists()]
-        if not paths:
+        sources = [(path, part) for path, part in ValidatedEvents(str(self.lake), tuple(batch_ids), 0).sources()
+                   if part is not None or path.exists()]
+        if not sources:
             return np.zeros(0, dtype=np.uint64)
-        return read_arrow(paths, ["key_hash"]).column(0).to_numpy().astype(np.uint64)
+        keys = pa.concat_tables([read_source(path, part, ["key_hash"]) for path, part in sources])
+        return keys.column(0).to_numpy().astype(np.uint64)
 
     def reject_batches(self, batch_ids: Iterable[str], reason: str) -> list[str]:
         """Move validated batches into quarantine whole (every row with ``reason``), so they
         never reach training; returns the batches rejected now. The raw files stay for replay."""
-        rejected = []
+        rejected, batch_ids = [], list(batch_ids)
         with self._locked():
+            self.uncompact(batch_ids)
             for batch_id in batch_ids:
                 account = self.account(batch_id)
                 if account is None or account.get("rejected"):

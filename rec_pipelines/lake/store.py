@@ -31,6 +31,7 @@ from rec_models.data.privacy import (
 )
 from rec_models.files import as_location, is_remote, sync_all, write_json_atomic
 from rec_pipelines.lake.batches import GROUP_ROWS, ValidatedBatches
+from rec_pipelines.lake.compaction import Compaction
 from rec_pipelines.lake.conversion import (
     coerce_catalog,
     coerce_events,
@@ -96,7 +97,7 @@ class IngestReport:
         }
 
 
-class FeedbackStore(ValidatedBatches, LakeReads):
+class FeedbackStore(ValidatedBatches, Compaction, LakeReads):
     """Reads the landing zone into the lake and keeps the ledger of what was read.
 
     ``lake`` is a folder or an fsspec URL (``s3://bucket/lake``). ``pseudonym_key`` overrides

@@ -3,6 +3,7 @@ folders or object storage, ``rec_models.files``)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +51,35 @@ class ValidatedEvents:
     rows: int
     validated_at: tuple[float, ...] = ()
 
-    def paths(self) -> list[Path]:
-        return [as_location(self.lake) / "validated" / f"{batch}.parquet" for batch in self.batches]
+    def sources(self) -> list[tuple[Path, frozenset[str] | None]]:
+        """The files holding these batches, in ingestion order: ``(path, None)`` to read whole,
+        ``(path, batch ids)`` for a compacted file of which only those batches are wanted. The
+        compaction manifest is read now, so a handle made before a compaction still reads."""
+        lake = as_location(self.lake)
+        home = compacted_batches(lake)
+        wanted, done, sources = set(self.batches), set(), []
+        for batch in self.batches:
+            name = home.get(batch)
+            if name is None:
+                sources.append((lake / "validated" / f"{batch}.parquet", None))
+            elif name not in done:
+                done.add(name)
+                members = {b for b, n in home.items() if n == name}
+                sources.append((lake / "validated" / name, None if members <= wanted else frozenset(members & wanted)))
+        return sources
 
     def read(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The events (in ingestion order), all columns or only ``columns``."""
         columns = list(columns) if columns is not None else ROW_COLUMNS
-        return read_parquets(self.paths(), columns) if self.batches else empty_events()[columns]
+        return self.read_table(columns).to_pandas() if self.batches else empty_events()[columns]
+
+    def read_table(self, columns: Sequence[str]) -> pa.Table:
+        """``columns`` of the events (in ingestion order) as one Arrow table."""
+        sources = self.sources()
+        if all(part is None for _, part in sources):  # (no compacted file read in part: one pass over the files)
+            return read_arrow([path for path, _ in sources], list(columns))
+        return pa.concat_tables([read_source(path, part, list(columns)) for path, part in sources],
+                                promote_options="permissive")
 
     def read_users(self, user_ids, columns: Sequence[str]) -> pd.DataFrame:
         """The events of ``user_ids`` only (in ingestion order)."""
@@ -74,8 +97,8 @@ class ValidatedEvents:
         """The rows where ``keep(table)`` holds, file by file: only one file's rows in memory
         besides those kept."""
         parts = []
-        for path in self.paths():
-            table = read_arrow([path], list(columns))
+        for path, part in self.sources():
+            table = read_source(path, part, list(columns))
             parts.append(table.filter(keep(table)))
         return pa.concat_tables(parts, promote_options="permissive").to_pandas()
 
@@ -95,10 +118,38 @@ class ValidatedEvents:
     def distinct(self, column: str) -> np.ndarray:
         """The distinct values of a string ``column`` (object array, unsorted), read in Arrow:
         no Python string per row."""
-        values = [pc.unique(read_arrow([path], [column]).column(0)).cast(pa.string()) for path in self.paths()]
+        values = [pc.unique(read_source(path, part, [column]).column(0)).cast(pa.string())
+                  for path, part in self.sources()]
         if not values:
             return np.zeros(0, dtype=object)
         return pc.unique(pa.chunked_array(values, pa.string())).to_numpy(zero_copy_only=False).astype(object)
+
+
+COMPACTION_MANIFEST = "compacted.json"
+"""``<lake>/validated/compacted.json``: ``{"files": [{"name", "batches"}], "retired": [names]}``,
+the compacted files (each the valid rows of consecutive batches, in order) and the files they
+replaced, deleted one compaction later (``lake.compaction``)."""
+
+
+def compaction_manifest(lake) -> dict:
+    try:
+        return json.loads((as_location(lake) / "validated" / COMPACTION_MANIFEST).read_text())
+    except FileNotFoundError:
+        return {"files": [], "retired": []}
+
+
+def compacted_batches(lake) -> dict[str, str]:
+    """batch id -> the compacted file (relative to ``<lake>/validated``) that holds its rows."""
+    return {batch: entry["name"] for entry in compaction_manifest(lake)["files"] for batch in entry["batches"]}
+
+
+def read_source(path: Path, batches: frozenset[str] | None, columns: list[str]) -> pa.Table:
+    """``columns`` of one file, only the rows of ``batches`` when given (a compacted file)."""
+    if batches is None:
+        return read_arrow([path], columns)
+    table = read_arrow([path], [*columns, "batch_id"] if "batch_id" not in columns else columns)
+    table = table.filter(pc.is_in(table["batch_id"].cast(pa.string()), value_set=pa.array(sorted(batches), pa.string())))
+    return table.select(columns)
 
 
 def _between(values, low: str, high: str):

@@ -19,6 +19,7 @@ from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS
 from rec_models.files import as_location
 from rec_pipelines.defs.resources import USER_TABLE_POOL, LakeResource
 from rec_pipelines.lake import ValidatedEvents, printable
+from rec_pipelines.lake.compaction import COMPACT_MIN_FILES, COMPACT_TARGET_ROWS
 from rec_pipelines.lake.validation import (
     DEFAULT_MIN_TIMESTAMP,
     GE_MAX_ROWS,
@@ -111,20 +112,37 @@ class ValidationConfig(dg.Config):
         default=MAX_CLOCK_SKEW_S, description="How far in the future a timestamp may be (producer clocks).")
 
 
+class ValidatedFeedbackConfig(ValidationConfig):
+    """Row rules, and when small batch files are compacted (``rec_pipelines.lake.compaction``)."""
+
+    compact_min_files: int = Field(
+        default=COMPACT_MIN_FILES, description="Compact once this many small validated batch files wait (at least 2).")
+    compact_target_rows: int = Field(
+        default=COMPACT_TARGET_ROWS, description="Rows a compacted file gathers at most.")
+
+
 _ACCOUNT_FIELDS = ["batch_id", "file", "rows_in", "rows_valid", "rows_quarantined", "reasons"]
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[raw_feedback])
 def validated_feedback(
-    context: dg.AssetExecutionContext, config: ValidationConfig, lake: LakeResource
+    context: dg.AssetExecutionContext, config: ValidatedFeedbackConfig, lake: LakeResource
 ) -> dg.Output[ValidatedEvents]:
     """Events that passed the row rules, batch by batch. Each new batch is validated exactly
     once; its bad rows go to the quarantine store with a reason each, nothing is dropped
     silently: for every batch rows_in = rows_valid + rows_quarantined (metadata
     ``batch_accounting``). Batches rejected by the Great Expectations check are left out.
     The output is a handle on the lake's validated Parquet batches (``ValidatedEvents``), not a
-    copy of the history: readers take the columns they need; the statistics cover new batches."""
+    copy of the history: readers take the columns they need; the statistics cover new batches.
+    Before validating, runs of small batch files validated by earlier runs (and checked by
+    the suite since) are compacted once ``compact_min_files`` of them wait."""
     store = lake.store()
+    try:
+        compaction = store.compact(min_files=config.compact_min_files, target_rows=config.compact_target_rows)
+    except ValueError as error:
+        raise dg.Failure(str(error)) from error
+    if compaction["files_written"]:
+        context.log.info(f"compacted {compaction['compacted_batches']} batch files into {compaction['files_written']}")
     accounts = store.validate_pending(
         min_timestamp=config.min_timestamp, max_clock_skew_s=config.max_clock_skew_s, run_id=context.run_id)
     for account in accounts:
@@ -152,6 +170,7 @@ def validated_feedback(
             "batch_accounting_table": dg.MetadataValue.md(
                 new.assign(reasons=new["reasons"].map(str)).to_markdown(index=False) if len(new) else "_no new batches_"),
             "min_timestamp": config.min_timestamp,
+            "compaction": dg.MetadataValue.json(compaction),
             "rows": valid.rows,
             "batches": len(valid.batches),
             "path": dg.MetadataValue.path(str(as_location(valid.lake) / "validated")),
