@@ -35,6 +35,7 @@ from rec_models.data import (
     interactions,
     leave_last_out,
     list_array,
+    split_at,
     split_lists,
 )
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_TYPE_INDEX
@@ -211,7 +212,7 @@ def training_data_from(table: UserTable, item_catalog: pd.DataFrame, vocab_path:
     to_vocab[used] = vocab.index(table.items[used], unknown=None)
     indices = to_vocab[flat]
     sequences = UserSequences([str(table.user_ids[i]) for i in kept],
-                              [indices[s:e] for s, e in zip(bounds[:-1], bounds[1:])],
+                              split_at(indices, bounds),
                               [table.features[i] for i in kept])
     write_json_atomic(vocab_path, vocab.to_dict())
     all_lengths = np.array([len(a) for a in table.item_codes], dtype=np.int64)

