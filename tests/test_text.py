@@ -344,7 +344,7 @@ def test_failed_cache_write_keeps_previous_file(
     embed_catalog(make_catalog(3), encoder, cache=EmbeddingCache(cache_path))
     before = cache_path.read_bytes()
 
-    def broken_write(table, where) -> None:
+    def broken_write(table, where, **options) -> None:
         Path(where).write_bytes(b"partial")
         raise OSError("disk full")
 
@@ -353,3 +353,19 @@ def test_failed_cache_write_keeps_previous_file(
         embed_catalog(make_catalog(3, start=3), encoder, cache=EmbeddingCache(cache_path))
     assert cache_path.read_bytes() == before
     assert [path.name for path in tmp_path.iterdir()] == ["embeddings.parquet"]
+
+
+def test_the_cache_reads_files_written_with_list_vectors(tmp_path: Path) -> None:
+    """Caches saved before vectors were stored as fixed-size lists still load (and are saved
+    in the new layout)."""
+    import pyarrow as pa
+
+    old = pa.table({"model_id": ["m", "m"], "template_version": ["v", "v"], "text_sha256": ["a", "b"],
+                    "embedding": pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32()))})
+    cache_path = tmp_path / "old.parquet"
+    cache_module.pq.write_table(old, cache_path)
+    cache = EmbeddingCache(cache_path)
+    np.testing.assert_array_equal(cache.get("m", "v", "b"), np.array([3.0, 4.0], np.float32))
+    cache.save()
+    assert isinstance(cache_module.pq.read_table(cache_path).column("embedding").type, pa.FixedSizeListType)
+    np.testing.assert_array_equal(EmbeddingCache(cache_path).get("m", "v", "a"), np.array([1.0, 2.0], np.float32))

@@ -29,15 +29,6 @@ class EmbeddingCache:
     so switching back to them is free.
     """
 
-    _SCHEMA = pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("template_version", pa.string()),
-            ("text_sha256", pa.string()),
-            ("embedding", pa.list_(pa.float32())),
-        ]
-    )
-
     def __init__(self, path: Path) -> None:
         self.path = as_location(path)
         self._vectors: dict[tuple[str, str, str], np.ndarray] = {}
@@ -47,8 +38,11 @@ class EmbeddingCache:
     def _read(self) -> None:
         table = pq.read_table(parquet_source(self.path))
         embeddings = table.column("embedding").combine_chunks()
-        offsets = embeddings.offsets.to_numpy()
         values = embeddings.values.to_numpy(zero_copy_only=False).astype(np.float32)
+        if isinstance(embeddings, pa.FixedSizeListArray):  # (as saved since: decodes ~4x faster than lists)
+            offsets = np.arange(len(embeddings) + 1) * embeddings.type.list_size
+        else:
+            offsets = embeddings.offsets.to_numpy()
         keys = zip(
             table.column("model_id").to_pylist(),
             table.column("template_version").to_pylist(),
@@ -81,17 +75,21 @@ class EmbeddingCache:
         keys = list(self._vectors)
         vectors = [self._vectors[key] for key in keys]
         values = np.concatenate(vectors) if vectors else np.zeros(0, dtype=np.float32)
+        sizes = {len(vector) for vector in vectors}
+        # One dimension (one model), the usual case: a fixed-size list column, which decodes
+        # about 4x faster than lists (100k vectors of 384: ~0.3 against ~1.3 s).
+        embedding = (pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), sizes.pop()) if len(sizes) == 1
+                     else list_array(values, [len(vector) for vector in vectors]).cast(pa.list_(pa.float32())))
         table = pa.table(
             {
-                "model_id": [key[0] for key in keys],
-                "template_version": [key[1] for key in keys],
-                "text_sha256": [key[2] for key in keys],
-                "embedding": list_array(values, [len(vector) for vector in vectors]),
-            },
-            schema=self._SCHEMA,
+                "model_id": pa.array([key[0] for key in keys], pa.string()),
+                "template_version": pa.array([key[1] for key in keys], pa.string()),
+                "text_sha256": pa.array([key[2] for key in keys], pa.string()),
+                "embedding": embedding,
+            }
         )
         with atomic_path(self.path) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, compression="lz4")
 
 
 # --- embedding -------------------------------------------------------------------------------
