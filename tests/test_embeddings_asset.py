@@ -234,3 +234,62 @@ def test_top_labels_and_sample_rows() -> None:
     assert len(rows) == 2000 and np.all(np.diff(rows) > 0)
     np.testing.assert_array_equal(rows, sample_rows(10_000, 2000, seed=0))
     np.testing.assert_array_equal(sample_rows(7, 2000), np.arange(7))
+
+
+def test_the_item_table_updated_batch_by_batch_equals_a_whole_build(tmp_path: Path, tiny_encoder_dir: Path,
+                                                                     small_simulator) -> None:
+    """Only items of new catalog batches and items with new reviews are rendered again; after
+    each step the table equals one built from scratch over the same lake. A rejected covered
+    batch (its reviews gone) or another template builds it whole."""
+    from rec_models.text import DEFAULT_ITEM_TEMPLATE, TextEncoder, TextTemplate
+    from rec_pipelines.defs.embeddings.assets import _catalog_batches
+    from rec_pipelines.item_embeddings import update_item_embeddings
+    from rec_pipelines.lake import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "landing", tmp_path / "lake", pseudonym_key="k" * 32)
+    encoder = TextEncoder(str(tiny_encoder_dir))
+    changed = lambda batches: {str(i) for b in batches for i in store.read_batch("catalog", b)["item_id"]}  # noqa: E731
+
+    def update(path, template=DEFAULT_ITEM_TEMPLATE):
+        store.ingest("catalog"), store.ingest("events"), store.validate_pending()
+        catalog = store.catalog()
+        return update_item_embeddings(path, catalog, _catalog_batches(store, catalog), store.validated_events(),
+                                      encoder, template, 3, tmp_path / f"cache-{path.stem}.parquet", changed)
+
+    def same_as_scratch(frame):
+        scratch, stats = update(tmp_path / f"scratch-{time.monotonic_ns()}.parquet")
+        assert stats["table_update"] == "built"
+        assert frame["item_id"].tolist() == scratch["item_id"].tolist() and frame["text"].tolist() == scratch["text"].tolist()
+        assert frame["has_reviews"].tolist() == scratch["has_reviews"].tolist()
+        np.testing.assert_allclose(as_matrix(frame), as_matrix(scratch), atol=2e-2)
+
+    table = tmp_path / "items.parquet"
+    small_simulator.write_batch(store.landing_zone, 0)
+    frame, stats = update(table)
+    assert stats["table_update"] == "built" and frame["has_reviews"].any()
+    assert update(table)[1]["table_update"] == "unchanged"
+
+    # a new catalog file: 3 new items and a new title for an old one; a review of another old item
+    catalog = store.catalog()
+    renamed, reviewed = catalog["item_id"].iloc[0], catalog["item_id"].iloc[5]
+    write_jsonl(store.landing_zone / "catalog" / "more.jsonl", pd.concat(
+        [new_items(3), catalog.iloc[[0]][["item_id", "category", "tags"]].assign(title="A new title")]))
+    write_jsonl(store.landing_zone / "events" / "review.jsonl", pd.DataFrame([{
+        "user_id": "r1", "item_id": reviewed, "event_type": "review", "timestamp": 1_790_000_000,
+        "text": "The best thing I read this year"}]))
+    frame, stats = update(table)
+    assert stats["table_update"] == "incremental" and stats["items_rendered"] == 5 and stats["encoded"] == 5
+    assert "A new title" in frame.set_index("item_id").loc[renamed, "text"]
+    assert "best thing I read" in frame.set_index("item_id").loc[reviewed, "text"]
+    same_as_scratch(frame)
+
+    # the review's batch rejected after the fact: its review leaves the item's text (whole build)
+    [review_batch] = [a["batch_id"] for a in store.accounts() if a["file"] == "events/review.jsonl"]
+    store.reject_batches([review_batch], "bad export")
+    frame, stats = update(table)
+    assert stats["table_update"] == "built" and stats["encoded"] == 0  # the old text's vector was kept in the table
+    assert "best thing I read" not in frame.set_index("item_id").loc[reviewed, "text"]
+    same_as_scratch(frame)
+
+    other = TextTemplate(version="other", template="{title}")
+    assert update(table, other)[1]["table_update"] == "built"

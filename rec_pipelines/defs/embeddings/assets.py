@@ -17,10 +17,10 @@ if TYPE_CHECKING:  # transformers import is slow: at run time only inside the as
     from rec_models.text import TextEncoder, TextTemplate
 
 GROUP = "embeddings"
-REVIEW_COLUMNS = ["item_id", "event_type", "timestamp", "text"]  # what add_reviews reads
 CONTEXT_COLUMNS = ["user_id", "item_id", "event_type", "value", "timestamp", "text"]  # build_user_contexts
 CONTEXT_ROWS = 2_000_000  # events read at once (a share of the users) for the user contexts
 ITEM_CACHE_FILE = "embedding_cache.parquet"
+ITEM_TABLE_FILE = "item_embeddings.parquet"  # under <lake>/tables (rec_pipelines.item_embeddings)
 USER_CACHE_FILE = "user_context_cache.parquet"
 PROGRESS_EVERY_S = 5.0
 PROJECTION_MAX_POINTS = 2000
@@ -135,6 +135,15 @@ def _similar(titles: list[str], top: np.ndarray, sims: np.ndarray) -> list[str]:
     return [f"{titles[j]} ({s:.2f})" if np.isfinite(s) else "" for j, s in zip(top, sims)]
 
 
+def _catalog_batches(store, item_catalog: pd.DataFrame) -> list[str] | None:
+    """The catalog batches ``item_catalog`` was made of, in ingestion order (the ledger's, up to
+    the last one it has rows of); None when its rows do not say (no ``batch_id``)."""
+    if "batch_id" not in item_catalog.columns:
+        return None
+    present, batches = set(item_catalog["batch_id"].astype(str)), store.batches("catalog")
+    return batches[:max((i + 1 for i, b in enumerate(batches) if b in present), default=0)]
+
+
 @dg.asset(group_name=GROUP, kinds={"pytorch"})
 def item_text_embeddings(
     context: dg.AssetExecutionContext,
@@ -144,30 +153,26 @@ def item_text_embeddings(
     text_encoder: TextEncoderResource,
     lake: LakeResource,
 ) -> dg.Output[pd.DataFrame]:
-    """One L2-normalised vector per catalog item (``item_id``, ``text``, ``embedding``), from
-    the item template over catalog fields and the item's latest reviews. Cached by (model,
-    template, text): an unchanged catalog encodes nothing, new items or items with new
-    reviews encode only themselves."""
-    from rec_models.text import (
-        DEFAULT_ITEM_TEMPLATE,
-        REVIEW_EVENT,
-        EmbeddingCache,
-        add_reviews,
-        as_matrix,
-        embed_catalog,
-    )
+    """One L2-normalised vector per catalog item (``item_id``, ``text``, ``embedding``,
+    ``has_reviews``), from the item template over catalog fields and the item's latest reviews.
+    Kept as a lake table (``rec_pipelines.item_embeddings``) and cached by (model, template,
+    text): a run renders only the items of new catalog batches and those with reviews in new
+    event batches, and encodes only texts never embedded."""
+    from rec_models.text import DEFAULT_ITEM_TEMPLATE, as_matrix
+    from rec_pipelines.item_embeddings import update_item_embeddings
     from rec_pipelines.plots import markdown_table
 
     template = _template(DEFAULT_ITEM_TEMPLATE, config.template, config.template_version)
-    reviews = validated_feedback.read_matching("event_type", [REVIEW_EVENT], REVIEW_COLUMNS)  # not the whole history
-    catalog = add_reviews(item_catalog, reviews, per_item=config.reviews_per_item)
     encoder = text_encoder.encoder()
-    context.log.info(f"embedding {len(catalog)} item texts with {encoder.describe()}, template {template.version}")
-    cache = EmbeddingCache(lake.store().lake / ITEM_CACHE_FILE)
-    embeddings, stats = embed_catalog(
-        catalog, encoder, template, cache=cache, progress=_progress_logger(context, "item texts"), prune=True
-    )
-    context.log.info(f"item embeddings: {stats['encoded']} encoded, {stats['cached']} cached")
+    store = lake.store()
+    context.log.info(f"item texts of {len(item_catalog)} items with {encoder.describe()}, template {template.version}")
+    embeddings, stats = update_item_embeddings(
+        store.lake / "tables" / ITEM_TABLE_FILE, item_catalog, _catalog_batches(store, item_catalog), validated_feedback,
+        encoder, template, config.reviews_per_item, store.lake / ITEM_CACHE_FILE,
+        lambda batches: {str(i) for b in batches for i in store.read_batch("catalog", b)["item_id"]},
+        progress=_progress_logger(context, "item texts"))
+    context.log.info(f"item embeddings ({stats['table_update']}): {stats['items_rendered']} texts rendered, "
+                     f"{stats['encoded']} encoded")
 
     vectors = as_matrix(embeddings)
     titles, categories = _item_labels(embeddings["item_id"], item_catalog)
@@ -175,7 +180,9 @@ def item_text_embeddings(
         embeddings,
         metadata={
             "items": len(embeddings),
-            "items_with_reviews": int((catalog["reviews"] != "").sum()),
+            "items_with_reviews": int(embeddings["has_reviews"].sum()),
+            "table_update": stats["table_update"],
+            "items_rendered": stats["items_rendered"],
             **_encoding_metadata(stats, encoder),
             "template": template.template,
             "sample_texts": dg.MetadataValue.md(
