@@ -10,7 +10,7 @@ from rec_models.models.baselines import (
     tune_content,
     tune_ease,
 )
-from rec_models.models.data_module import TrainingWindows, build_training_windows
+from rec_models.models.windows import TrainingWindows, build_training_windows
 from rec_models.models.hybrid import (
     HybridScorer,
     blend,

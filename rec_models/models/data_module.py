@@ -1,89 +1,25 @@
-"""Training windows (half-overlapping, every position a target once), built batch by batch,
-and the ``LightningDataModule`` that serves them, with the validation users."""
+"""The ``LightningDataModule`` of training: training windows (``rec_models.models.windows``),
+in memory or streamed from Parquet by worker processes, and the validation users."""
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from rec_models.data import LeaveLastOutSplit
-from rec_models.data.arrays import narrowest
 from rec_models.evaluation import eval_batch_size
 from rec_models.models.distributed import train_sampler
 from rec_models.models.sasrec import SASRecConfig
+from rec_models.models.windows import StreamedWindows, TrainingWindows, write_training_sequences
 
-
-class TrainingWindows(Dataset):
-    """Half-overlapping training windows of sequences, built batch by batch.
-
-    A sequence of n + 1 items gives n (input, next item) pairs. Windows of ``max_len`` pairs
-    end at n, n - max_len // 2, ... until one starts at the first pair; rows are left-padded.
-    Each target is counted in exactly one window (elsewhere its target is 0 = ignored): in the
-    window where it has most context, i.e. a window's last ``max_len // 2`` positions, or all
-    positions of the earliest window.
-
-    Only the sequences (one flat array, as narrow as the values allow) and three numbers per
-    window are held; a batch's rows are built when the loader asks for them, so the memory of
-    training does not grow with ``max_len`` x the windows (at 10M events the three int64 arrays of all
-    windows took ~0.3 GB per network, twice that while built). ``__getitems__`` (what a
-    ``DataLoader`` calls with a batch of window positions) builds the batch in one vectorised
-    pass: three int64 tensors [len(indices), max_len], input items, input event types, targets.
-    """
-
-    def __init__(self, items: Sequence[np.ndarray], event_types: Sequence[np.ndarray], max_len: int) -> None:
-        lengths = np.fromiter((len(s) for s in items), dtype=np.int64, count=len(items))
-        if not np.array_equal(lengths, [len(t) for t in event_types]):
-            raise ValueError("items and event_types differ in length for some sequence")
-        self.max_len = max_len
-        self.items = narrowest(np.concatenate(items)) if len(items) else np.zeros(0, dtype=np.int8)
-        self.event_types = narrowest(np.concatenate(event_types)) if len(items) else np.zeros(0, dtype=np.int8)
-        stride = max(max_len // 2, 1)
-        pairs = np.maximum(lengths - 1, 0)
-        # Windows per sequence: one for n <= max_len pairs, then one more per stride (or part).
-        counts = np.where(pairs > max_len, 1 + -(-(pairs - max_len) // stride), (pairs > 0).astype(np.int64))
-        sequence = np.repeat(np.arange(len(items)), counts)
-        first = np.cumsum(counts) - counts
-        rank = np.arange(len(sequence)) - np.repeat(first, counts)  # 0 = the window ending at n
-        end = pairs[sequence] - rank * stride
-        start = np.maximum(end - max_len, 0)
-        offsets = np.cumsum(lengths) - lengths
-        self.start = narrowest(offsets[sequence] + start)  # of the window's first input in self.items
-        self.width = narrowest(end - start)
-        self.counted = narrowest(np.where(start == 0, end - start, np.minimum(stride, end - start)))
-
-    def __len__(self) -> int:
-        return len(self.start)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(t[0] for t in self.__getitems__([index]))
-
-    def __getitems__(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        indices = np.asarray(indices, dtype=np.int64)
-        start, width, counted = (a[indices].astype(np.int64)[:, None] for a in (self.start, self.width, self.counted))
-        column = np.arange(self.max_len)
-        offset = column - (self.max_len - width)  # position in the window's slice; < 0: padding
-        flat = start + np.maximum(offset, 0)
-        real = offset >= 0
-        counted_here = column >= self.max_len - counted
-        items = np.where(real, self.items[flat], 0)
-        types = np.where(real, self.event_types[flat], 0)
-        targets = np.where(counted_here, self.items[np.minimum(flat + 1, len(self.items) - 1)], 0)
-        return tuple(torch.from_numpy(a.astype(np.int64)) for a in (items, types, targets))
-
-
-def build_training_windows(
-    items: Sequence[np.ndarray],
-    event_types: Sequence[np.ndarray],
-    max_len: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All training windows of ``TrainingWindows`` at once: (input items, input types, targets),
-    each int64 [W, max_len], in sequence order and, per sequence, from the latest window back."""
-    windows = TrainingWindows(items, event_types, max_len)
-    return tuple(a.numpy() for a in windows.__getitems__(np.arange(len(windows))))
+log = logging.getLogger(__name__)
 
 
 def _as_built(batch):
@@ -97,6 +33,11 @@ class SequenceDataModule(L.LightningDataModule):
     ``users_subset`` (positions in ``split.train``) restricts the training windows, e.g. to
     users with new feedback plus a replay sample; validation uses ``val_split`` (default: every
     user of ``split``; a bounded sample of them on large data).
+    With ``config.loader_workers`` > 0 the training windows are streamed (``StreamedWindows``)
+    by that many ``DataLoader`` worker processes from a Parquet file of the training sequences:
+    ``train_file`` when given (``write_training_sequences`` of exactly these sequences), else one
+    this module writes to a temporary folder at ``setup`` (removed at ``teardown``). Streaming
+    runs on one process; with DDP the windows stay in memory.
     On several processes (DDP) each rank trains on its shuffled shard of the windows, while
     validation is not sharded: every rank scores every user, so all ranks see the same
     validation NDCG and take the same early-stopping decisions (the trainer runs with
@@ -109,13 +50,18 @@ class SequenceDataModule(L.LightningDataModule):
         config: SASRecConfig,
         users_subset: Sequence[int] | None = None,
         val_split: LeaveLastOutSplit | None = None,
+        train_file: str | Path | None = None,
     ) -> None:
         super().__init__()
+        if train_file is not None and users_subset is not None:
+            raise ValueError("train_file holds every training sequence: it cannot serve a users_subset")
+        self.train_file = train_file
+        self._spill: tempfile.TemporaryDirectory | None = None
         self.split = split
         self.val_split = val_split if val_split is not None else split
         self.config = config
         self.users_subset = users_subset
-        self.train_windows: TrainingWindows | None = None
+        self.train_windows: TrainingWindows | StreamedWindows | None = None
 
     def candidate_items(self) -> torch.Tensor:
         """Bool [n_items + 1]: items occurring in any user's training sequence."""
@@ -125,17 +71,50 @@ class SequenceDataModule(L.LightningDataModule):
         seen[0] = False
         return torch.from_numpy(seen)
 
+    def streams(self) -> bool:
+        """Whether training windows are streamed from Parquet (see the class docstring)."""
+        return self.config.loader_workers > 0 and (self.trainer is None or self.trainer.world_size <= 1)
+
+    @property
+    def n_windows(self) -> int:
+        return 0 if self.train_windows is None else (
+            self.train_windows.n_windows if isinstance(self.train_windows, StreamedWindows) else len(self.train_windows))
+
     def setup(self, stage: str | None = None) -> None:
-        train = self.split.train
-        if self.users_subset is not None:
-            train = train.subset(self.users_subset)
-        self.train_windows = TrainingWindows(train.items, train.event_types, self.config.max_len)
-        if len(self.train_windows) == 0:
+        if self.config.loader_workers > 0 and not self.streams():
+            log.warning("training windows are streamed on one process only: with DDP they stay in memory")
+        if self.streams():
+            self.train_windows = StreamedWindows(self._training_file(), self.config.max_len, self.config.batch_size)
+            self.train_windows.set_workers(self.config.loader_workers)
+        else:
+            train = self.split.train
+            if self.users_subset is not None:
+                train = train.subset(self.users_subset)
+            self.train_windows = TrainingWindows(train.items, train.event_types, self.config.max_len)
+        if self.n_windows == 0:
             raise ValueError("no training windows: every training sequence is shorter than 2")
+
+    def _training_file(self) -> Path:
+        if self.train_file is not None:
+            return Path(self.train_file)
+        train = self.split.train if self.users_subset is None else self.split.train.subset(self.users_subset)
+        self._spill = tempfile.TemporaryDirectory(prefix="recsys-windows-")
+        path = Path(self._spill.name) / "training_sequences.parquet"
+        write_training_sequences(train, path, self.config.max_len)
+        return path
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
 
     def train_dataloader(self) -> DataLoader:
         """``config.batch_size`` windows per step: with N processes, ``batch_size // N`` each
         (the optimisation, and so the model, does not depend on the number of devices)."""
+        if isinstance(self.train_windows, StreamedWindows):  # batches come whole from the workers
+            workers = self.config.loader_workers
+            return DataLoader(self.train_windows, batch_size=None, num_workers=workers,
+                              collate_fn=_as_built)  # new workers, so new seeds, per epoch
         sampler = train_sampler(self.train_windows, self.trainer, self.config.seed)
         if sampler is None:  # the order of ``shuffle=True``: the same windows per step as before
             sampler, batch_size = RandomSampler(self.train_windows), self.config.batch_size

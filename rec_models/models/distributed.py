@@ -132,9 +132,11 @@ class HandoffCallback(Callback):
 
 
 def quiet_warnings() -> None:
-    """Ignore Lightning's warnings that do not apply here (in-memory data, short epochs)."""
+    """Ignore Lightning's warnings that do not apply here (batches built whole, short epochs)."""
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # streamed windows: each loader worker reads its own row groups, ``len`` counts them exactly
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
     # validation metrics are rank 0's on every rank (``from_rank_zero``): nothing to reduce
     warnings.filterwarnings("ignore", message=r".*sync_dist=True\)` when logging on epoch level.*")
 

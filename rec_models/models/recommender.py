@@ -78,6 +78,9 @@ class RecommenderConfig:
     devices: int | str = 1
     strategy: str = "auto"
     num_nodes: int = 1
+    # > 0: a full retrain's training windows are streamed from a Parquet file of the training
+    # sequences by this many DataLoader worker processes (rec_models.models.windows), not held in memory
+    loader_workers: int = 0
     sasrec_models: int = 2  # SASRec networks trained with seeds seed, seed + 1, ...; their scores are averaged
     # validation (epochs, blend weights) scores at most this many users, a seeded sample stratified
     # by activity beyond it (0: all), so a fine-tune's validation does not grow with the user count
@@ -121,7 +124,9 @@ class RecommenderConfig:
         names = {f.name for f in dataclasses.fields(SASRecConfig)} - {"n_items", "text_dim"}
         values = {name: getattr(self, name) for name in names}
         if finetune:
-            values.update(max_epochs=self.finetune_max_epochs, patience=self.finetune_patience, lr=self.finetune_lr)
+            # a fine-tune's few users' windows are built in memory (no file, no worker start-up)
+            values.update(max_epochs=self.finetune_max_epochs, patience=self.finetune_patience, lr=self.finetune_lr,
+                          loader_workers=0)
         return SASRecConfig(n_items=n_items, text_dim=text_dim, **values)
 
     def to_dict(self) -> dict:

@@ -58,6 +58,7 @@ class SASRecConfig:
     devices: int | str = 1  # processes per node with DDP; batch_size stays the global batch
     strategy: str = "auto"  # "ddp_spawn" for several devices ("auto" picks it); "ddp" only under torchrun
     num_nodes: int = 1
+    loader_workers: int = 0  # > 0: training windows streamed from Parquet by this many processes (data_module)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -179,7 +179,7 @@ class _BestEpochTracker(HandoffCallback):
         return {"stopped_by": stopped_by, "epochs": self.epochs, "best_score": self.best_score,
                 "best_state": self.best_state, "best_blend": self.best_blend, "best_own": self.best_own,
                 "sequences_per_rank": per_rank(trainer, pl_module.sequences_seen),
-                "n_windows": len(trainer.datamodule.train_windows)}
+                "n_windows": trainer.datamodule.n_windows}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
