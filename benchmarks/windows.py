@@ -6,8 +6,9 @@
 Builds sequences shaped like the scaling benchmark's 10M-event history (``--users`` users with
 geometric lengths of mean ``--events-per-user``, Zipf-popular items out of ``--items``) and
 trains the recommender's SASRec network (``RecommenderConfig`` defaults, ``loader_workers`` set
-per run) for at most ``--max-time-s`` seconds, one fresh process per setting, settings
-alternating over ``--repeats``. Per run it prints windows trained per second and the peak RSS
+per run) for at most ``--max-time-s`` seconds, validating on a stratified sample of 500 users
+(as ``train_recommender`` does), one fresh process per setting, settings alternating over
+``--repeats``. Per run it prints windows trained per second and the peak RSS
 of the training process and of its loader workers (0 workers: the windows are built in the
 training process from an in-memory index, ``TrainingWindows``; N > 0: ``StreamedWindows``).
 Ends with one JSON line.
@@ -31,6 +32,7 @@ def child(args: argparse.Namespace, workers: int) -> dict:
     import numpy as np
 
     from rec_models.data import UserSequences, leave_last_out
+    from rec_models.evaluation.sampling import stratified_user_sample
     from rec_models.models.recommender import RecommenderConfig
     from rec_models.models.training import train_sasrec
 
@@ -43,10 +45,12 @@ def child(args: argparse.Namespace, workers: int) -> dict:
     types = [np.ones(len(a), dtype=np.int64) for a in items]
     split = leave_last_out(UserSequences([f"u{i}" for i in range(args.users)], items, types))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    config = RecommenderConfig(max_epochs=1_000, patience=1_000, val_users=500, loader_workers=workers,
+    config = RecommenderConfig(max_epochs=1_000, patience=1_000, loader_workers=workers,
                                seed=args.seed).sasrec(args.items, 0)
     started = time.perf_counter()
-    _, history = train_sasrec(split, config, max_time_s=args.max_time_s)
+    lengths_train = np.array([len(a) for a in split.train.items])
+    val_split = split.subset(stratified_user_sample(lengths_train, 500, args.seed))  # as train_recommender validates
+    _, history = train_sasrec(split, config, max_time_s=args.max_time_s, val_split=val_split)
     return {"workers": workers, "events": int(lengths.sum()), "windows_per_epoch": history["n_windows"],
             "windows_trained": int(sum(history["sequences_per_rank"])), "train_s": round(history["train_s"], 1),
             "windows_per_s": round(history["sequences_per_s"], 1), "wall_s": round(time.perf_counter() - started, 1),

@@ -64,6 +64,9 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator, tmp_path
         assert "val_ndcg_at_10" in run.data.metrics and "test_ndcg_at_10" in run.data.metrics
         assert len(registry.client.get_metric_history(champion.run_id, "val_ndcg_at_10")) >= 1
         assert run.data.params["mode"] == "full"
+        # the full retrain streamed its training windows from Parquet with the default loader process
+        full_networks = result.output_for_node("candidate_model").history["networks"]
+        assert [n["loader_workers"] for n in full_networks] == [1] * len(full_networks)
         plots = {a.path for a in registry.client.list_artifacts(champion.run_id, "plots")}
         assert plots == {"plots/training_curves.png", "plots/champion_vs_challenger.png"}
 
@@ -86,6 +89,7 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator, tmp_path
         assert refreshed == every_asset - set(MICROBATCH_REUSES) and set(MICROBATCH_REUSES) < every_asset
         trained = micro.output_for_node("candidate_model")
         assert trained.mode == "incremental" and trained.parent_version == first["version"]
+        assert all(n["loader_workers"] == 0 for n in trained.history["networks"])  # a fine-tune's windows: in memory
         assert len(trained.new_batches) == 1 and trained.new_batches[0].startswith("events-00001")
         meta = next(e for e in micro.get_asset_materialization_events()
                     if e.asset_key == dg.AssetKey("candidate_model")).materialization.metadata
@@ -109,6 +113,7 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator, tmp_path
         assert json.loads(version.tags["batches"])[-1] == trained.new_batches[0]
         # the champion bundles the fine-tune and the gate downloaded are gone from the disk
         assert not list(scratch.rglob("MLmodel"))
+        assert not list(scratch.glob("recsys-windows-*"))  # the full retrain's streamed training file is removed
 
         # 5. re-running ingests nothing twice
         rows_before = len(store.read("events"))

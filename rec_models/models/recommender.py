@@ -341,7 +341,7 @@ def train_recommender(
         networks.append(network)
         histories.append(network_history)
     history = dict(histories[0])
-    history["networks"] = [{k: h[k] for k in ("stopped_by", "best_val_ndcg@10", "train_s")} | {"epochs": len(h["epochs"])}
+    history["networks"] = [{k: h[k] for k in ("stopped_by", "best_val_ndcg@10", "train_s", "loader_workers")} | {"epochs": len(h["epochs"])}
                            for h in histories]
     history["train_s"] = sum(h["train_s"] for h in histories)
     history["val_users"] = len(val_split.train)

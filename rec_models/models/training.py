@@ -164,6 +164,7 @@ class _BestEpochTracker(HandoffCallback):
         self.stopped_by: str | None = None
         self.sequences_per_rank: list[int] = []
         self.n_windows = 0
+        self.loader_workers = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         quiet_warnings()  # again: spawned ranks do not inherit the caller's warning filters
@@ -179,7 +180,8 @@ class _BestEpochTracker(HandoffCallback):
         return {"stopped_by": stopped_by, "epochs": self.epochs, "best_score": self.best_score,
                 "best_state": self.best_state, "best_blend": self.best_blend, "best_own": self.best_own,
                 "sequences_per_rank": per_rank(trainer, pl_module.sequences_seen),
-                "n_windows": trainer.datamodule.n_windows}
+                "n_windows": trainer.datamodule.n_windows,
+                "loader_workers": trainer.datamodule.config.loader_workers if trainer.datamodule.streams() else 0}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -302,7 +304,9 @@ def train_sasrec(
     ``stopped_by`` ("patience", "max_epochs" or "max_time": only the last depends on the
     machine's speed), ``train_s`` (wall time of ``fit``, validation included), ``sequences_per_s`` (training
     windows processed per second of ``train_s``, all ranks together), ``n_windows`` (windows
-    per epoch), ``world_size`` and ``sequences_per_rank`` (windows each process trained on).
+    per epoch), ``loader_workers`` (> 0: the windows were streamed from Parquet by that many loader
+    processes, see ``data_module``), ``world_size`` and ``sequences_per_rank`` (windows each process
+    trained on).
 
     The config's ``accelerator`` (default CPU), ``devices``, ``strategy`` and ``num_nodes`` go
     to Lightning's ``Trainer``. Several devices mean DDP: each of N processes trains on its
@@ -397,6 +401,7 @@ def train_sasrec(
         "train_s": train_s,
         "sequences_per_s": sum(tracker.sequences_per_rank) / train_s,
         "n_windows": tracker.n_windows,
+        "loader_workers": tracker.loader_workers,  # > 0: the windows were streamed from Parquet by that many
         "world_size": len(tracker.sequences_per_rank),
         "sequences_per_rank": tracker.sequences_per_rank,
         "warm_start_val_ndcg@10": warm_start_score,

@@ -78,12 +78,15 @@ class TrainConfig(dg.Config):
     diversity: float = _DEFAULTS.diversity  # served MMR diversity default (0 = off); requests may override
     seed: int = _DEFAULTS.seed
     max_time_s: float = _DEFAULTS.max_time_s  # safety net only; a run that hits it says so
+    # a full retrain streams its training windows from Parquet with this many loader processes (0: in memory)
+    loader_workers: int = 1
     model: dict[str, Any] = {}  # any other RecommenderConfig field, e.g. {"ease": false}
     bundle_text_encoder: bool = False  # ship the text encoder in the model so requests may send context_text
 
     def recommender_config(self) -> RecommenderConfig:
         typed = {name: getattr(self, name) for name in (
-            "max_epochs", "patience", "finetune_max_epochs", "d_model", "max_len", "diversity", "seed", "max_time_s")}
+            "max_epochs", "patience", "finetune_max_epochs", "d_model", "max_len", "diversity", "seed", "max_time_s",
+            "loader_workers")}
         try:
             return RecommenderConfig.from_dict({**typed, **self.model})
         except (TypeError, ValueError) as error:
