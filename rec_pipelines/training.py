@@ -30,6 +30,7 @@ from rec_models.evaluation import (
     paired_difference,
     stratified_order,
 )
+from rec_models.files import as_location, write_json_atomic
 from rec_models.models import (
     HybridRecommender,
     RecommenderConfig,
@@ -96,11 +97,61 @@ def assemble_training_data(table: UserTable, item_catalog: pd.DataFrame, vocab_p
     """Sequences and split under the evaluation protocol (every rating row kept, its value as
     a feature; stable time order) of a per-user table (``user_table.update_user_table``),
     without ``excluded_users`` (bot-like). The item vocabulary is append-only and kept at
-    ``vocab_path``, so any earlier model's tables are a prefix of today's and can grow. Returns
-    the data and its statistics."""
-    vocab, sequences, split, user_batches, stats = training_data_from(table, item_catalog, vocab_path, excluded_users)
-    stats["users_in_split"] = len(split.train)
+    ``vocab_path`` (catalog items join it first, then items seen only in feedback), so any
+    earlier model's tables are a prefix of today's and can grow. Returns the data and its statistics."""
+    vocab = _read_vocab(vocab_path)
+    added = vocab.extend(item_catalog["item_id"].astype(str))
+    sequences, split, user_batches, stats = training_data_from(table, vocab, excluded_users)
+    write_json_atomic(vocab_path, vocab.to_dict())
+    stats.update(new_items_in_vocab=added, users_in_split=len(split.train))
     return TrainingData(vocab, sequences, split, user_batches, list(table.batches)), stats
+
+
+def _read_vocab(path) -> ItemVocab:
+    return ItemVocab.from_dict(json.loads(path.read_text())) if path.exists() else ItemVocab()
+
+
+class StaleTrainingData(RuntimeError):
+    """The per-user table changed since ``training_data`` handed it over."""
+
+
+@dataclass(frozen=True)
+class TrainingDataRef:
+    """What ``training_data`` hands to the steps after it: where its data lives in the lake
+    (the per-user table's version it read, the vocabulary, the users left out), not a copy of
+    the history. ``load()`` gives the ``TrainingData``: the object ``training_data`` built when
+    the step runs in the same process (the in-process executor: nothing read twice), else
+    rebuilt from the table, refusing a table stored again since (``StaleTrainingData``)."""
+
+    table_path: str
+    table_version: str | None
+    vocab_path: str
+    excluded_users: tuple[str, ...]
+    batches: tuple[str, ...]
+
+    def load(self) -> TrainingData:
+        if _built.get("ref") == self:
+            return _built["data"]
+        table = UserTable.load(as_location(self.table_path))
+        if table is None or table.version != self.table_version or tuple(table.batches) != self.batches:
+            raise StaleTrainingData(
+                f"the per-user table {self.table_path} was stored again after training_data handed it over "
+                f"(version {self.table_version}, now {None if table is None else table.version}): "
+                "materialise training_data again")
+        vocab = _read_vocab(as_location(self.vocab_path))
+        sequences, split, user_batches, _ = training_data_from(table, vocab, set(self.excluded_users))
+        data = TrainingData(vocab, sequences, split, user_batches, list(table.batches))
+        remember(self, data)
+        return data
+
+
+_built: dict = {}
+"""The last ``TrainingData`` this process built or loaded, with its ref (one: a run's)."""
+
+
+def remember(ref: TrainingDataRef, data: TrainingData) -> None:
+    _built.clear()
+    _built.update(ref=ref, data=data)
 
 
 def text_matrix(vocab: ItemVocab, embeddings: pd.DataFrame) -> torch.Tensor:

@@ -150,7 +150,7 @@ def test_the_gate_evaluates_a_seeded_sample_and_tags_how(dagster_env, small_simu
     first = job.execute_in_process(instance=instance, run_config=evaluation_config(30))
     assert first.success
     evaluation = first.output_for_node("model_evaluation")
-    population = len(first.output_for_node("training_data").split.train)
+    population = len(first.output_for_node("training_data").load().split.train)
     assert population > 30
     assert evaluation["eval_users"] == evaluation["candidate"]["n_users"] == len(evaluation["eval_user_ids"]) == 30
     assert (evaluation["eval_population"], evaluation["eval_seed"]) == (population, 0)

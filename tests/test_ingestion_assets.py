@@ -3,14 +3,19 @@ configurable weights and bot flags, events ahead of their catalog entry, the blo
 Expectations check stopping training, and `recsys ingest`."""
 
 import json
+import pickle
 
 import dagster as dg
+import numpy as np
 import pandas as pd
+import pytest
 from conftest import TINY_RUN_CONFIG
 
 from rec_models.data.privacy import pseudonymize
+from rec_pipelines import training
 from rec_pipelines.defs.ingestion.assets import INGESTION_ASSETS
 from rec_pipelines.lake import FeedbackStore
+from rec_pipelines.training import StaleTrainingData, TrainingDataRef
 
 T = 1_700_000_040  # a minute boundary
 
@@ -75,13 +80,13 @@ def test_per_batch_accounting_features_and_catalog_lag(dagster_env, small_simula
     # Flagged users stay out of training and evaluation (counted), unless configured otherwise.
     training = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("training_data")])
-    assert bot_id not in training.output_for_node("training_data").sequences.user_ids
+    assert bot_id not in training.output_for_node("training_data").load().sequences.user_ids
     assert metadata(training, "training_data")["bot_users_excluded"] == 1
     assert metadata(training, "training_data")["bot_interactions_excluded"] == 40  # 40 items, each clicked 4 times
     kept = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("training_data")],
         run_config={"ops": {"training_data": {"config": {"exclude_bots": False}}}})
-    assert bot_id in kept.output_for_node("training_data").sequences.user_ids
+    assert bot_id in kept.output_for_node("training_data").load().sequences.user_ids
     assert metadata(kept, "training_data")["bot_interactions_excluded"] == 0
 
     # A bot arriving in a micro-batch that does not refresh feedback_features (the sensor's runs
@@ -92,7 +97,7 @@ def test_per_batch_accounting_features_and_catalog_lag(dagster_env, small_simula
     later = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("training_data")])
     [bot2_id] = pseudonymize(["bot-2"], FeedbackStore(settings.landing_zone, settings.lake).pseudonym_key())
-    assert {bot_id, bot2_id}.isdisjoint(later.output_for_node("training_data").sequences.user_ids)
+    assert {bot_id, bot2_id}.isdisjoint(later.output_for_node("training_data").load().sequences.user_ids)
     assert metadata(later, "training_data")["table_users_rebuilt"] == 1  # bot-2 alone
     assert metadata(later, "training_data")["bot_users_flagged_in_table"] == 2
     assert metadata(later, "training_data")["bot_users_excluded"] == 2
@@ -104,7 +109,7 @@ def test_per_batch_accounting_features_and_catalog_lag(dagster_env, small_simula
     next_run = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("training_data")])
     assert metadata(next_run, "training_data")["table_users_rebuilt"] == 1  # p1 alone
-    assert {bot_id, bot2_id}.isdisjoint(next_run.output_for_node("training_data").sequences.user_ids)
+    assert {bot_id, bot2_id}.isdisjoint(next_run.output_for_node("training_data").load().sequences.user_ids)
 
     catalog_check = check(first, "events_with_catalog_entry")  # kept and reported, not quarantined
     assert catalog_check.metadata["events_without_catalog_entry"].value == 1
@@ -213,7 +218,7 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
     [old] = [a for a in store.accounts() if a["file"] == "events/old.jsonl"]
     assert (old["rows_in"], old["rows_valid"], old["rows_quarantined"]) == (7, 7, 0)
     [o1] = pseudonymize(["o1"], store.pseudonym_key())
-    assert o1 in first.output_for_node("training_data").sequences.user_ids
+    assert o1 in first.output_for_node("training_data").load().sequences.user_ids
     others = [a for a in store.accounts() if a["batch_id"] != old["batch_id"]]
 
     from rec_pipelines.defs.ingestion.assets import event_batch
@@ -234,7 +239,7 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
     after = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("validated_feedback"), dg.AssetKey("training_data")])
     assert metadata(after, "training_data")["table_update"] == "rebuilt"
-    assert o1 not in after.output_for_node("training_data").sequences.user_ids
+    assert o1 not in after.output_for_node("training_data").load().sequences.user_ids
 
     # Validated again under the default rules, the rows come back from quarantine.
     restored = revalidate()
@@ -243,7 +248,21 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
     again = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("validated_feedback"), dg.AssetKey("training_data")])
     assert metadata(again, "training_data")["table_update"] == "rebuilt"
-    assert o1 in again.output_for_node("training_data").sequences.user_ids
+    assert o1 in again.output_for_node("training_data").load().sequences.user_ids
+
+    # training_data hands over a reference to the lake's table, not the history: a few hundred
+    # bytes that load the same data again in a fresh process; a table stored since refuses it.
+    ref = again.output_for_node("training_data")
+    assert isinstance(ref, TrainingDataRef) and len(pickle.dumps(ref)) < 2_000
+    built = ref.load()
+    training._built.clear()  # as in another process
+    loaded = ref.load()
+    assert loaded is not built and loaded.sequences.user_ids == built.sequences.user_ids and loaded.batches == built.batches
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.split.train.items, built.split.train.items))
+    assert np.array_equal(loaded.split.test_targets, built.split.test_targets)
+    assert loaded.user_batches == built.user_batches and loaded.vocab.ids == built.vocab.ids
+    with pytest.raises(StaleTrainingData, match="materialise training_data again"):
+        after.output_for_node("training_data").load()
 
     # A suite that fails (the asset runs Great Expectations there) rejects the batch whole,
     # under the lake's lock and before any of its rows is written as valid.
@@ -276,13 +295,13 @@ def test_validated_feedback_compacts_small_batches_training_reads_the_same(dagst
     assert metadata(second, "validated_feedback")["compaction"] == {
         "compacted_batches": 4, "files_written": 1, "small_files": 4, "retired_deleted": 0}
     assert metadata(second, "training_data")["table_update"] == "incremental"
-    incremental = second.output_for_node("training_data").sequences
+    incremental = second.output_for_node("training_data").load().sequences
 
     (settings.lake / "tables" / "user_sequences.parquet").unlink()
     scratch = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("training_data")])
     assert metadata(scratch, "training_data")["table_update"] == "built"
-    rebuilt = scratch.output_for_node("training_data").sequences
+    rebuilt = scratch.output_for_node("training_data").load().sequences
     assert incremental.user_ids == rebuilt.user_ids and len(rebuilt.user_ids) > 4
     for a, b in zip(incremental.items + incremental.event_types, rebuilt.items + rebuilt.event_types):
         assert a.tolist() == b.tolist()

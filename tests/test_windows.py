@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_sasrec import N_ITEMS, cycle_split, small_config, text_table
 from torch.utils.data import DataLoader
 
 from rec_models.data import UserSequences
@@ -17,7 +18,6 @@ from rec_models.evaluation import PopularityRecommender, evaluate_ranking
 from rec_models.models.data_module import SequenceDataModule
 from rec_models.models.training import train_sasrec
 from rec_models.models.windows import StreamedWindows, TrainingWindows, write_training_sequences
-from test_sasrec import N_ITEMS, cycle_split, small_config, text_table
 
 
 def _sequences(n_users: int = 400, seed: int = 0) -> UserSequences:

@@ -10,7 +10,6 @@ from rec_models.models.baselines import (
     tune_content,
     tune_ease,
 )
-from rec_models.models.windows import TrainingWindows, build_training_windows
 from rec_models.models.hybrid import (
     HybridScorer,
     blend,
@@ -42,6 +41,7 @@ from rec_models.models.training import (
     train_sasrec,
     training_counts,
 )
+from rec_models.models.windows import TrainingWindows, build_training_windows
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_EASE_LAMBDAS", "LOSSES", "RATING_FEATURE_OFFSET", "binary_matrix",
            "build_training_windows", "TrainingWindows", "sampled_softmax_loss", "DEFAULT_EVENT_TYPE", "EASE", "ContentRecommender", "HybridRecommender", "HybridScorer", "MMRReranker",

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from rec_models.data import UserSequences, list_array, split_lists
 from rec_models.data.arrays import narrowest
 
+
 class TrainingWindows(Dataset):
     """Half-overlapping training windows of sequences, built batch by batch.
 

@@ -5,6 +5,7 @@ import dagster as dg
 import pandas as pd
 
 from rec_pipelines.defs.resources import MlflowResource, ServingResource
+from rec_pipelines.defs.training.assets import load_training_data
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.registry import MIN_COLD_USERS, decide_promotion
 from rec_pipelines.training import (
@@ -12,7 +13,7 @@ from rec_pipelines.training import (
     DEFAULT_STEP_USERS,
     DEFAULT_TARGET_SE_RELATIVE,
     TrainedModel,
-    TrainingData,
+    TrainingDataRef,
     held_out_comparison,
     text_matrix,
 )
@@ -44,7 +45,7 @@ def model_evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
     candidate_model: TrainedModel,
-    training_data: TrainingData,
+    training_data: TrainingDataRef,
     item_text_embeddings: pd.DataFrame,
     mlflow: MlflowResource,
 ) -> dg.Output[dict]:
@@ -55,8 +56,8 @@ def model_evaluation(
     if config.step_users < 1 or config.target_se_relative < 0:
         raise dg.Failure(f"step_users must be at least 1 and target_se_relative at least 0, "
                          f"got {config.step_users} and {config.target_se_relative}")
-    results, comparison = held_out_comparison(candidate_model, training_data,
-                                              text_matrix(training_data.vocab, item_text_embeddings),
+    data = load_training_data(training_data)
+    results, comparison = held_out_comparison(candidate_model, data, text_matrix(data.vocab, item_text_embeddings),
                                               mlflow.registry(), config.eval_users, config.eval_seed,
                                               config.target_se_relative, config.step_users, config.min_cold_users)
     table = pd.DataFrame({k: results[k] for k in ("candidate", "champion", "popularity") if k in results}).T.reindex(

@@ -18,10 +18,13 @@ from rec_pipelines.defs.resources import (
 from rec_pipelines.lake import ValidatedEvents
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.training import (
+    StaleTrainingData,
     TrainedModel,
     TrainingData,
+    TrainingDataRef,
     TrainingRequest,
     assemble_training_data,
+    remember,
     text_matrix,
     train_candidate,
 )
@@ -45,20 +48,36 @@ def training_data(
     validated_feedback: ValidatedEvents,
     item_catalog: pd.DataFrame,
     feedback_features: FeedbackFeatures,
-) -> dg.Output[TrainingData]:
+) -> dg.Output[TrainingDataRef]:
     """User sequences and the leave-last-out split under the evaluation protocol (every rating
     row kept, its value as a feature; stable time order), bot-like users left out; the item
     vocabulary is append-only. The per-user table in the lake is updated with the new batches
     only: users without new events are not rebuilt (``rec_pipelines.user_table``). Bot-like
     users are those ``feedback_features`` flags plus those the table flags under its rule (each
     rebuilt user from all of their rows, kept with the table): a micro-batch need not refresh
-    ``feedback_features`` (see ``automation``) to keep a new bot out, now or later."""
+    ``feedback_features`` (see ``automation``) to keep a new bot out, now or later.
+
+    The output is a ``TrainingDataRef`` (the table's version, the vocabulary's path, the users
+    left out), not a copy of the history: the steps after it ``load()`` the data."""
     lake_root = lake.store().lake
-    table, update, flagged = update_user_table(lake_root / "tables" / "user_sequences.parquet", validated_feedback,
+    table_path, vocab_path = lake_root / "tables" / "user_sequences.parquet", lake_root / "item_vocab.json"
+    table, update, flagged = update_user_table(table_path, validated_feedback,
                                                feedback_features.flag_bots if config.exclude_bots else None)
     bots = feedback_features.bot_users() | flagged if config.exclude_bots else set()
-    data, stats = assemble_training_data(table, item_catalog, lake_root / "item_vocab.json", bots)
-    return dg.Output(data, metadata={**stats, **update, "bot_users_flagged_in_table": len(flagged)})
+    data, stats = assemble_training_data(table, item_catalog, vocab_path, bots)
+    ref = TrainingDataRef(str(table_path), table.version, str(vocab_path), tuple(sorted(bots)), tuple(table.batches))
+    remember(ref, data)
+    return dg.Output(ref, metadata={**stats, **update, "bot_users_flagged_in_table": len(flagged),
+                                    "table_path": dg.MetadataValue.path(str(table_path)),
+                                    "table_version": table.version or "none"})
+
+
+def load_training_data(ref: TrainingDataRef) -> TrainingData:
+    """The data ``ref`` names, or a run failure saying why it cannot be had."""
+    try:
+        return ref.load()
+    except StaleTrainingData as error:
+        raise dg.Failure(str(error)) from error
 
 
 _DEFAULTS = RecommenderConfig()
@@ -97,7 +116,7 @@ class TrainConfig(dg.Config):
 def candidate_model(
     context: dg.AssetExecutionContext,
     config: TrainConfig,
-    training_data: TrainingData,
+    training_data: TrainingDataRef,
     item_text_embeddings: pd.DataFrame,
     user_context_embeddings: pd.DataFrame,
     item_catalog: pd.DataFrame,
@@ -114,9 +133,10 @@ def candidate_model(
         run_name=context.run_id[:8], run_tags={"dagster.run_id": context.run_id},
         bundle_text_encoder_dir=text_encoder.encoder().model_path if config.bundle_text_encoder else None)
     store = lake.store()
+    data = load_training_data(training_data)
     try:
         trained, model, curves = train_candidate(
-            request, training_data, text_matrix(training_data.vocab, item_text_embeddings),
+            request, data, text_matrix(data.vocab, item_text_embeddings),
             item_catalog.set_index("item_id")["title"], user_context_embeddings, mlflow.registry(),
             store.work / "models", key_id(store.pseudonym_key()), context.log)
     except ValueError as error:  # a bad mode
