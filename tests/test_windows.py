@@ -86,9 +86,3 @@ def test_a_full_training_streams_its_windows_from_parquet_and_learns(single_thre
     assert history["best_val_ndcg@10"] > pop_ndcg + 0.3
     assert history["n_windows"] == module.n_windows
     assert sum(history["sequences_per_rank"]) == history["n_windows"] * len(history["epochs"])
-
-
-def test_a_data_module_with_a_training_file_does_not_serve_a_subset(tmp_path):
-    split = cycle_split(n_users=20)
-    with pytest.raises(ValueError, match="users_subset"):
-        SequenceDataModule(split, small_config(loader_workers=1), users_subset=[0, 1], train_file=tmp_path / "x")

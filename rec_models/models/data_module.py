@@ -34,10 +34,9 @@ class SequenceDataModule(L.LightningDataModule):
     users with new feedback plus a replay sample; validation uses ``val_split`` (default: every
     user of ``split``; a bounded sample of them on large data).
     With ``config.loader_workers`` > 0 the training windows are streamed (``StreamedWindows``)
-    by that many ``DataLoader`` worker processes from a Parquet file of the training sequences:
-    ``train_file`` when given (``write_training_sequences`` of exactly these sequences), else one
-    this module writes to a temporary folder at ``setup`` (removed at ``teardown``). Streaming
-    runs on one process; with DDP the windows stay in memory.
+    by that many ``DataLoader`` worker processes from a Parquet file of the training sequences
+    that this module writes to a temporary folder at ``setup`` (removed at ``teardown``).
+    Streaming runs on one process; with DDP the windows stay in memory.
     On several processes (DDP) each rank trains on its shuffled shard of the windows, while
     validation is not sharded: every rank scores every user, so all ranks see the same
     validation NDCG and take the same early-stopping decisions (the trainer runs with
@@ -50,12 +49,8 @@ class SequenceDataModule(L.LightningDataModule):
         config: SASRecConfig,
         users_subset: Sequence[int] | None = None,
         val_split: LeaveLastOutSplit | None = None,
-        train_file: str | Path | None = None,
     ) -> None:
         super().__init__()
-        if train_file is not None and users_subset is not None:
-            raise ValueError("train_file holds every training sequence: it cannot serve a users_subset")
-        self.train_file = train_file
         self._spill: tempfile.TemporaryDirectory | None = None
         self.split = split
         self.val_split = val_split if val_split is not None else split
@@ -95,8 +90,6 @@ class SequenceDataModule(L.LightningDataModule):
             raise ValueError("no training windows: every training sequence is shorter than 2")
 
     def _training_file(self) -> Path:
-        if self.train_file is not None:
-            return Path(self.train_file)
         train = self.split.train if self.users_subset is None else self.split.train.subset(self.users_subset)
         self._spill = tempfile.TemporaryDirectory(prefix="recsys-windows-")
         path = Path(self._spill.name) / "training_sequences.parquet"
