@@ -75,7 +75,15 @@ def test_a_full_training_streams_its_windows_from_parquet_and_learns(single_thre
     module.setup("fit")
     spill = module._spill.name
     assert isinstance(module.train_windows, StreamedWindows)
-    assert module.n_windows == len(TrainingWindows(split.train.items, split.train.event_types, config.max_len))
+    in_memory = TrainingWindows(split.train.items, split.train.event_types, config.max_len)
+    assert module.n_windows == len(in_memory)
+    # the module's loader: a persistent worker from the fork server, every window once per epoch, a new order each
+    loader = module.train_dataloader()
+    assert loader.persistent_workers and loader.multiprocessing_context.get_start_method() == "forkserver"
+    epochs = [list(loader) for _ in range(2)]
+    for batches in epochs:
+        assert _rows(batches) == _rows([in_memory.__getitems__(np.arange(len(in_memory)))])
+    assert not torch.equal(epochs[0][0][0], epochs[1][0][0])
     module.teardown("fit")
     assert not os.path.exists(spill)
 

@@ -17,7 +17,7 @@ from rec_models.data import LeaveLastOutSplit
 from rec_models.evaluation import eval_batch_size
 from rec_models.models.distributed import train_sampler
 from rec_models.models.sasrec import SASRecConfig
-from rec_models.models.windows import StreamedWindows, TrainingWindows, write_training_sequences
+from rec_models.models.windows import StreamedWindows, TrainingWindows, worker_context, write_training_sequences
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class SequenceDataModule(L.LightningDataModule):
         (the optimisation, and so the model, does not depend on the number of devices)."""
         if isinstance(self.train_windows, StreamedWindows):  # batches come whole from the workers
             workers = self.config.loader_workers
-            return DataLoader(self.train_windows, batch_size=None, num_workers=workers,
-                              collate_fn=_as_built)  # new workers, so new seeds, per epoch
+            return DataLoader(self.train_windows, batch_size=None, num_workers=workers, persistent_workers=True,
+                              multiprocessing_context=worker_context(), collate_fn=_as_built)
         sampler = train_sampler(self.train_windows, self.trainer, self.config.seed)
         if sampler is None:  # the order of ``shuffle=True``: the same windows per step as before
             sampler, batch_size = RandomSampler(self.train_windows), self.config.batch_size

@@ -79,7 +79,9 @@ class RecommenderConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     # > 0: a full retrain's training windows are streamed from a Parquet file of the training
-    # sequences by this many DataLoader worker processes (rec_models.models.windows), not held in memory
+    # sequences by this many DataLoader worker processes (rec_models.models.windows), not held in memory;
+    # the workers start from a fork server, so a script that trains must guard itself with
+    # ``if __name__ == "__main__":`` (as for any spawned process; Dagster's entry points do)
     loader_workers: int = 0
     sasrec_models: int = 2  # SASRec networks trained with seeds seed, seed + 1, ...; their scores are averaged
     # validation (epochs, blend weights) scores at most this many users, a seeded sample stratified

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import multiprocessing.context
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,6 +117,16 @@ BUFFER_GROUPS = 4
 _META_KEY = b"recsys_windows"
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: from a fork server that imported this module (numpy, pyarrow,
+    torch) once per process, not as a fork of the training process, so a worker holds its
+    own few row groups and none of the trainer's memory (a fork would share the trainer's pages
+    until touched, and count them in its RSS)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def write_training_sequences(sequences: UserSequences, path: str | Path, max_len: int,
                              group_events: int = GROUP_EVENTS) -> int:
     """Store ``sequences`` at ``path`` for ``StreamedWindows``; return the number of windows."""
@@ -151,6 +163,7 @@ class StreamedWindows(IterableDataset):
         self.group_windows = list(meta["windows"])
         self.max_len, self.batch_size, self.buffer_groups = max_len, batch_size, buffer_groups
         self.workers = 1
+        self._epoch = 0  # counted by each copy of the dataset: a persistent worker's own
 
     @property
     def n_windows(self) -> int:
@@ -168,11 +181,12 @@ class StreamedWindows(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
+        self._epoch += 1
         if info is None:  # in the training process: a seed from torch's generator (seeded by seed_everything)
             worker, workers, seed = 0, 1, int(torch.randint(2**62, ()).item())
-        else:  # the loader draws a new base seed per epoch from the training process's generator
+        else:  # a worker's seed comes from the training process's generator; persistent workers count epochs
             worker, workers, seed = info.id, info.num_workers, info.seed
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([seed, self._epoch])
         groups = rng.permutation(self._groups(worker, workers))
         source = pq.ParquetFile(self.path)
         carry = None
