@@ -110,7 +110,7 @@ def update_item_embeddings(path, catalog: pd.DataFrame, catalog_batches: list[st
                      "template_version": template.version}
     rows = catalog.loc[item_ids.isin(changed).to_numpy()]
     wanted = pa.array(sorted(changed), pa.string())
-    reviews = events._read_where(REVIEW_COLUMNS, lambda t: pc.and_(
+    reviews = events.read_where(REVIEW_COLUMNS, lambda t: pc.and_(
         pc.is_in(t["item_id"].cast(pa.string()), value_set=wanted),
         pc.equal(t["event_type"].cast(pa.string()), REVIEW_EVENT)))
     reviewed = add_reviews(rows, reviews, per_item=reviews_per_item)

@@ -91,11 +91,11 @@ class ValidatedEvents:
         if not self.batches:
             return empty_events()[list(columns)]
         wanted = pa.array([str(v) for v in values], pa.string())
-        return self._read_where(columns, lambda t: pc.is_in(t[column], value_set=wanted))
+        return self.read_where(columns, lambda t: pc.is_in(t[column], value_set=wanted))
 
-    def _read_where(self, columns: Sequence[str], keep) -> pd.DataFrame:
-        """The rows where ``keep(table)`` holds, file by file: only one file's rows in memory
-        besides those kept."""
+    def read_where(self, columns: Sequence[str], keep) -> pd.DataFrame:
+        """The rows where ``keep(table)`` (an Arrow table of ``columns`` -> a boolean mask) holds,
+        file by file: only one file's rows in memory besides those kept."""
         parts = []
         for path, part in self.sources():
             table = read_source(path, part, list(columns))
@@ -113,7 +113,7 @@ class ValidatedEvents:
             return
         for group in np.array_split(np.sort(self.distinct("user_id")), shares):
             if len(group):  # a range of sorted ids: two comparisons per row, no set lookup
-                yield self._read_where(columns, lambda t, lo=group[0], hi=group[-1]: _between(t["user_id"], lo, hi))
+                yield self.read_where(columns, lambda t, lo=group[0], hi=group[-1]: _between(t["user_id"], lo, hi))
 
     def distinct(self, column: str) -> np.ndarray:
         """The distinct values of a string ``column`` (object array, unsorted), read in Arrow:
