@@ -40,6 +40,7 @@ from rec_models.models import (
 from rec_models.serving import example_request, write_bundle
 from rec_pipelines.plots import new_figure
 from rec_pipelines.registry import (
+    BATCHES_ARTIFACT,
     CHAMPION,
     MIN_COLD_USERS,
     MlflowEpochMetrics,
@@ -213,7 +214,7 @@ def train_candidate(request: TrainingRequest, data: TrainingData, text: torch.Te
             log.warning(f"champion v{champion.version} cannot be fine-tuned ({error}): full retrain instead")
             mode = "full"
     if mode == "incremental":
-        consumed = json.loads(champion.tags.get("batches", "[]"))
+        consumed = registry.trained_batches(champion)
         init.grow(text)
         config = dataclasses.replace(init.config, **{name: getattr(config, name) for name in FINETUNE_SETTINGS})
         users_subset = microbatch_users(data, set(consumed), request.replay_users, config.seed)
@@ -237,7 +238,7 @@ def train_candidate(request: TrainingRequest, data: TrainingData, text: torch.Te
             log.warning(f"training hit the {config.max_time_s}s safety limit: accuracy depends on machine speed")
         curves = training_curves_figure(history, mode)
         mlflow.log_figure(curves, "plots/training_curves.png")
-        mlflow.log_dict({"batches": data.batches, "new_batches": new_batches}, "batches.json")
+        mlflow.log_dict({"batches": data.batches, "new_batches": new_batches}, BATCHES_ARTIFACT)
 
         bundle_dir = models_dir / run.info.run_id / "bundle"
         histories = dict(zip(data.sequences.user_ids, zip(data.sequences.items, data.sequences.event_types)))

@@ -1,7 +1,6 @@
 """The whole loop on a real Dagster instance and a real MLflow store (temp dirs), with real
 Lightning training on a tiny simulated catalog."""
 
-import json
 import tempfile
 
 import dagster as dg
@@ -110,7 +109,8 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator, tmp_path
             assert "than champion" in second["reason"]  # which rule rejected it: NDCG, coverage or cold start
         assert float(version.tags["paired.ndcg_diff"]) == pytest.approx(evaluation["paired"]["diff"], abs=1e-5)
         assert registry.version_by_alias("champion").version == (second["version"] if second["promoted"] else first["version"])
-        assert json.loads(version.tags["batches"])[-1] == trained.new_batches[0]
+        assert registry.trained_batches(version) == trained.batches and trained.batches[-1] == trained.new_batches[0]
+        assert version.tags["batches.count"] == "2" and version.tags["batches.last"] == trained.new_batches[0]
         # the champion bundles the fine-tune and the gate downloaded are gone from the disk
         assert not list(scratch.rglob("MLmodel"))
         assert not list(scratch.glob("recsys-windows-*"))  # the full retrain's streamed training file is removed

@@ -1,12 +1,14 @@
 """The promotion gate and the registry aliases, on a real MLflow store in a temp dir."""
 
 import gc
+import json
 import weakref
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 import mlflow
-from rec_pipelines.registry import CHALLENGER, CHAMPION, ModelRegistry, decide_promotion
+from rec_pipelines.registry import BATCHES_ARTIFACT, CHALLENGER, CHAMPION, ModelRegistry, batch_tags, decide_promotion
 
 GOOD = {"hr@10": 0.20, "ndcg@10": 0.10, "coverage@10": 0.30}
 
@@ -100,3 +102,22 @@ def test_logging_the_recommender_checks_its_example_and_keeps_no_loaded_copy(tmp
         registry.log_recommender(bundle.path, example_request(bundle.sequences.user_ids[:2], bundle.vocab.ids[:2]))
     gc.collect()
     assert len(loaded) == 1 and loaded[0]() is None
+
+
+def test_the_batches_a_version_was_trained_on_outgrow_any_tag(tmp_path):
+    """Months of micro-batches are more batch ids than a version tag holds (100,000 characters):
+    the run's batches.json keeps the list, the tags a summary; versions registered when the
+    list was a tag still answer from it."""
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", "demo-model")
+    batches = [f"events-{i:05d}-part0000-0123abcd" for i in range(5_000)]  # ~170,000 characters as JSON
+    assert len(json.dumps(batches)) > 100_000
+    with registry.start_run("r") as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+        mlflow.log_dict({"batches": batches, "new_batches": batches[-1:]}, BATCHES_ARTIFACT)
+    version = registry.register(info.model_uri, run.info.run_id, tags=batch_tags(batches, batches[-1:]))
+    assert registry.trained_batches(version) == batches
+    assert version.tags["batches.count"] == "5000" and version.tags["new_batches.last"] == batches[-1]
+    with pytest.raises(MlflowException, match="100000|exceed"):  # what the tag would have done
+        registry.client.set_model_version_tag("demo-model", version.version, "batches", json.dumps(batches))
+    old = registry.register(info.model_uri, run.info.run_id, tags={"batches": json.dumps(batches[:3])})
+    assert registry.trained_batches(old) == batches[:3]

@@ -8,14 +8,16 @@ from rec_pipelines.registry.gate import (
     metric_key,
 )
 from rec_pipelines.registry.mlflow_registry import (
+    BATCHES_ARTIFACT,
     CHALLENGER,
     CHAMPION,
     SIGNATURE,
     MlflowEpochMetrics,
     ModelRegistry,
     RollbackError,
+    batch_tags,
     pip_requirements,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "MIN_COLD_USERS", "PRIMARY_METRIC", "SIGNATURE", "MlflowEpochMetrics", "ModelRegistry",
-           "PromotionDecision", "RollbackError", "decide_promotion", "metric_key", "pip_requirements"]
+__all__ = ["BATCHES_ARTIFACT", "CHALLENGER", "CHAMPION", "MIN_COLD_USERS", "PRIMARY_METRIC", "SIGNATURE", "MlflowEpochMetrics", "ModelRegistry",
+           "PromotionDecision", "RollbackError", "batch_tags", "decide_promotion", "metric_key", "pip_requirements"]

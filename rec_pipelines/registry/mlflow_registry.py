@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,18 @@ SIGNATURE = ModelSignature(
 )
 # What the pyfunc imports at load time (rec_models' serving path), pinned to the versions it
 # was trained with; given explicitly so MLflow does not re-import the model to infer them.
+BATCHES_ARTIFACT = "batches.json"
+"""Each training run's record of the batches it was trained on ({"batches", "new_batches"}): an
+artifact, not a version tag, since the list grows with every batch and a tag holds at most
+100,000 characters (about 3,000 batch ids, two days of a micro-batch a minute)."""
+
+
+def batch_tags(batches: list[str], new_batches: list[str]) -> dict[str, str]:
+    """Version tags that summarise the batches (the full lists are the run's ``BATCHES_ARTIFACT``)."""
+    return {"batches.count": str(len(batches)), "batches.last": batches[-1] if batches else "",
+            "new_batches.count": str(len(new_batches)), "new_batches.last": new_batches[-1] if new_batches else ""}
+
+
 SERVING_PACKAGES = ["mlflow", "torch", "lightning", "pandas", "pyarrow", "numpy", "pydantic", "pydantic-settings"]
 TEXT_ENCODER_PACKAGES = ["transformers", "tokenizers", "safetensors"]  # bundles that carry the encoder
 MODEL_CODE = Path(__file__).resolve().parents[2] / "rec_models" / "serving" / "pyfunc_model.py"
@@ -125,6 +138,15 @@ class ModelRegistry:
             return self.client.get_model_version_by_alias(self.model_name, alias)
         except MlflowException:
             return None
+
+    def trained_batches(self, version) -> list[str]:
+        """The batches model ``version`` was trained on, in ingestion order: its run's
+        ``BATCHES_ARTIFACT`` (versions registered before kept them in the ``batches`` tag)."""
+        if "batches" in version.tags:
+            return json.loads(version.tags["batches"])
+        with tempfile.TemporaryDirectory(prefix="recsys-batches-") as folder:
+            path = self.client.download_artifacts(version.run_id, BATCHES_ARTIFACT, folder)
+            return json.loads(Path(path).read_text())["batches"]
 
     def register(self, model_uri: str, run_id: str, tags: dict[str, str]):
         try:

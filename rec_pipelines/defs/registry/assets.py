@@ -7,7 +7,7 @@ import pandas as pd
 from rec_pipelines.defs.resources import MlflowResource, ServingResource
 from rec_pipelines.defs.training.assets import load_training_data
 from rec_pipelines.plots import figure_to_md
-from rec_pipelines.registry import MIN_COLD_USERS, decide_promotion
+from rec_pipelines.registry import MIN_COLD_USERS, batch_tags, decide_promotion
 from rec_pipelines.training import (
     DEFAULT_EVAL_USERS,
     DEFAULT_STEP_USERS,
@@ -97,7 +97,6 @@ def champion_model(
     is not worse than the champion on the same held-out data. The reason is tagged on the
     version; serving loads ``models:/<name>@champion``, and the servers in
     ``RECSYS_SERVE_URLS`` are told at once."""
-    import json
 
     registry = mlflow.registry()
     metrics = ("hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users")
@@ -119,8 +118,7 @@ def champion_model(
         tags={
             "dagster.run_id": context.run_id,
             "mode": candidate_model.mode,
-            "batches": json.dumps(candidate_model.batches),
-            "new_batches": json.dumps(candidate_model.new_batches),
+            **batch_tags(candidate_model.batches, candidate_model.new_batches),  # the lists: the run's batches.json
             "parent_version": candidate_model.parent_version or "",
             **evaluated,
         },
