@@ -79,6 +79,7 @@ class TrainingData:
     split: LeaveLastOutSplit  # protocol split of users with >= 5 interactions
     user_batches: dict[str, list[str]]  # batch ids each user has events in
     batches: list[str]  # every batch id present, in ingestion order
+    validated_at: dict[str, float] = dataclasses.field(default_factory=dict)  # when each batch was last validated
 
 
 @dataclass
@@ -105,7 +106,11 @@ def assemble_training_data(table: UserTable, item_catalog: pd.DataFrame, vocab_p
     sequences, split, user_batches, stats = training_data_from(table, vocab, excluded_users)
     write_json_atomic(vocab_path, vocab.to_dict())
     stats.update(new_items_in_vocab=added, users_in_split=len(split.train))
-    return TrainingData(vocab, sequences, split, user_batches, list(table.batches)), stats
+    return TrainingData(vocab, sequences, split, user_batches, list(table.batches), _validated_at(table)), stats
+
+
+def _validated_at(table: UserTable) -> dict[str, float]:
+    return dict(zip(table.covered, table.covered_at)) if table.covered_at else {}
 
 
 def _read_vocab(path) -> ItemVocab:
@@ -141,7 +146,7 @@ class TrainingDataRef:
                 "materialise training_data again")
         vocab = _read_vocab(as_location(self.vocab_path))
         sequences, split, user_batches, _ = training_data_from(table, vocab, set(self.excluded_users))
-        data = TrainingData(vocab, sequences, split, user_batches, list(table.batches))
+        data = TrainingData(vocab, sequences, split, user_batches, list(table.batches), _validated_at(table))
         remember(self, data)
         return data
 
@@ -169,11 +174,27 @@ def text_matrix(vocab: ItemVocab, embeddings: pd.DataFrame) -> torch.Tensor:
     return torch.from_numpy(matrix)
 
 
-def microbatch_users(data: TrainingData, consumed: set[str], replay: int, seed: int) -> np.ndarray:
-    """Positions (in the split) of users with feedback the champion has not seen, plus a
-    random replay sample of the others so the model does not forget them."""
+def training_record(data: TrainingData, new_batches: list[str]) -> dict:
+    """What a model trained on ``data`` records of it (its run's batches.json): the batches in
+    ingestion order, those new to it, and when each was last validated."""
+    return {"batches": list(data.batches), "new_batches": list(new_batches),
+            "validated_at": {b: data.validated_at.get(b) for b in data.batches}}
+
+
+def unseen_batches(data: TrainingData, record: dict) -> list[str]:
+    """The batches of ``data`` that a model whose training ``record`` (its run's batches.json)
+    is given has not seen: not among its batches, or validated again since it trained (a record
+    with ``validated_at`` says when each was; without it, a batch it names counts as seen)."""
+    seen, seen_at = set(record["batches"]), record.get("validated_at") or {}
+    return [b for b in data.batches
+            if b not in seen or (seen_at.get(b) is not None and seen_at[b] != data.validated_at.get(b))]
+
+
+def microbatch_users(data: TrainingData, new_batches: set[str], replay: int, seed: int) -> np.ndarray:
+    """Positions (in the split) of users with feedback in ``new_batches`` (what the champion has
+    not seen), plus a random replay sample of the others so the model does not forget them."""
     fresh = np.array([i for i, uid in enumerate(data.split.train.user_ids)
-                      if any(b not in consumed for b in data.user_batches.get(uid, []))], dtype=np.int64)
+                      if any(b in new_batches for b in data.user_batches.get(uid, []))], dtype=np.int64)
     others = np.setdiff1d(np.arange(len(data.split.train)), fresh)
     rng = np.random.default_rng(seed)
     sample = rng.choice(others, size=min(replay, len(others)), replace=False) if len(others) else others
@@ -203,7 +224,7 @@ def train_candidate(request: TrainingRequest, data: TrainingData, text: torch.Te
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {request.mode!r}")
     champion = registry.version_by_alias(CHAMPION)
     mode = request.mode if request.mode != "auto" else ("incremental" if champion is not None else "full")
-    config, init, users_subset, consumed = request.config, None, None, []
+    config, init, users_subset, new_batches = request.config, None, None, list(data.batches)
     if mode == "incremental" and champion is None:
         log.warning("no champion to fine-tune from: running a full retrain instead")
         mode = "full"
@@ -214,12 +235,11 @@ def train_candidate(request: TrainingRequest, data: TrainingData, text: torch.Te
             log.warning(f"champion v{champion.version} cannot be fine-tuned ({error}): full retrain instead")
             mode = "full"
     if mode == "incremental":
-        consumed = registry.trained_batches(champion)
+        new_batches = unseen_batches(data, registry.training_record(champion))
         init.grow(text)
         config = dataclasses.replace(init.config, **{name: getattr(config, name) for name in FINETUNE_SETTINGS})
-        users_subset = microbatch_users(data, set(consumed), request.replay_users, config.seed)
+        users_subset = microbatch_users(data, set(new_batches), request.replay_users, config.seed)
         log.info(f"micro-batch: fine-tuning champion v{champion.version} on {len(users_subset)} users")
-    new_batches = [b for b in data.batches if b not in set(consumed)]
 
     parent = champion.version if champion else None
     with registry.start_run(run_name=f"{mode}-{request.run_name}",
@@ -238,7 +258,7 @@ def train_candidate(request: TrainingRequest, data: TrainingData, text: torch.Te
             log.warning(f"training hit the {config.max_time_s}s safety limit: accuracy depends on machine speed")
         curves = training_curves_figure(history, mode)
         mlflow.log_figure(curves, "plots/training_curves.png")
-        mlflow.log_dict({"batches": data.batches, "new_batches": new_batches}, BATCHES_ARTIFACT)
+        mlflow.log_dict(training_record(data, new_batches), BATCHES_ARTIFACT)
 
         bundle_dir = models_dir / run.info.run_id / "bundle"
         histories = dict(zip(data.sequences.user_ids, zip(data.sequences.items, data.sequences.event_types)))

@@ -15,7 +15,13 @@ from rec_models.data.privacy import pseudonymize
 from rec_pipelines import training
 from rec_pipelines.defs.ingestion.assets import INGESTION_ASSETS
 from rec_pipelines.lake import FeedbackStore
-from rec_pipelines.training import StaleTrainingData, TrainingDataRef
+from rec_pipelines.training import (
+    StaleTrainingData,
+    TrainingDataRef,
+    microbatch_users,
+    training_record,
+    unseen_batches,
+)
 
 T = 1_700_000_040  # a minute boundary
 
@@ -218,7 +224,8 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
     [old] = [a for a in store.accounts() if a["file"] == "events/old.jsonl"]
     assert (old["rows_in"], old["rows_valid"], old["rows_quarantined"]) == (7, 7, 0)
     [o1] = pseudonymize(["o1"], store.pseudonym_key())
-    assert o1 in first.output_for_node("training_data").load().sequences.user_ids
+    before = first.output_for_node("training_data").load()
+    assert o1 in before.sequences.user_ids
     others = [a for a in store.accounts() if a["batch_id"] != old["batch_id"]]
 
     from rec_pipelines.defs.ingestion.assets import event_batch
@@ -239,7 +246,8 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
     after = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("validated_feedback"), dg.AssetKey("training_data")])
     assert metadata(after, "training_data")["table_update"] == "rebuilt"
-    assert o1 not in after.output_for_node("training_data").load().sequences.user_ids
+    now = after.output_for_node("training_data").load()
+    assert o1 not in now.sequences.user_ids
 
     # Validated again under the default rules, the rows come back from quarantine.
     restored = revalidate()
@@ -248,7 +256,16 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
     again = defs.resolve_job_def("microbatch_retrain_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("validated_feedback"), dg.AssetKey("training_data")])
     assert metadata(again, "training_data")["table_update"] == "rebuilt"
-    assert o1 in again.output_for_node("training_data").load().sequences.user_ids
+    restored_data = again.output_for_node("training_data").load()
+    assert o1 in restored_data.sequences.user_ids
+    # A model trained on the stricter rows sees this batch as new again (validated again since),
+    # and only it: a micro-batch fine-tunes on its restored user o1, not taking the batch as consumed.
+    assert restored_data.validated_at[old["batch_id"]] > now.validated_at[old["batch_id"]]
+    record = json.loads(json.dumps(training_record(now, now.batches)))  # as stored in batches.json
+    assert unseen_batches(restored_data, record) == [old["batch_id"]]
+    assert unseen_batches(restored_data, {"batches": now.batches}) == []  # a record without times: all seen
+    fresh = microbatch_users(restored_data, {old["batch_id"]}, replay=0, seed=0)
+    assert [restored_data.split.train.user_ids[i] for i in fresh] == [o1]
 
     # training_data hands over a reference to the lake's table, not the history: a few hundred
     # bytes that load the same data again in a fresh process; a table stored since refuses it.

@@ -139,14 +139,19 @@ class ModelRegistry:
         except MlflowException:
             return None
 
-    def trained_batches(self, version) -> list[str]:
-        """The batches model ``version`` was trained on, in ingestion order: its run's
-        ``BATCHES_ARTIFACT`` (versions registered before kept them in the ``batches`` tag)."""
+    def training_record(self, version) -> dict:
+        """What model ``version`` was trained on: its run's ``BATCHES_ARTIFACT`` ({"batches"
+        in ingestion order, "new_batches", "validated_at": batch -> when it was last validated
+        then}); versions registered before it existed kept the batches in their ``batches`` tag."""
         if "batches" in version.tags:
-            return json.loads(version.tags["batches"])
+            return {"batches": json.loads(version.tags["batches"]), "new_batches": [], "validated_at": {}}
         with tempfile.TemporaryDirectory(prefix="recsys-batches-") as folder:
             path = self.client.download_artifacts(version.run_id, BATCHES_ARTIFACT, folder)
-            return json.loads(Path(path).read_text())["batches"]
+            return json.loads(Path(path).read_text())
+
+    def trained_batches(self, version) -> list[str]:
+        """The batches model ``version`` was trained on, in ingestion order."""
+        return self.training_record(version)["batches"]
 
     def register(self, model_uri: str, run_id: str, tags: dict[str, str]):
         try:
