@@ -140,3 +140,27 @@ def test_batches_after_one_not_validated_yet_wait(store):
     assert waiting not in compacted_batches(store.lake)
     with pytest.raises(ValueError, match="min_files"):
         store.compact(min_files=1)
+
+
+def test_a_compaction_that_dies_before_its_manifest_leaves_nothing_behind(store, monkeypatch):
+    """Killed between writing its files and naming them in the manifest, a compaction changes
+    nothing readers see; the next one deletes the files it left and compacts again."""
+    small_batches(store, 8)
+    before = reads(store)
+
+    def die(manifest):
+        raise KeyboardInterrupt("killed")
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_write_manifest", die)
+        with pytest.raises(KeyboardInterrupt):
+            store.compact(min_files=4, target_rows=30)
+    left = [name for name in validated_files(store) if name.startswith("compacted/")]
+    assert left and not compacted_batches(store.lake)  # written, never named
+    assert_same(reads(store), before)
+
+    report = store.compact(min_files=4, target_rows=30)
+    assert report["orphans_deleted"] == len(left) and report["files_written"] >= 2
+    named = set(compacted_batches(store.lake).values())
+    assert {name for name in validated_files(store) if name.startswith("compacted/")} == named
+    assert not named & set(left)
+    assert_same(reads(store), before)

@@ -41,12 +41,14 @@ class Compaction:
         first batch not validated yet; a rejected, already compacted or large batch ends a run)
         into files of at most ``target_rows`` rows, once at least ``min_files`` small files
         wait. Returns what it did: ``compacted_batches``, ``files_written``, ``small_files``
-        (waiting before), ``retired_deleted`` (files replaced by the previous compaction)."""
+        (waiting before), ``retired_deleted`` (files replaced by the previous compaction),
+        ``orphans_deleted`` (files a compaction that died before its manifest left behind)."""
         if min_files < 2 or target_rows < 1:
             raise ValueError(f"min_files must be at least 2 and target_rows at least 1, got {min_files}, {target_rows}")
         with self._locked():
             manifest = compaction_manifest(self.lake)
             deleted = self._delete_retired(manifest)
+            orphans = self._delete_orphans(manifest)
             home = {b for entry in manifest["files"] for b in entry["batches"]}
             runs, run = [], []
             for entry in self.ledger():
@@ -74,7 +76,7 @@ class Compaction:
                 replaced = [f"{batch}.parquet" for group in groups for batch in group]
                 self._write_manifest({"files": manifest["files"] + written, "retired": replaced})
             return {"compacted_batches": sum(map(len, groups)), "files_written": len(written), "small_files": small,
-                    "retired_deleted": deleted}
+                    "retired_deleted": deleted, "orphans_deleted": orphans}
 
     def uncompact(self, batch_ids: Iterable[str]) -> list[str]:
         """Split the compacted files holding any of ``batch_ids`` back into one file per batch
@@ -111,6 +113,22 @@ class Compaction:
             if not in_use:
                 with contextlib.suppress(FileNotFoundError):
                     (self.lake / "validated" / name).unlink()
+                    deleted += 1
+        return deleted
+
+    def _delete_orphans(self, manifest: dict) -> int:
+        """Delete what ``validated/compacted/`` holds that the manifest names neither as in use
+        nor as retired: the files (or temporaries) of a compaction that died before it wrote its
+        manifest, which no reader was ever pointed to. Only the lock's holder writes there."""
+        folder = self.lake / "validated" / "compacted"
+        if not folder.exists():
+            return 0
+        known = {entry["name"] for entry in manifest["files"]} | set(manifest["retired"])
+        deleted = 0
+        for path in folder.iterdir():
+            if f"compacted/{path.name}" not in known:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
                     deleted += 1
         return deleted
 
