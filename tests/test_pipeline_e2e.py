@@ -94,6 +94,7 @@ def test_full_graph_then_sensor_microbatch(recsys_env, small_simulator, tmp_path
                     if e.asset_key == dg.AssetKey("candidate_model")).materialization.metadata
         assert [n["epochs"] for n in meta["networks"].value] == [n["epochs"] for n in trained.history["networks"]]
         assert meta["windows_per_epoch"].value == trained.history["n_windows"] > 0
+        assert meta["new_batches"].value == 1 and meta["new_batches_latest"].value == trained.new_batches
         second = micro.output_for_node("champion_model")
         version = registry.client.get_model_version(settings.model_name, second["version"])
         # The gate compared the fine-tune with the champion on the same users and says so.

@@ -161,7 +161,9 @@ def candidate_model(
             "windows_per_epoch": int(history.get("n_windows", 0)),
             "networks": dg.MetadataValue.json([{k: v if isinstance(v, (str, int)) else float(v) for k, v in n.items()}
                                                for n in history["networks"]]),
-            "new_batches": dg.MetadataValue.json(trained.new_batches),
+            # the whole list is the MLflow run's batches.json (a full retrain's would be every batch id)
+            "new_batches": len(trained.new_batches),
+            "new_batches_latest": dg.MetadataValue.json(trained.new_batches[-20:]),
             "config": dg.MetadataValue.json(model_config.to_dict()),
             "training_curves": dg.MetadataValue.md(figure_to_md(curves, alt="training curves")),
         },
