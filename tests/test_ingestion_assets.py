@@ -310,7 +310,7 @@ def test_validated_feedback_compacts_small_batches_training_reads_the_same(dagst
         {"user_id": "s0", "item_id": "i00009", "event_type": "click", "timestamp": T + 100}])
     second = materialize(instance, defs, compact, asset_selection=selection)
     assert metadata(second, "validated_feedback")["compaction"] == {
-        "compacted_batches": 4, "files_written": 1, "small_files": 4, "retired_deleted": 0}
+        "compacted_batches": 4, "files_written": 1, "small_files": 4, "retired_deleted": 0, "orphans_deleted": 0}
     assert metadata(second, "training_data")["table_update"] == "incremental"
     incremental = second.output_for_node("training_data").load().sequences
 
