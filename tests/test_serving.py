@@ -24,7 +24,8 @@ from rec_models.data import (
     leave_last_out,
 )
 from rec_models.evaluation import evaluate_split
-from rec_models.models import HybridRecommender, RecommenderConfig, train_recommender
+from rec_models.models import HybridRecommender, RecommenderConfig, load_backbone, save_backbone, train_recommender
+from rec_models.models.recommender import BACKBONE_FILE
 from rec_models.serving import (
     EXPLANATION_PREFIX,
     OUTPUT_COLUMNS,
@@ -343,3 +344,23 @@ def test_raw_user_ids_are_pseudonymised_with_the_servers_key_and_a_wrong_key_is_
     assert by_raw["item_id"].tolist() == by_pseudonym["item_id"].tolist()
     with pytest.raises(ValueError, match="not the one"):
         Recommender(path, b"another key, long enough")
+
+
+def test_the_networks_of_a_model_write_their_text_table_once(bundle, tmp_path):
+    """The networks of one model read the same text table: the first network's file holds it,
+    the others leave it out and share it again when loaded, with the same scores."""
+    model = bundle.model
+    assert len(model.backbones) == 2
+    first, second = torch.load(bundle.path / BACKBONE_FILE, weights_only=True), \
+        torch.load(bundle.path / "backbone_1.pt", weights_only=True)
+    assert "text_embeddings" in first["state_dict"] and "text_embeddings" not in second["state_dict"]
+    assert second["text_saved_in"] == BACKBONE_FILE
+    loaded = HybridRecommender.load(bundle.path)
+    assert loaded.more_backbones[0].text_embeddings.data_ptr() == loaded.backbone.text_embeddings.data_ptr()  # one copy
+    histories = bundle.split.train.items[:5]
+    assert torch.equal(loaded.score(histories), model.score(histories))
+    with pytest.raises(ValueError, match="no text table"):
+        load_backbone(bundle.path / "backbone_1.pt")
+    # a network saved alone (or by an earlier version) still carries its table
+    save_backbone(model.more_backbones[0], tmp_path / "alone.pt")
+    assert torch.equal(load_backbone(tmp_path / "alone.pt").text_embeddings, model.backbone.text_embeddings)

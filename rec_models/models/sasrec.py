@@ -364,15 +364,28 @@ def left_pad(
     return torch.from_numpy(items), torch.from_numpy(types)
 
 
-def save_backbone(backbone: SASRecBackbone, path: str | Path) -> None:
-    """Write config, weights and the text table to one file (``torch.save``)."""
-    torch.save({"config": backbone.config.to_dict(), "state_dict": backbone.state_dict()}, path)
+def save_backbone(backbone: SASRecBackbone, path: str | Path, text_saved_in: str | None = None) -> None:
+    """Write config, weights and the text table to one file (``torch.save``). ``text_saved_in``
+    names the file that holds this backbone's text table already (another network of the same
+    model): the table is then left out (150 MB at 100k items) and ``load_backbone`` takes it back."""
+    state = backbone.state_dict()
+    extra = {}
+    if text_saved_in is not None and "text_embeddings" in state:
+        state.pop("text_embeddings")
+        extra["text_saved_in"] = text_saved_in
+    torch.save({"config": backbone.config.to_dict(), "state_dict": state, **extra}, path)
 
 
-def load_backbone(path: str | Path) -> SASRecBackbone:
-    """Rebuild a backbone saved by ``save_backbone`` (on CPU, in eval mode)."""
+def load_backbone(path: str | Path, text_embeddings: torch.Tensor | None = None) -> SASRecBackbone:
+    """Rebuild a backbone saved by ``save_backbone`` (on CPU, in eval mode). A file saved without
+    its text table (``text_saved_in``) needs ``text_embeddings``: that file's table, shared."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     config = SASRecConfig.from_dict(saved["config"])
-    backbone = SASRecBackbone(config, saved["state_dict"].get("text_embeddings"))
-    backbone.load_state_dict(saved["state_dict"])
+    state = saved["state_dict"]
+    if "text_saved_in" in saved:
+        if text_embeddings is None:
+            raise ValueError(f"{path} has no text table: pass the one of {saved['text_saved_in']}")
+        state["text_embeddings"] = text_embeddings
+    backbone = SASRecBackbone(config, state.get("text_embeddings"))
+    backbone.load_state_dict(state)
     return backbone.eval()
