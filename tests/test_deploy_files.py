@@ -132,6 +132,10 @@ def test_compose_services_are_wired_together():
             assert port.startswith("127.0.0.1:"), f"{name}: {port} should bind to loopback only"
         for config in service.get("configs", []):
             assert config["source"] in doc["configs"]
+    # Images we do not build are pinned (a tag, never an implied "latest"), and MinIO's two services run one image.
+    pulled = {name: service["image"] for name, service in services.items() if "build" not in service}
+    assert all(":" in image and not image.endswith(":latest") for image in pulled.values()), pulled
+    assert pulled["minio"] == pulled["minio-buckets"]
     # Everything that runs the project's code shares DAGSTER_HOME and the local work folder.
     for name in ("recsys-init", "dagster-code", "dagster-webserver", "dagster-daemon", "serving"):
         assert "recsys-data:/data" in services[name]["volumes"], name
