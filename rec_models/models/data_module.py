@@ -91,6 +91,7 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _training_file(self) -> Path:
         train = self.split.train if self.users_subset is None else self.split.train.subset(self.users_subset)
+        self.teardown()  # a second setup replaces the file of the first
         self._spill = tempfile.TemporaryDirectory(prefix="recsys-windows-")
         path = Path(self._spill.name) / "training_sequences.parquet"
         write_training_sequences(train, path, self.config.max_len)

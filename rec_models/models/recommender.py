@@ -274,10 +274,10 @@ class HybridRecommender:
     def save(self, path: Path | str) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        text = self.backbone.state_dict().get("text_embeddings")
+        text = getattr(self.backbone, "text_embeddings", None)  # absent without a text side
         for index, backbone in enumerate(self.backbones):
             # the networks of one model read the same text table: written once, with the first
-            other = backbone.state_dict().get("text_embeddings") if index else None
+            other = getattr(backbone, "text_embeddings", None) if index else None
             shared = other is not None and text is not None and (other is text or torch.equal(other, text))
             save_backbone(backbone, path / (BACKBONE_FILE if index == 0 else f"backbone_{index}.pt"),
                           text_saved_in=BACKBONE_FILE if shared else None)
@@ -298,7 +298,7 @@ class HybridRecommender:
         ease = None
         if (path / EASE_FILE).exists():
             ease = EASE.from_state(torch.load(path / EASE_FILE, map_location="cpu", weights_only=True))
-        text = backbone.state_dict().get("text_embeddings")
+        text = getattr(backbone, "text_embeddings", None)
         more = [load_backbone(p, text) for p in sorted(path.glob("backbone_*.pt"), key=lambda p: int(p.stem.split("_")[1]))]
         return cls(backbone, RecommenderConfig.from_dict(saved["config"]), float(saved["alpha"]),
                    int(saved["content_window"]), np.load(path / COUNTS_FILE), ease, float(saved["ease_weight"]),
