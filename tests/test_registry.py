@@ -3,6 +3,7 @@
 import gc
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException
@@ -103,6 +104,47 @@ def test_logging_the_recommender_checks_its_example_and_keeps_no_loaded_copy(tmp
     gc.collect()
     assert len(loaded) == 1 and loaded[0]() is None
 
+
+def test_a_local_store_is_read_in_place_and_a_remote_one_downloaded(tmp_path, monkeypatch):
+    """The champion is loaded from the artifact folder itself when the store is local (a
+    ~200 MB bundle at 10M events is not copied for each load); otherwise from a download."""
+    import numpy as np
+
+    from test_serving import make_bundle
+
+    import rec_pipelines.registry.mlflow_registry as registry_module
+    from rec_models.models import HybridRecommender
+    from rec_models.serving import example_request
+
+    bundle = make_bundle(tmp_path / "bundle", max_epochs=0)
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", "demo-model")
+    with registry.start_run("r") as run:
+        info = registry.log_recommender(bundle.path, example_request(bundle.sequences.user_ids[:2], bundle.vocab.ids[:2]))
+    version = registry.register(info.model_uri, run.info.run_id, tags={})
+    registry.apply_decision(version.version, decide_promotion(GOOD, None))
+    histories = bundle.split.test_histories()
+    expected = HybridRecommender.load(bundle.path).score(histories.items, histories.event_types)
+
+    local = registry_module.local_artifacts(f"models:/demo-model/{version.version}")
+    assert local is not None and local.is_relative_to(tmp_path / "artifacts")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a local store was downloaded from")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(mlflow.artifacts, "download_artifacts", refuse)
+        in_place = registry.load_recommender(CHAMPION)
+    assert np.array_equal(in_place.score(histories.items, histories.event_types), expected)
+
+    downloads = []
+    original = mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(registry_module, "local_artifacts", lambda uri: None)  # as for a remote store
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: downloads.append(kw) or original(**kw))
+    downloaded = registry.load_recommender(model_uri=info.model_uri)
+    assert len(downloads) == 1 and not Path(downloads[0]["dst_path"]).exists()  # removed after
+    assert np.array_equal(downloaded.score(histories.items, histories.event_types), expected)
+    with pytest.raises(KeyError):
+        registry.load_recommender("no-such-alias")
 
 def test_the_batches_a_version_was_trained_on_outgrow_any_tag(tmp_path):
     """Months of micro-batches are more batch ids than a version tag holds (100,000 characters):

@@ -15,6 +15,8 @@ import pandas as pd
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import AnyType, Array
 
@@ -195,19 +197,38 @@ class ModelRegistry:
                 return None
             model_uri = f"models:/{self.model_name}/{version.version}"
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst) if dst else None))
-        flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
-        return local / flavor["artifacts"]["bundle"]["path"]
+        return _bundle_in(local)
 
     def load_recommender(self, alias: str = CHAMPION, model_uri: str | None = None) -> HybridRecommender:
         """The recommender behind ``alias`` (KeyError when no version has it, e.g. removed
-        meanwhile), or of the logged model ``model_uri``, loaded into memory from a download
-        into a temporary folder that is removed afterwards (a bundle is hundreds of MB at 10M
-        events: one per run would fill the disk)."""
-        with tempfile.TemporaryDirectory(prefix="recsys-bundle-") as folder:
-            bundle = self.download_bundle(alias, dst=Path(folder), model_uri=model_uri)
-            if bundle is None:
+        meanwhile), or of the logged model ``model_uri``. Read in place when the artifact store
+        is this machine's file system (at 10M events a bundle is ~200 MB: a copy cost ~1 s per
+        load), else from a download into a temporary folder that is removed afterwards (one per
+        run would fill the disk)."""
+        if model_uri is None:
+            version = self.version_by_alias(alias)
+            if version is None:
                 raise KeyError(f"no model version has the alias {alias!r}")
-            return HybridRecommender.load(bundle)
+            model_uri = f"models:/{self.model_name}/{version.version}"
+        local = local_artifacts(model_uri)
+        if local is not None:
+            return HybridRecommender.load(_bundle_in(local))
+        with tempfile.TemporaryDirectory(prefix="recsys-bundle-") as folder:
+            return HybridRecommender.load(self.download_bundle(dst=Path(folder), model_uri=model_uri))
+
+
+def local_artifacts(model_uri: str) -> Path | None:
+    """The folder holding the files of the logged model ``model_uri`` when its artifact store
+    is a local folder (None: a remote store, e.g. S3, to download from)."""
+    repository = get_artifact_repository(model_uri)
+    repository = getattr(repository, "repo", repository)  # models:/ and runs:/ resolve to the store's repository
+    return Path(repository.artifact_dir) if isinstance(repository, LocalArtifactRepository) else None
+
+
+def _bundle_in(model_dir: Path) -> Path:
+    """The bundle folder inside a pyfunc model's folder (its ``bundle`` artifact)."""
+    flavor = Model.load(str(model_dir / "MLmodel")).flavors["python_function"]
+    return model_dir / flavor["artifacts"]["bundle"]["path"]
 
 
 class MlflowEpochMetrics(L.Callback):
