@@ -284,6 +284,16 @@ def test_cached_scores_compute_each_set_of_histories_once_within_the_budget():
     copy = pickle.loads(pickle.dumps(plain))  # (DDP ranks) an empty cache over the same function
     assert plain._scores and copy._bytes == 0 and not copy._scores
     torch.testing.assert_close(copy(batch), first)
+    # Standardised once: blends read them as they are (standardized_scores), not standardised again.
+    from rec_models.models.hybrid import standardize_scores, standardized_scores
+
+    once = CachedScores(score, standardized=True)
+    calls.clear()
+    kept = standardized_scores(once, batch)
+    assert standardized_scores(once, batch) is kept and len(calls) == 1
+    torch.testing.assert_close(kept, standardize_scores(content.score(batch)))
+    torch.testing.assert_close(standardized_scores(content.score, batch), kept)  # a plain function: standardised
+    assert pickle.loads(pickle.dumps(CachedScores(content.score, standardized=True))).standardized
 
 
 def test_training_gives_the_same_model_with_and_without_the_partner_cache(monkeypatch, tmp_path):

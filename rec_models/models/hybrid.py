@@ -25,10 +25,16 @@ class CachedScores:
     SASRec is blended with): validation scores the same users every epoch, for each network
     and for the blend tuning, so they are computed once (a fine-tune at 10M events, 100k items:
     train_candidate 40-42 s -> 33-34 s, the same validation scores). Returns the stored tensor
-    itself: callers must not change it (``standardize_scores`` and ``blend`` write new ones)."""
+    itself: callers must not change it (``standardize_scores`` and ``blend`` write new ones).
 
-    def __init__(self, score: Callable[..., torch.Tensor], max_bytes: int | None = None) -> None:
+    ``standardized`` keeps the scores per-user standardised (``standardize_scores``), the form
+    every blend reads them in: ``standardized_scores`` then returns them as they are instead of
+    standardising them again each epoch (at 100k items ~14 ms per batch of 83 users)."""
+
+    def __init__(self, score: Callable[..., torch.Tensor], max_bytes: int | None = None,
+                 standardized: bool = False) -> None:
         self.score = score
+        self.standardized = standardized
         self.max_bytes = PARTNER_CACHE_BYTES if max_bytes is None else max_bytes
         self._scores: dict[bytes, torch.Tensor] = {}
         self._bytes = 0
@@ -42,6 +48,8 @@ class CachedScores:
         scores = self._scores.get(key)
         if scores is None:
             scores = self.score(histories, event_types)
+            if self.standardized:
+                scores = standardize_scores(scores)
             if self._bytes + scores.nbytes <= self.max_bytes:
                 self._scores[key] = scores
                 self._bytes += scores.nbytes
@@ -56,6 +64,13 @@ def _key(*groups: Sequence[np.ndarray] | None) -> bytes:
         for array in arrays:
             digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
     return digest.digest()
+
+
+def standardized_scores(score: Callable, histories: Sequence[np.ndarray], event_types=None) -> torch.Tensor:
+    """``standardize_scores(score(histories, event_types))``, or ``score``'s own scores when it
+    already returns them standardised (a ``CachedScores(..., standardized=True)``)."""
+    scores = score(histories, event_types)
+    return scores if getattr(score, "standardized", False) else standardize_scores(scores)
 
 
 def standardize_scores(scores: torch.Tensor | np.ndarray) -> torch.Tensor:

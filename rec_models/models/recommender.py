@@ -31,7 +31,7 @@ from rec_models.models.baselines import (
     tune_content,
     tune_ease,
 )
-from rec_models.models.hybrid import CachedScores, blend, standardize_scores
+from rec_models.models.hybrid import CachedScores, blend, standardize_scores, standardized_scores
 from rec_models.models.rerank import MMRReranker
 from rec_models.models.sasrec import (
     DEFAULT_ALPHAS,
@@ -335,7 +335,7 @@ def train_recommender(
             alphas = (init.alpha,)
         else:
             content, window_val = tune_content(val_split, text_embeddings, config.content_windows, config.content_decay)
-    partner = None if content is None else CachedScores(content.score)  # same users every validation
+    partner = None if content is None else CachedScores(content.score, standardized=True)  # same users every validation
     networks, histories = [], []
     for index in range(config.sasrec_models):
         sasrec_config = dataclasses.replace(config.sasrec(n_items, text_dim, finetune=init is not None),
@@ -401,7 +401,7 @@ def _tune_blend(model: HybridRecommender, split: LeaveLastOutSplit, alphas: Sequ
             batch, types = val.items[start : start + size], val.event_types[start : start + size]
             targets = split.val_targets[start : start + size]
             own = model.sasrec_score(batch, types)
-            second = (standardize_scores((content_score or content.score)(batch, types)) if model.config.blend and content
+            second = (standardized_scores(content_score or content.score, batch, types) if model.config.blend and content
                       else None)
             ease = standardize_scores(model.ease.score(batch)) if model.ease is not None else None
             for alpha in sorted({a for a, _ in metrics}):

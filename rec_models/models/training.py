@@ -29,7 +29,7 @@ from rec_models.models.distributed import (
     quiet_warnings,
     restored_environment,
 )
-from rec_models.models.hybrid import blend, standardize_scores
+from rec_models.models.hybrid import blend, standardize_scores, standardized_scores
 from rec_models.models.losses import LOSSES, SAMPLED_LOSSES, sample_negatives
 from rec_models.models.sasrec import (
     DEFAULT_ALPHAS,
@@ -124,7 +124,7 @@ class SASRecModule(L.LightningModule):
         self.val_metrics.update(scores, histories, targets)
         if self.blend_with is not None:
             own = standardize_scores(scores)
-            partner = standardize_scores(self.blend_with(histories, types))
+            partner = standardized_scores(self.blend_with, histories, types)
             unseen = ~self.candidate_items.cpu()
             for alpha, metric in self.blend_metrics.items():
                 metric.update(blend(own, partner, alpha, unseen), histories, targets)
@@ -273,7 +273,7 @@ def _validation_scores(
             scores = backbone.score_histories(batch, types)
             own.update(scores, batch, targets)
             if blends:
-                first, second = standardize_scores(scores), standardize_scores(blend_with(batch, types))
+                first, second = standardize_scores(scores), standardized_scores(blend_with, batch, types)
                 for alpha, metric in blends.items():
                     metric.update(blend(first, second, alpha, unseen), batch, targets)
     return own.compute()[f"ndcg@{VAL_K}"], {a: m.compute()[f"ndcg@{VAL_K}"] for a, m in blends.items()}
