@@ -1,6 +1,7 @@
 """The promotion gate scores a bounded, seeded sample of held-out users stratified by activity,
 and records how it measured with the decision."""
 
+import contextlib
 import json
 import shutil
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
+import torch
 from conftest import full_run_config
 
 from rec_models.evaluation import paired_difference, stratified_order, stratified_user_sample
@@ -103,7 +105,8 @@ def test_the_gate_stops_scoring_once_the_paired_error_is_small_enough(tmp_path, 
     histories, targets = small.split.test_histories(), small.split.test_targets
     cold = np.arange(len(targets)) % 7 == 0
     models = {"candidate": other, "champion": small.model}
-    every = evaluate_in_steps(models, histories, targets, cold, 10, 0.0)
+    every, why = evaluate_in_steps(models, histories, targets, cold, 10, 0.0)
+    assert why == "all"
     assert every["candidate"]["n_users"] == every["champion"]["n_users"] == len(targets)
     first, second = every["candidate"]["per_user_ndcg@10"], every["champion"]["per_user_ndcg@10"]
 
@@ -115,7 +118,8 @@ def test_the_gate_stops_scoring_once_the_paired_error_is_small_enough(tmp_path, 
     target = min(errors[1:-1])  # reached after the first step, before the last
     expected = steps[[e <= target for e in errors].index(True)]
     assert 10 < expected < len(targets)
-    stopped = evaluate_in_steps(models, histories, targets, cold, 10, target)
+    stopped, why = evaluate_in_steps(models, histories, targets, cold, 10, target)
+    assert why == "se_target"
     assert stopped["candidate"]["n_users"] == stopped["champion"]["n_users"] == expected
     prefix = histories.subset(np.arange(expected))
     alone = evaluate_ranking(small.model.ranker(), prefix.items, targets[:expected], small.model.n_items,
@@ -127,7 +131,7 @@ def test_the_gate_stops_scoring_once_the_paired_error_is_small_enough(tmp_path, 
     # Nor does it stop before enough cold-start users are scored (or all there are).
     for min_cold in (1 + int(cold[:expected].sum()), len(targets)):
         reached = np.flatnonzero(cold)[min(min_cold, cold.sum()) - 1] + 1  # users scored to see them
-        guarded = evaluate_in_steps(models, histories, targets, cold, 10, target, min_cold_users=min_cold)
+        guarded, _ = evaluate_in_steps(models, histories, targets, cold, 10, target, min_cold_users=min_cold)
         assert guarded["candidate"]["n_users"] == next(
             (n for n, e in zip(steps, errors) if n >= reached and e <= target), len(targets))
         assert guarded["candidate"]["n_users"] > expected
@@ -135,6 +139,61 @@ def test_the_gate_stops_scoring_once_the_paired_error_is_small_enough(tmp_path, 
     with pytest.raises(ValueError):
         evaluate_in_steps(models, histories, targets, cold, 0, target)
 
+
+def test_the_gate_stops_once_its_decision_is_clear(tmp_path, single_thread):
+    """With a tolerance, scoring also stops at the first look where the candidate is within it
+    beyond doubt (Bonferroni-corrected over the looks) and the SE is at most 15 % of the
+    champion's NDCG; a candidate that is clearly worse never stops early that way."""
+    from statistics import NormalDist
+
+    from test_serving import make_bundle
+
+    from rec_models.evaluation import PopularityRecommender
+    from rec_models.models.recommender import RecommenderConfig, train_recommender
+    from rec_pipelines.training import CLEAR_ALPHA, CLEAR_SE_RELATIVE, evaluate_in_steps
+
+    small = make_bundle(tmp_path / "bundle", max_epochs=1, val_users=0)
+    other, _ = train_recommender(small.split, small.text, RecommenderConfig.from_dict(
+        {**small.model.config.to_dict(), "seed": 1, "max_epochs": 2}))
+    histories, targets = small.split.test_histories(), small.split.test_targets
+    cold = np.zeros(len(targets), bool)
+    models = {"candidate": other, "champion": small.model}
+    every, _ = evaluate_in_steps(models, histories, targets, cold, 10, 0.0)
+    first, second = every["candidate"]["per_user_ndcg@10"], every["champion"]["per_user_ndcg@10"]
+    steps = [*range(10, len(targets), 10)]  # looks before the last
+    z = NormalDist().inv_cdf(1 - CLEAR_ALPHA / len([*steps, len(targets)]))
+
+    def clear_at(tolerance: float) -> int | None:
+        for n in steps:
+            paired, base = paired_difference(first[:n], second[:n]), second[:n].mean()
+            if base > 0 and paired["se"] <= CLEAR_SE_RELATIVE * base and paired["diff"] - z * paired["se"] >= -tolerance:
+                return n
+        return None
+
+    tolerance = next(t for t in (0.01, 0.03, 0.1, 0.3, 1.0) if clear_at(t) is not None)
+    expected = clear_at(tolerance)
+    stopped, why = evaluate_in_steps(models, histories, targets, cold, 10, 1e-9, clear_tolerance=tolerance)
+    assert why == "clear" and stopped["candidate"]["n_users"] == expected
+    assert np.array_equal(stopped["candidate"]["per_user_ndcg@10"], first[:expected])
+    # without a tolerance (or with none to spare) the same target scores everyone
+    assert evaluate_in_steps(models, histories, targets, cold, 10, 1e-9)[1] == "all"
+    assert evaluate_in_steps(models, histories, targets, cold, 10, 1e-9, clear_tolerance=-1.0)[1] == "all"
+
+    # popularity against the model: clearly worse, so never a clear stop at the gate's tolerance
+    popularity = PopularityRecommender().fit(small.split.train, small.model.n_items)
+
+    class Worse:
+        n_items = small.model.n_items
+
+        def ranker(self):
+            return lambda items, event_types=None: torch.as_tensor(popularity.score(items), dtype=torch.float32)
+
+        def item_tables_frozen(self):
+            return contextlib.nullcontext()
+
+    worse, why = evaluate_in_steps({"candidate": Worse(), "champion": small.model}, histories, targets, cold, 10, 1e-9,
+                                   clear_tolerance=0.002)
+    assert why == "all" and worse["candidate"]["ndcg@10"] < worse["champion"]["ndcg@10"] - 0.002
 
 def evaluation_config(users: int, seed: int = 0) -> dict:
     config = full_run_config()
@@ -179,6 +238,7 @@ def test_the_gate_evaluates_a_seeded_sample_and_tags_how(dagster_env, small_simu
     second = again.output_for_node("champion_model")
     tags = registry.client.get_model_version(settings.model_name, second["version"]).tags
     assert tags["eval.users"] == "30" and float(tags["eval.paired_se"]) == pytest.approx(repeated["paired"]["se"])
+    assert tags["eval.stopped_by"] == repeated["eval_stopped_by"] == "all"  # 30 users: one look, all of them
     assert float(tags["eval.paired_se_relative"]) == pytest.approx(repeated["paired_se_relative"], abs=1e-6)
     metadata = instance.get_latest_materialization_event(dg.AssetKey("champion_model")).asset_materialization.metadata
     assert metadata["evaluation"].value["eval.users"] == "30"
@@ -195,7 +255,7 @@ def test_the_gate_evaluates_a_seeded_sample_and_tags_how(dagster_env, small_simu
     assert scored < 30 and scored % 10 == 0 and stepped["eval_sample"] == 30
     assert scored == stepped["candidate"]["n_users"] == stepped["popularity"]["n_users"] == stepped["paired"]["users"]
     assert stepped["eval_user_ids"] == repeated["eval_user_ids"][:scored]
-    assert stepped["paired"]["se"] == 0.0 and stepped["champion"]["ndcg@10"] > 0
+    assert stepped["paired"]["se"] == 0.0 and stepped["champion"]["ndcg@10"] > 0 and stepped["eval_stopped_by"] == "se_target"
 
     # another seed scores other users
     other = job.execute_in_process(instance=instance, run_config=evaluation_config(30, seed=1),

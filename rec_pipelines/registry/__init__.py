@@ -2,6 +2,7 @@
 
 from rec_pipelines.registry.gate import (
     MIN_COLD_USERS,
+    NDCG_TOLERANCE,
     PRIMARY_METRIC,
     PromotionDecision,
     decide_promotion,
@@ -19,5 +20,5 @@ from rec_pipelines.registry.mlflow_registry import (
     pip_requirements,
 )
 
-__all__ = ["BATCHES_ARTIFACT", "CHALLENGER", "CHAMPION", "MIN_COLD_USERS", "PRIMARY_METRIC", "SIGNATURE", "MlflowEpochMetrics", "ModelRegistry",
+__all__ = ["BATCHES_ARTIFACT", "CHALLENGER", "CHAMPION", "MIN_COLD_USERS", "NDCG_TOLERANCE", "PRIMARY_METRIC", "SIGNATURE", "MlflowEpochMetrics", "ModelRegistry",
            "PromotionDecision", "RollbackError", "batch_tags", "decide_promotion", "metric_key", "pip_requirements"]

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 PRIMARY_METRIC = "ndcg@10"
 MIN_COLD_USERS = 20
 """Below this many cold-start users among those scored, the cold-start guard is not applied."""
+NDCG_TOLERANCE = 0.002
+"""Absolute NDCG@10 a candidate may lose and still be promoted (the gate's default; the held-out
+evaluation stops scoring once a candidate is clearly within it)."""
 
 
 def metric_key(name: str) -> str:
@@ -37,7 +40,7 @@ class PromotionDecision:
 def decide_promotion(
     candidate: dict,
     champion: dict | None,
-    tolerance: float = 0.002,
+    tolerance: float = NDCG_TOLERANCE,
     coverage_tolerance: float = 0.2,
     cold_tolerance: float = 0.01,
     min_cold_users: int = MIN_COLD_USERS,

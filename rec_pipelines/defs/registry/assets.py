@@ -7,7 +7,7 @@ import pandas as pd
 from rec_pipelines.defs.resources import MlflowResource, ServingResource
 from rec_pipelines.defs.training.assets import load_training_data
 from rec_pipelines.plots import figure_to_md
-from rec_pipelines.registry import MIN_COLD_USERS, batch_tags, decide_promotion
+from rec_pipelines.registry import MIN_COLD_USERS, NDCG_TOLERANCE, batch_tags, decide_promotion
 from rec_pipelines.training import (
     DEFAULT_EVAL_USERS,
     DEFAULT_STEP_USERS,
@@ -29,10 +29,13 @@ class EvaluationConfig(dg.Config):
     step_users: int = DEFAULT_STEP_USERS  # users scored between two looks at the standard error
     min_cold_users: int = MIN_COLD_USERS  # nor stop before this many cold-start users are scored (or all of the
     # sample's): keep it at the gate's min_cold_users, so stopping early never switches the cold guard off
+    clear_tolerance: float = NDCG_TOLERANCE  # also stop once the candidate is within this NDCG@10 of the champion
+    # beyond doubt (Bonferroni over the looks, SE at most 15 % of its NDCG): keep it at the gate's ndcg_tolerance
+    stop_when_clear: bool = True  # False: only the SE target stops scoring
 
 
 class PromotionConfig(dg.Config):
-    ndcg_tolerance: float = 0.002  # absolute NDCG@10 a candidate may lose and still be promoted
+    ndcg_tolerance: float = NDCG_TOLERANCE  # absolute NDCG@10 a candidate may lose and still be promoted
     coverage_tolerance: float = 0.2  # relative coverage@10 loss allowed
     cold_tolerance: float = 0.01  # absolute cold-start NDCG@10 loss allowed
     min_cold_users: int = MIN_COLD_USERS  # below this many cold-start users the cold guard is not applied
@@ -59,11 +62,13 @@ def model_evaluation(
     data = load_training_data(training_data)
     results, comparison = held_out_comparison(candidate_model, data, text_matrix(data.vocab, item_text_embeddings),
                                               mlflow.registry(), config.eval_users, config.eval_seed,
-                                              config.target_se_relative, config.step_users, config.min_cold_users)
+                                              config.target_se_relative, config.step_users, config.min_cold_users,
+                                              config.clear_tolerance if config.stop_when_clear else None)
     table = pd.DataFrame({k: results[k] for k in ("candidate", "champion", "popularity") if k in results}).T.reindex(
         columns=["hr@10", "ndcg@10", "coverage@10", "cold_ndcg@10", "cold_users"])
     context.log.info(f"held-out evaluation on {results['eval_users']} users of a sample of {results['eval_sample']} "
-                     f"of {results['eval_population']} (seed {results['eval_seed']}):\n{table}")
+                     f"of {results['eval_population']} (seed {results['eval_seed']}, stopped: "
+                     f"{results['eval_stopped_by']}):\n{table}")
     return dg.Output(
         results,
         metadata={
@@ -76,6 +81,7 @@ def model_evaluation(
             "eval_sample": results["eval_sample"],
             "eval_population": results["eval_population"],
             "eval_seed": results["eval_seed"],
+            "eval_stopped_by": results["eval_stopped_by"],
             "paired_se_relative": float("nan") if results["paired_se_relative"] is None else results["paired_se_relative"],
             "paired_ndcg_diff": dg.MetadataValue.json(results.get("paired")),
             "comparison": dg.MetadataValue.md(table.to_markdown(floatfmt=".4f")),
@@ -145,10 +151,10 @@ def champion_model(
 
 def evaluation_tags(model_evaluation: dict) -> dict[str, str]:
     """How the decision was measured, as version tags: users scored, of a sample of how many, of
-    how many held-out users, the sample's seed, and the paired standard error (absolute and relative to the
+    how many held-out users, the sample's seed, why scoring stopped, and the paired standard error (absolute and relative to the
     champion's NDCG@10) when there was a champion. Empty for an evaluation from before sampling."""
     tags = {f"eval.{key}": str(model_evaluation[f"eval_{key}"])
-            for key in ("users", "sample", "population", "seed") if f"eval_{key}" in model_evaluation}
+            for key in ("users", "sample", "population", "seed", "stopped_by") if f"eval_{key}" in model_evaluation}
     if model_evaluation.get("paired"):
         tags["eval.paired_se"] = f"{model_evaluation['paired']['se']:.6g}"
     if model_evaluation.get("paired_se_relative") is not None:
