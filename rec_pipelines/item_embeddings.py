@@ -67,7 +67,9 @@ def save_table(path, frame: pd.DataFrame, state: dict) -> None:
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel(), pa.float32()), matrix.shape[1]),
         "has_reviews": pa.array(frame["has_reviews"].to_numpy(dtype=bool)),
     }).replace_schema_metadata({"recsys": json.dumps(state)})
-    write_arrow_atomic(table, path)
+    # no dictionary: ids, texts and vectors are unique (at 100k items the float column's
+    # dictionary attempt made writing ~1.6x and reading ~2x slower)
+    write_arrow_atomic(table, path, use_dictionary=["has_reviews"])
 
 
 def update_item_embeddings(path, catalog: pd.DataFrame, catalog_batches: list[str] | None, events: ValidatedEvents,

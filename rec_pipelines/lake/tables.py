@@ -167,7 +167,10 @@ def write_parquet_atomic(frame: pd.DataFrame, path: Path, durable: bool = True) 
     write_arrow_atomic(pa.Table.from_pandas(frame, preserve_index=False), path, durable)
 
 
-def write_arrow_atomic(table: pa.Table, path: Path, durable: bool = True) -> None:
-    """LZ4: as small as the default Snappy here, and reads back about twice as fast."""
+def write_arrow_atomic(table: pa.Table, path: Path, durable: bool = True,
+                       use_dictionary: bool | list[str] = True) -> None:
+    """LZ4: as small as the default Snappy here, and reads back about twice as fast.
+    ``use_dictionary``: Parquet's dictionary encoding (all columns, none, or those named);
+    columns of unique values (ids, texts, vectors) only pay for trying it."""
     with atomic_path(path, durable=durable) as tmp:
-        pq.write_table(table, tmp, compression="lz4")
+        pq.write_table(table, tmp, compression="lz4", use_dictionary=use_dictionary)
