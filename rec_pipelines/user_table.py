@@ -138,7 +138,7 @@ class UserTable:
         known[added] = len(self.items) + np.arange(len(added))
         codes = [known[c].astype(np.int32) for c in codes]
         flagged = None if flag_users is None else sorted((set(self.flagged) - set(affected)) | set(flag_users(rows)))
-        keep = np.flatnonzero(~np.isin(self.user_ids, affected))
+        keep = np.flatnonzero(~_members(self.user_ids, affected))
         user_ids = np.concatenate([self.user_ids[keep], ids])
         order = np.argsort(user_ids, kind="stable")
         pick = lambda old, rebuilt: [(old[keep[i]] if i < len(keep) else rebuilt[i - len(keep)]) for i in order]  # noqa: E731
@@ -204,7 +204,7 @@ def training_data_from(table: UserTable, vocab: ItemVocab, excluded_users: set[s
     """``(sequences, split, user_batches, stats)`` of the table without ``excluded_users``, in
     the indices of ``vocab``, which is extended (append-only) with items seen only in feedback,
     in order of first appearance (users sorted by id)."""
-    kept = np.flatnonzero(~np.isin(table.user_ids, list(excluded_users)))
+    kept = np.flatnonzero(~_members(table.user_ids, excluded_users))
     lengths = np.array([len(table.item_codes[i]) for i in kept], dtype=np.int64)
     flat = np.concatenate([table.item_codes[i] for i in kept]) if len(kept) else np.zeros(0, dtype=np.int32)
     used = pd.unique(flat)  # codes in order of first appearance
@@ -223,8 +223,16 @@ def training_data_from(table: UserTable, vocab: ItemVocab, excluded_users: set[s
         "bot_interactions_excluded": int(all_lengths.sum() - lengths.sum()),
         "median_sequence_length": float(np.median(lengths)) if len(lengths) else 0.0, "batches": len(table.batches),
     }
-    user_batches = {str(table.user_ids[i]): list(table.batch_ids[i]) for i in kept}
+    # the table's own lists, not copies (250k users at 10M events: 0.7 -> 0.1 s); nobody changes them
+    user_batches = dict(zip(sequences.user_ids, (table.batch_ids[i] for i in kept)))
     return sequences, leave_last_out(sequences), user_batches, stats
+
+
+def _members(user_ids: np.ndarray, ids) -> np.ndarray:
+    """Bool mask of the ``user_ids`` (an object array of str) that are in ``ids``: one hash
+    lookup each (``np.isin`` sorts the Python strings: ~0.45 s for 250k users)."""
+    wanted = set(ids)
+    return np.fromiter((user in wanted for user in user_ids), dtype=bool, count=len(user_ids))
 
 
 def _per_user(events: pd.DataFrame) -> tuple[np.ndarray, list, np.ndarray, list, list]:
