@@ -207,7 +207,7 @@ def main() -> int:
         full_record = instance.get_run_record_by_id(full.run_id)
         full_run = full_record.end_time - full_record.start_time
         data = full.output_for_node("training_data")
-        text = text_matrix(data.vocab, full.output_for_node("item_text_embeddings"))
+        text = text_matrix(data.vocab, full.output_for_node("item_text_embeddings").load())
     # Both models on the same held-out users, paired per user.
     split = data.split
     histories, targets = split.test_histories(), split.test_targets

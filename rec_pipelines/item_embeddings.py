@@ -14,6 +14,9 @@ never embedded are encoded."""
 from __future__ import annotations
 
 import json
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,18 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rec_models.files import parquet_source
-from rec_models.text import (
-    REVIEW_EVENT,
-    EmbeddingCache,
-    TextEncoder,
-    TextTemplate,
-    add_reviews,
-    embed_texts,
-    text_sha256,
-)
-from rec_pipelines.lake import ValidatedEvents
+from rec_models.files import as_location, parquet_source
+from rec_pipelines.lake import StaleLakeTable, ValidatedEvents
 from rec_pipelines.lake.tables import write_arrow_atomic
+
+if TYPE_CHECKING:  # transformers loads slowly: the code location imports this module for ItemEmbeddingsRef
+    from rec_models.text import TextEncoder, TextTemplate
 
 TABLE_FORMAT = 1
 REVIEW_COLUMNS = ["item_id", "event_type", "timestamp", "text"]  # what add_reviews reads
@@ -44,32 +41,100 @@ def _key(template: TextTemplate, encoder: TextEncoder, reviews_per_item: int) ->
 
 
 def load_table(path) -> tuple[pd.DataFrame, dict] | None:
-    """The stored table and its state, or None."""
+    """The stored table and its state (with its ``version``), or None."""
     try:
         table = pq.read_table(parquet_source(path))
     except FileNotFoundError:
         return None
-    state = json.loads((table.schema.metadata or {}).get(b"recsys", b"{}"))
-    vectors = table.column("embedding").combine_chunks()
-    matrix = vectors.values.to_numpy(zero_copy_only=False).reshape(len(table), -1) if len(table) else np.zeros((0, 0))
-    frame = pd.DataFrame({"item_id": table.column("item_id").to_numpy(zero_copy_only=False).astype(object),
-                          "text": table.column("text").to_pylist(),
-                          "embedding": pd.Series(list(matrix.astype(np.float32, copy=False)), dtype=object),
-                          "has_reviews": table.column("has_reviews").to_numpy(zero_copy_only=False).astype(bool)})
-    return frame, state
+    return _frame(table), json.loads((table.schema.metadata or {}).get(b"recsys", b"{}"))
 
 
-def save_table(path, frame: pd.DataFrame, state: dict) -> None:
+@dataclass(frozen=True)
+class ItemEmbeddings:
+    """Item ids (an object array of str, catalog order) and their vectors (float32 [n, dim])."""
+
+    item_ids: np.ndarray
+    vectors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+@dataclass(frozen=True)
+class ItemEmbeddingsRef:
+    """What ``item_text_embeddings`` hands to the steps after it: the lake table it stored and
+    that store's version (a random id), not a copy (100k items x 384 floats: a 190 MB pickle
+    written once and read by every consumer). ``load()`` gives the ids and vectors: those the
+    asset computed when the step runs in the same process, else read from the table (two of its
+    columns), refusing a table stored again since (``StaleLakeTable``); ``frame()`` also has
+    the texts."""
+
+    path: str
+    version: str | None
+    items: int
+    dim: int
+
+    def load(self) -> ItemEmbeddings:
+        if _loaded.get("ref") == self:
+            return _loaded["embeddings"]
+        table = self._read(["item_id", "embedding"])
+        embeddings = ItemEmbeddings(table.column("item_id").to_numpy(zero_copy_only=False).astype(object),
+                                    _matrix(table.column("embedding"), len(table)))
+        remember(self, embeddings)
+        return embeddings
+
+    def frame(self) -> pd.DataFrame:
+        """The whole table: ``item_id``, ``text``, ``embedding`` (one array per row), ``has_reviews``."""
+        return _frame(self._read(None))
+
+    def _read(self, columns: list[str] | None) -> pa.Table:
+        table = pq.read_table(parquet_source(as_location(self.path)), columns=columns)
+        version = json.loads((table.schema.metadata or {}).get(b"recsys", b"{}")).get("version")
+        if version != self.version:
+            raise StaleLakeTable(
+                f"the item embeddings table {self.path} was stored again after item_text_embeddings handed it over "
+                f"(version {self.version}, now {version}): materialise item_text_embeddings again")
+        return table
+
+
+_loaded: dict = {}
+"""The last item embeddings this process computed or read, with their ref (one: a run's)."""
+
+
+def remember(ref: ItemEmbeddingsRef, embeddings: ItemEmbeddings) -> None:
+    _loaded.clear()
+    _loaded.update(ref=ref, embeddings=embeddings)
+
+
+def _matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:
+    vectors = column.combine_chunks()
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    return vectors.values.to_numpy(zero_copy_only=False).reshape(rows, -1).astype(np.float32, copy=False)
+
+
+def _frame(table: pa.Table) -> pd.DataFrame:
+    matrix = _matrix(table.column("embedding"), len(table))
+    return pd.DataFrame({"item_id": table.column("item_id").to_numpy(zero_copy_only=False).astype(object),
+                         "text": table.column("text").to_pylist(),
+                         "embedding": pd.Series(list(matrix), dtype=object),
+                         "has_reviews": table.column("has_reviews").to_numpy(zero_copy_only=False).astype(bool)})
+
+
+def save_table(path, frame: pd.DataFrame, state: dict) -> str:
+    """Store ``frame`` with ``state`` and a new version (returned)."""
+    version = uuid.uuid4().hex
     matrix = np.stack(frame["embedding"].to_list()).astype(np.float32) if len(frame) else np.zeros((0, 1), np.float32)
     table = pa.table({
         "item_id": pa.array(frame["item_id"].astype(str).tolist(), pa.string()),
         "text": pa.array(list(frame["text"]), pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel(), pa.float32()), matrix.shape[1]),
         "has_reviews": pa.array(frame["has_reviews"].to_numpy(dtype=bool)),
-    }).replace_schema_metadata({"recsys": json.dumps(state)})
+    }).replace_schema_metadata({"recsys": json.dumps({**state, "version": version})})
     # no dictionary: ids, texts and vectors are unique (at 100k items the float column's
     # dictionary attempt made writing ~1.6x and reading ~2x slower)
     write_arrow_atomic(table, path, use_dictionary=["has_reviews"])
+    return version
 
 
 def update_item_embeddings(path, catalog: pd.DataFrame, catalog_batches: list[str] | None, events: ValidatedEvents,
@@ -81,7 +146,9 @@ def update_item_embeddings(path, catalog: pd.DataFrame, catalog_batches: list[st
     catalog batches ``catalog`` is made of, in ingestion order (None: not known, build whole); ``changed_catalog_items(batch
     ids)``: the item ids of those catalog batches' rows. Returns the frame (``item_id``,
     ``text``, ``embedding``) and stats (``table_update``: built / incremental / unchanged,
-    ``items_rendered``, and ``embed_texts``' stats)."""
+    ``items_rendered``, ``table_version``: the stored table's, and ``embed_texts``' stats)."""
+    from rec_models.text import REVIEW_EVENT, add_reviews, embed_texts
+
     key = _key(template, encoder, reviews_per_item)
     stored = load_table(path)
     current = {"catalog_batches": list(catalog_batches or []), "event_batches": list(events.batches),
@@ -94,8 +161,8 @@ def update_item_embeddings(path, catalog: pd.DataFrame, catalog_batches: list[st
                    and current["catalog_batches"][:len(state["catalog_batches"])] == state["catalog_batches"])
     if not incremental:
         frame, stats = _build(catalog, events, encoder, template, reviews_per_item, cache_path, stored, progress)
-        save_table(path, frame, {**key, **current})
-        return frame, {**stats, "table_update": "built", "items_rendered": len(frame)}
+        version = save_table(path, frame, {**key, **current})
+        return frame, {**stats, "table_update": "built", "items_rendered": len(frame), "table_version": version}
 
     old = stored[0]
     new_events = ValidatedEvents(events.lake, events.batches[covered:], 0)
@@ -105,11 +172,12 @@ def update_item_embeddings(path, catalog: pd.DataFrame, catalog_batches: list[st
     changed |= set(item_ids) - set(old["item_id"])
     changed &= set(item_ids)
     if not changed and len(old) == len(catalog) and (old["item_id"].to_numpy() == item_ids.to_numpy()).all():
+        version = state.get("version")
         if current != {k: state[k] for k in current}:
-            save_table(path, old, {**key, **current})
+            version = save_table(path, old, {**key, **current})
         return old, {"table_update": "unchanged", "items_rendered": 0, "encoded": 0, "cached": len(old), "pruned": 0,
                      "seconds": 0.0, "items_per_s": 0.0, "model_id": key["model_id"], "dim": encoder.dim,
-                     "template_version": template.version}
+                     "template_version": template.version, "table_version": version}
     rows = catalog.loc[item_ids.isin(changed).to_numpy()]
     wanted = pa.array(sorted(changed), pa.string())
     reviews = events.read_where(REVIEW_COLUMNS, lambda t: pc.and_(
@@ -124,14 +192,16 @@ def update_item_embeddings(path, catalog: pd.DataFrame, catalog_batches: list[st
     kept = old.loc[~old["item_id"].isin(changed).to_numpy()]
     merged = pd.concat([kept, fresh], ignore_index=True).set_index("item_id").loc[item_ids.to_numpy()]
     frame = merged.reset_index()[["item_id", "text", "embedding", "has_reviews"]]
-    save_table(path, frame, {**key, **current})
+    version = save_table(path, frame, {**key, **current})
     return frame, {**stats, "items": len(frame), "cached": len(frame) - stats["encoded"],
-                   "table_update": "incremental", "items_rendered": len(fresh)}
+                   "table_update": "incremental", "items_rendered": len(fresh), "table_version": version}
 
 
 def _build(catalog, events, encoder, template, reviews_per_item, cache_path, stored, progress):
     """Every item's text and vector: the cache's vectors, and the stored table's where its key
     matches, reused (so a whole build after incremental updates re-encodes nothing)."""
+    from rec_models.text import REVIEW_EVENT, EmbeddingCache, add_reviews, embed_texts, text_sha256
+
     reviews = events.read_matching("event_type", [REVIEW_EVENT], REVIEW_COLUMNS)  # not the whole history
     reviewed = add_reviews(catalog, reviews, per_item=reviews_per_item)
     texts = template.render(reviewed)

@@ -262,13 +262,13 @@ def test_list_array_and_split_lists_round_trip(lengths):
 
 
 def test_text_matrix_puts_each_vector_on_its_vocab_row():
+    from rec_pipelines.item_embeddings import ItemEmbeddings
     from rec_pipelines.training import text_matrix
 
     vocab = ItemVocab(["a", "b", "c"])
     vectors = np.arange(12, dtype=np.float32).reshape(4, 3) + 1
     for ids, rows in ((["c", "a", "b"], [3, 1, 2]), (["c", "zz", "a"], [3, 0, 1])):  # every id known; one not in the vocab
-        frame = pd.DataFrame({"item_id": ids, "embedding": list(vectors[: len(ids)])})
-        matrix = text_matrix(vocab, frame).numpy()
+        matrix = text_matrix(vocab, ItemEmbeddings(np.array(ids, dtype=object), vectors[: len(ids)])).numpy()
         expected = np.zeros((4, 3), np.float32)
         for vector, row in zip(vectors, rows):
             if row:

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import pickle
 import re
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ from rec_pipelines.defs.ingestion.assets import (
     validated_feedback,
 )
 from rec_pipelines.defs.resources import LakeResource, TextEncoderResource
+from rec_pipelines.item_embeddings import ItemEmbeddingsRef
+from rec_pipelines.item_embeddings import _loaded as loaded_embeddings
+from rec_pipelines.lake import StaleLakeTable
 from rec_pipelines.plots import (
     figure_to_md,
     markdown_table,
@@ -95,6 +99,11 @@ def lake(tmp_path: Path) -> LakeResource:
     return LakeResource(landing_zone=str(tmp_path / "landing"), lake=str(tmp_path / "lake"))
 
 
+
+def forget() -> None:
+    """Drop this process's copy of the last item embeddings (as a step in another process)."""
+    loaded_embeddings.clear()
+
 def test_item_embeddings_are_incremental_at_the_dagster_level(
     tmp_path: Path, lake: LakeResource, tiny_encoder_dir: Path, small_simulator
 ) -> None:
@@ -108,8 +117,16 @@ def test_item_embeddings_are_incremental_at_the_dagster_level(
     assert meta["items"] == n and meta["dim"] == 32 and meta["items_per_s"] > 0
     assert meta["model_id"].startswith(f"{tiny_encoder_dir.name}@") and meta["template_version"] == "item-v2"
     assert meta["encoder"]["device"] == "cpu" and meta["encoder"]["max_length"] == 512
-    frame = first.output_for_node("item_text_embeddings")
+    ref = first.output_for_node("item_text_embeddings")  # a reference to the lake table, not a copy
+    assert isinstance(ref, ItemEmbeddingsRef) and (ref.items, ref.dim) == (n, 32) and len(pickle.dumps(ref)) < 1000
+    assert meta["table_path"] == ref.path and meta["table_version"] == ref.version
+    frame = ref.frame()
     assert frame["item_id"].tolist() == first.output_for_node("item_catalog")["item_id"].tolist()
+    loaded = ref.load()  # the ids and vectors the asset computed (in process), the table's when read back
+    forget()
+    read = ref.load()
+    assert read is not loaded and np.array_equal(read.vectors, loaded.vectors) and np.array_equal(read.vectors, as_matrix(frame))
+    assert read.item_ids.tolist() == frame["item_id"].tolist()
     assert as_matrix(frame).shape == (n, 32)
     # the simulator's reviews are part of the item texts
     assert meta["items_with_reviews"] > 0
@@ -130,13 +147,19 @@ def test_item_embeddings_are_incremental_at_the_dagster_level(
     # unchanged catalog and feedback: nothing is encoded, the output is the same
     again = run([item_text_embeddings], lake, instance, tiny_encoder_dir)
     assert counts(metadata(again, "item_text_embeddings")) == (0, n)
-    np.testing.assert_array_equal(as_matrix(again.output_for_node("item_text_embeddings")), as_matrix(frame))
+    unchanged = again.output_for_node("item_text_embeddings")
+    assert unchanged.version == ref.version  # nothing stored again: the same table
+    np.testing.assert_array_equal(as_matrix(unchanged.frame()), as_matrix(frame))
+
 
     # a catalog file with 100 new items: exactly those are encoded
     write_jsonl(Path(lake.landing_zone) / "catalog" / "more-items.jsonl", new_items(100))
     grown = run([item_text_embeddings], lake, instance, tiny_encoder_dir)
     assert counts(metadata(grown, "item_text_embeddings")) == (100, n)
-    assert len(grown.output_for_node("item_text_embeddings")) == n + 100
+    assert len(grown.output_for_node("item_text_embeddings").load()) == n + 100
+    forget()
+    with pytest.raises(StaleLakeTable, match="materialise item_text_embeddings again"):
+        ref.load()  # the first run's reference: the table was stored again since
 
     # a new review changes one item's text: that item alone is encoded again
     review = pd.DataFrame([{"user_id": "reviewer", "item_id": "new-007", "event_type": "review",
@@ -144,7 +167,7 @@ def test_item_embeddings_are_incremental_at_the_dagster_level(
     write_jsonl(Path(lake.landing_zone) / "events" / "one-review.jsonl", review)
     reviewed = run([item_text_embeddings], lake, instance, tiny_encoder_dir)
     assert counts(metadata(reviewed, "item_text_embeddings")) == (1, n + 99)
-    texts = reviewed.output_for_node("item_text_embeddings").set_index("item_id")["text"]
+    texts = reviewed.output_for_node("item_text_embeddings").frame().set_index("item_id")["text"]
     assert texts["new-007"].endswith("| A delightful surprise about tag0.")
 
     # another template, or another model: everything is encoded again

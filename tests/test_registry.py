@@ -109,7 +109,6 @@ def test_a_local_store_is_read_in_place_and_a_remote_one_downloaded(tmp_path, mo
     """The champion is loaded from the artifact folder itself when the store is local (a
     ~200 MB bundle at 10M events is not copied for each load); otherwise from a download."""
     import numpy as np
-
     from test_serving import make_bundle
 
     import rec_pipelines.registry.mlflow_registry as registry_module

@@ -9,7 +9,7 @@ from typing import Optional
 
 import dagster as dg
 
-from rec_pipelines.lake import FeedbackStore, IngestLimits
+from rec_pipelines.lake import FeedbackStore, IngestLimits, StaleLakeTable
 from rec_pipelines.registry import ModelRegistry
 from rec_pipelines.settings import Settings
 
@@ -131,3 +131,12 @@ def resources() -> dg.Definitions:
             "io_manager": dg.FilesystemIOManager(base_dir=str(settings.lake / ASSET_STORE)),
         }
     )
+
+
+def load_ref(ref):
+    """What a lake-table reference an asset handed over names (``TrainingDataRef``,
+    ``ItemEmbeddingsRef``: ``ref.load()``), or a run failure saying why it cannot be had."""
+    try:
+        return ref.load()
+    except StaleLakeTable as error:
+        raise dg.Failure(str(error)) from error

@@ -18,6 +18,12 @@ from rec_models.files import as_location, atomic_path, parquet_source
 from rec_pipelines.lake.parsing import ROW_COLUMNS
 
 
+class StaleLakeTable(RuntimeError):
+    """A lake table was stored again after an asset handed over a reference to the version it
+    wrote: the steps after it must not mix that asset's run with another's. Materialise the
+    asset again."""
+
+
 def read_parquets(paths: list[Path], columns: list[str] | None = None) -> pd.DataFrame:
     """Several Parquet files as one frame, in order, converted to pandas once."""
     return read_arrow(paths, columns).to_pandas()

@@ -10,7 +10,8 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from rec_pipelines.defs.resources import LakeResource, TextEncoderResource
+from rec_pipelines.defs.resources import LakeResource, TextEncoderResource, load_ref
+from rec_pipelines.item_embeddings import ItemEmbeddingsRef
 from rec_pipelines.lake import ValidatedEvents
 
 if TYPE_CHECKING:  # transformers import is slow: at run time only inside the assets
@@ -152,22 +153,24 @@ def item_text_embeddings(
     validated_feedback: ValidatedEvents,
     text_encoder: TextEncoderResource,
     lake: LakeResource,
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output[ItemEmbeddingsRef]:
     """One L2-normalised vector per catalog item (``item_id``, ``text``, ``embedding``,
     ``has_reviews``), from the item template over catalog fields and the item's latest reviews.
     Kept as a lake table (``rec_pipelines.item_embeddings``) and cached by (model, template,
     text): a run renders only the items of new catalog batches and those with reviews in new
-    event batches, and encodes only texts never embedded."""
+    event batches, and encodes only texts never embedded. Hands over an ``ItemEmbeddingsRef``
+    (the table and the version stored), not a copy of the table."""
     from rec_models.text import DEFAULT_ITEM_TEMPLATE, as_matrix
-    from rec_pipelines.item_embeddings import update_item_embeddings
+    from rec_pipelines.item_embeddings import ItemEmbeddings, remember, update_item_embeddings
     from rec_pipelines.plots import markdown_table
 
     template = _template(DEFAULT_ITEM_TEMPLATE, config.template, config.template_version)
     encoder = text_encoder.encoder()
     store = lake.store()
     context.log.info(f"item texts of {len(item_catalog)} items with {encoder.describe()}, template {template.version}")
+    table_path = store.lake / "tables" / ITEM_TABLE_FILE
     embeddings, stats = update_item_embeddings(
-        store.lake / "tables" / ITEM_TABLE_FILE, item_catalog, _catalog_batches(store, item_catalog), validated_feedback,
+        table_path, item_catalog, _catalog_batches(store, item_catalog), validated_feedback,
         encoder, template, config.reviews_per_item, store.lake / ITEM_CACHE_FILE,
         lambda batches: {str(i) for b in batches for i in store.read_batch("catalog", b)["item_id"]},
         progress=_progress_logger(context, "item texts"))
@@ -175,10 +178,14 @@ def item_text_embeddings(
                      f"{stats['encoded']} encoded")
 
     vectors = as_matrix(embeddings)
+    ref = ItemEmbeddingsRef(str(table_path), stats["table_version"], len(embeddings), vectors.shape[1] if len(vectors) else 0)
+    remember(ref, ItemEmbeddings(embeddings["item_id"].to_numpy(dtype=object), vectors))
     titles, categories = _item_labels(embeddings["item_id"], item_catalog)
     return dg.Output(
-        embeddings,
+        ref,
         metadata={
+            "table_path": dg.MetadataValue.path(str(table_path)),
+            "table_version": stats["table_version"] or "",
             "items": len(embeddings),
             "items_with_reviews": int(embeddings["has_reviews"].sum()),
             "table_update": stats["table_update"],
@@ -200,7 +207,7 @@ def user_context_embeddings(
     config: UserContextConfig,
     validated_feedback: ValidatedEvents,
     item_catalog: pd.DataFrame,
-    item_text_embeddings: pd.DataFrame,
+    item_text_embeddings: ItemEmbeddingsRef,
     text_encoder: TextEncoderResource,
     lake: LakeResource,
 ) -> dg.Output[pd.DataFrame]:
@@ -210,7 +217,6 @@ def user_context_embeddings(
     from rec_models.text import (
         USER_CONTEXT_TEMPLATE,
         EmbeddingCache,
-        as_matrix,
         build_user_contexts,
         embed_texts,
         top_k_cosine,
@@ -243,14 +249,15 @@ def user_context_embeddings(
     )
 
     sanity = "_no users_"
-    if len(frame) and len(item_text_embeddings):
+    items = load_ref(item_text_embeddings)
+    if len(frame) and len(items):
         shown = sample_rows(len(frame), SANITY_EXAMPLES, seed=2)
-        item_ids = item_text_embeddings["item_id"].astype(str)
-        titles, _ = _item_labels(item_text_embeddings["item_id"], item_catalog)
+        item_ids = pd.Series(items.item_ids).astype(str)
+        titles, _ = _item_labels(item_ids, item_catalog)
         shown_users = frame["user_id"][shown]
         seen = validated_feedback.read_users(shown_users, ["user_id", "item_id"]).groupby("user_id")["item_id"].agg(set)
         seen_rows = [np.flatnonzero(item_ids.isin(seen.get(frame["user_id"][row], set()))) for row in shown]
-        top, sims = top_k_cosine(vectors[shown], as_matrix(item_text_embeddings), k=3, exclude=seen_rows)
+        top, sims = top_k_cosine(vectors[shown], items.vectors, k=3, exclude=seen_rows)
         sanity = markdown_table(
             ["user_id", "user context", "nearest unseen items (cosine)"],
             [[frame["user_id"][row], texts[row], "; ".join(filter(None, _similar(titles, top[i], sims[i])))]

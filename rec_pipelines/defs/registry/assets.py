@@ -4,8 +4,8 @@
 import dagster as dg
 import pandas as pd
 
-from rec_pipelines.defs.resources import MlflowResource, ServingResource
-from rec_pipelines.defs.training.assets import load_training_data
+from rec_pipelines.defs.resources import MlflowResource, ServingResource, load_ref
+from rec_pipelines.item_embeddings import ItemEmbeddingsRef
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.registry import MIN_COLD_USERS, NDCG_TOLERANCE, batch_tags, decide_promotion
 from rec_pipelines.training import (
@@ -49,7 +49,7 @@ def model_evaluation(
     config: EvaluationConfig,
     candidate_model: TrainedModel,
     training_data: TrainingDataRef,
-    item_text_embeddings: pd.DataFrame,
+    item_text_embeddings: ItemEmbeddingsRef,
     mlflow: MlflowResource,
 ) -> dg.Output[dict]:
     """Protocol metrics (full ranking, history masked, leave-last-out test target) for the
@@ -59,8 +59,8 @@ def model_evaluation(
     if config.step_users < 1 or config.target_se_relative < 0:
         raise dg.Failure(f"step_users must be at least 1 and target_se_relative at least 0, "
                          f"got {config.step_users} and {config.target_se_relative}")
-    data = load_training_data(training_data)
-    results, comparison = held_out_comparison(candidate_model, data, text_matrix(data.vocab, item_text_embeddings),
+    data = load_ref(training_data)
+    results, comparison = held_out_comparison(candidate_model, data, text_matrix(data.vocab, load_ref(item_text_embeddings)),
                                               mlflow.registry(), config.eval_users, config.eval_seed,
                                               config.target_se_relative, config.step_users, config.min_cold_users,
                                               config.clear_tolerance if config.stop_when_clear else None)

@@ -14,13 +14,13 @@ from rec_pipelines.defs.resources import (
     LakeResource,
     MlflowResource,
     TextEncoderResource,
+    load_ref,
 )
+from rec_pipelines.item_embeddings import ItemEmbeddingsRef
 from rec_pipelines.lake import ValidatedEvents
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.training import (
-    StaleTrainingData,
     TrainedModel,
-    TrainingData,
     TrainingDataRef,
     TrainingRequest,
     assemble_training_data,
@@ -72,14 +72,6 @@ def training_data(
                                     "table_version": table.version or "none"})
 
 
-def load_training_data(ref: TrainingDataRef) -> TrainingData:
-    """The data ``ref`` names, or a run failure saying why it cannot be had."""
-    try:
-        return ref.load()
-    except StaleTrainingData as error:
-        raise dg.Failure(str(error)) from error
-
-
 _DEFAULTS = RecommenderConfig()
 
 
@@ -117,7 +109,7 @@ def candidate_model(
     context: dg.AssetExecutionContext,
     config: TrainConfig,
     training_data: TrainingDataRef,
-    item_text_embeddings: pd.DataFrame,
+    item_text_embeddings: ItemEmbeddingsRef,
     user_context_embeddings: pd.DataFrame,
     item_catalog: pd.DataFrame,
     lake: LakeResource,
@@ -133,10 +125,10 @@ def candidate_model(
         run_name=context.run_id[:8], run_tags={"dagster.run_id": context.run_id},
         bundle_text_encoder_dir=text_encoder.encoder().model_path if config.bundle_text_encoder else None)
     store = lake.store()
-    data = load_training_data(training_data)
+    data = load_ref(training_data)
     try:
         trained, model, curves = train_candidate(
-            request, data, text_matrix(data.vocab, item_text_embeddings),
+            request, data, text_matrix(data.vocab, load_ref(item_text_embeddings)),
             item_catalog.set_index("item_id")["title"], user_context_embeddings, mlflow.registry(),
             store.work / "models", key_id(store.pseudonym_key()), context.log)
     except ValueError as error:  # a bad mode
