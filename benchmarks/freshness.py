@@ -206,7 +206,7 @@ def main() -> int:
         full_train = step_seconds(full.run_id, "candidate_model", instance)
         full_record = instance.get_run_record_by_id(full.run_id)
         full_run = full_record.end_time - full_record.start_time
-        data = full.output_for_node("training_data")
+        data = full.output_for_node("training_data").load()
         text = text_matrix(data.vocab, full.output_for_node("item_text_embeddings").load())
     # Both models on the same held-out users, paired per user.
     split = data.split

@@ -82,7 +82,7 @@ def main() -> int:
     if not result.success:
         raise SystemExit("full_retrain_job failed")
     pipeline_s = time.perf_counter() - started
-    data = result.output_for_node("training_data")
+    data = result.output_for_node("training_data").load()
     history = result.output_for_node("candidate_model").history
     registry = ModelRegistry(settings.mlflow_tracking_uri, settings.mlflow_artifact_root, settings.model_name)
     champion_version = registry.version_by_alias(CHAMPION).version

@@ -173,7 +173,7 @@ def update_item_embeddings(path, catalog: pd.DataFrame, catalog_batches: list[st
     changed &= set(item_ids)
     if not changed and len(old) == len(catalog) and (old["item_id"].to_numpy() == item_ids.to_numpy()).all():
         version = state.get("version")
-        if current != {k: state[k] for k in current}:
+        if current != {k: state[k] for k in current} or version is None:  # (a table from before versions)
             version = save_table(path, old, {**key, **current})
         return old, {"table_update": "unchanged", "items_rendered": 0, "encoded": 0, "cached": len(old), "pruned": 0,
                      "seconds": 0.0, "items_per_s": 0.0, "model_id": key["model_id"], "dim": encoder.dim,

@@ -111,6 +111,10 @@ def champion_model(
     decision = decide_promotion(candidate, champion, config.ndcg_tolerance, config.coverage_tolerance,
                                 config.cold_tolerance, config.min_cold_users, model_evaluation.get("paired"),
                                 config.significance_z, config.max_relative_shortfall)
+    if model_evaluation.get("eval_stopped_by") == "clear" and model_evaluation["eval_clear_tolerance"] > config.ndcg_tolerance:
+        context.log.warning(f"held-out scoring stopped once the candidate was clearly within "
+                            f"{model_evaluation['eval_clear_tolerance']} of the champion, a looser tolerance than this "
+                            f"gate's {config.ndcg_tolerance}: keep model_evaluation's clear_tolerance at ndcg_tolerance")
     if model_evaluation.get("champion_unloadable"):
         decision.reason = f"{model_evaluation['champion_unloadable']}: promoted without a comparison"
         context.log.warning(decision.reason)
@@ -154,7 +158,8 @@ def evaluation_tags(model_evaluation: dict) -> dict[str, str]:
     how many held-out users, the sample's seed, why scoring stopped, and the paired standard error (absolute and relative to the
     champion's NDCG@10) when there was a champion. Empty for an evaluation from before sampling."""
     tags = {f"eval.{key}": str(model_evaluation[f"eval_{key}"])
-            for key in ("users", "sample", "population", "seed", "stopped_by") if f"eval_{key}" in model_evaluation}
+            for key in ("users", "sample", "population", "seed", "stopped_by", "clear_tolerance")
+            if model_evaluation.get(f"eval_{key}") is not None}
     if model_evaluation.get("paired"):
         tags["eval.paired_se"] = f"{model_evaluation['paired']['se']:.6g}"
     if model_evaluation.get("paired_se_relative") is not None:
