@@ -143,6 +143,23 @@ def test_the_gate_stops_scoring_once_the_paired_error_is_small_enough(tmp_path, 
         evaluate_in_steps(models, histories, targets, cold, 0, target)
 
 
+def test_no_early_stop_before_enough_users_differ():
+    """The stop rule alone: an SE from one or two users whose NDCG differs is not trusted."""
+    from rec_pipelines.training import MIN_DISCORDANT_USERS, early_stop
+
+    champion = np.zeros(500)
+    champion[:6] = 1.0  # six hits
+    candidate = champion.copy()
+    candidate[0] = 0.9  # one user differs: the SE (0.0002) is 1.7 % of the NDCG, below the 5 % target
+    assert paired_difference(candidate, champion)["se"] <= 0.05 * champion.mean()
+    assert early_stop(candidate, champion, looks=9, target_se_relative=0.05, clear_tolerance=0.002) is None
+    candidate[6:6 + MIN_DISCORDANT_USERS - 1] = 0.1  # now enough users differ, and the SE is still small
+    assert np.count_nonzero(candidate != champion) == MIN_DISCORDANT_USERS
+    assert early_stop(candidate, champion, looks=9, target_se_relative=0.05, clear_tolerance=0.002) == "se_target"
+    assert early_stop(candidate, champion, looks=9, target_se_relative=1e-9, clear_tolerance=0.002) == "clear"
+    assert early_stop(candidate, champion, looks=9, target_se_relative=1e-9, clear_tolerance=None) is None
+    assert early_stop(candidate, np.zeros(500), looks=9, target_se_relative=0.05, clear_tolerance=0.002) is None
+
 def test_the_gate_stops_once_its_decision_is_clear(tmp_path, single_thread):
     """With a tolerance, scoring also stops at the first look where the candidate is within it
     beyond doubt (Bonferroni-corrected over the looks) and the SE is at most 15 % of the
