@@ -73,7 +73,7 @@ two standard errors. At 10M events (100k items) fine-tunes against their champio
 after 1,000 users (4.8 %) and would have after 3,000 (3.7 % at 5,000)."""
 DEFAULT_STEP_USERS = 500
 """Users the gate scores between two looks at the standard error (at 10M events, 100k items,
-~2.5 s for candidate and champion: a clear decision is seen after the first 500)."""
+~2.5 s for candidate and champion)."""
 CLEAR_SE_RELATIVE = 0.15
 """The gate also stops once its decision is clear (``evaluate_in_steps``' ``clear_tolerance``),
 but never with a paired SE above this share of the champion's NDCG@10 (the issue's floor)."""
