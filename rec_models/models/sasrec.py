@@ -142,8 +142,8 @@ class SASRecBackbone(nn.Module):
         if config.id_dropout and not config.text_dim:
             raise ValueError("id_dropout needs a text side (text_dim > 0)")
         self.id_embedding.weight.requires_grad_(not config.freeze_ids)
-        # (item representations, item biases, the output table output_layer makes of them)
-        self._frozen_items: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+        # (item representations, the output table output_layer makes of them and the biases)
+        self._frozen_items: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Loading a state takes its text table instead of writing it into ours, which may be
@@ -163,7 +163,7 @@ class SASRecBackbone(nn.Module):
             # the output table too: output_layer's concatenation of the biases was ~40 % of
             # scoring a batch at 100k items (the logits are the same)
             outputs = reps if biases is None else self._output_table(reps, biases)
-            self._frozen_items = (reps, biases, outputs)
+            self._frozen_items = (reps, outputs)
 
     def thaw_item_table(self) -> None:
         """Forget a frozen item table (the weights are about to change, or changed)."""
@@ -303,7 +303,7 @@ class SASRecBackbone(nn.Module):
             item_reps = self.item_representations()
             hidden, outputs = self.output_layer(self.forward(items, event_types, item_reps)[:, -1], item_reps)
         else:
-            item_reps, _, outputs = frozen
+            item_reps, outputs = frozen
             hidden = self._with_bias_column(self.forward(items, event_types, item_reps)[:, -1])
         return hidden @ outputs.T
 
