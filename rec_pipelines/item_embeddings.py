@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rec_models.files import as_location, parquet_source
-from rec_pipelines.lake import StaleLakeTable, ValidatedEvents
+from rec_pipelines.lake import LastCopy, StaleLakeTable, ValidatedEvents
 from rec_pipelines.lake.tables import write_arrow_atomic
 
 if TYPE_CHECKING:  # transformers loads slowly: the code location imports this module for ItemEmbeddingsRef
@@ -75,12 +75,12 @@ class ItemEmbeddingsRef:
     dim: int
 
     def load(self) -> ItemEmbeddings:
-        if _loaded.get("ref") == self:
-            return _loaded["embeddings"]
+        if (kept := LOADED_EMBEDDINGS.get(self)) is not None:
+            return kept
         table = self._read(["item_id", "embedding"])
         embeddings = ItemEmbeddings(table.column("item_id").to_numpy(zero_copy_only=False).astype(object),
                                     _matrix(table.column("embedding"), len(table)))
-        remember(self, embeddings)
+        LOADED_EMBEDDINGS.keep(self, embeddings)
         return embeddings
 
     def frame(self) -> pd.DataFrame:
@@ -97,13 +97,8 @@ class ItemEmbeddingsRef:
         return table
 
 
-_loaded: dict = {}
-"""The last item embeddings this process computed or read, with their ref (one: a run's)."""
-
-
-def remember(ref: ItemEmbeddingsRef, embeddings: ItemEmbeddings) -> None:
-    _loaded.clear()
-    _loaded.update(ref=ref, embeddings=embeddings)
+LOADED_EMBEDDINGS = LastCopy()
+"""The last item embeddings this process computed or read, with their ref."""
 
 
 def _matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:

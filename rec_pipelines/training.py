@@ -41,7 +41,7 @@ from rec_models.models import (
 )
 from rec_models.serving import example_request, write_bundle
 from rec_pipelines.item_embeddings import ItemEmbeddings
-from rec_pipelines.lake import StaleLakeTable
+from rec_pipelines.lake import LastCopy, StaleLakeTable
 from rec_pipelines.plots import new_figure
 from rec_pipelines.registry import (
     BATCHES_ARTIFACT,
@@ -155,8 +155,8 @@ class TrainingDataRef:
     batches: tuple[str, ...]
 
     def load(self) -> TrainingData:
-        if _built.get("ref") == self:
-            return _built["data"]
+        if (kept := LOADED_DATA.get(self)) is not None:
+            return kept
         table = UserTable.load(as_location(self.table_path))
         if table is None or table.version != self.table_version or tuple(table.batches) != self.batches:
             raise StaleTrainingData(
@@ -166,17 +166,12 @@ class TrainingDataRef:
         vocab = _read_vocab(as_location(self.vocab_path))
         sequences, split, user_batches, _ = training_data_from(table, vocab, set(self.excluded_users))
         data = TrainingData(vocab, sequences, split, user_batches, list(table.batches), _validated_at(table))
-        remember(self, data)
+        LOADED_DATA.keep(self, data)
         return data
 
 
-_built: dict = {}
-"""The last ``TrainingData`` this process built or loaded, with its ref (one: a run's)."""
-
-
-def remember(ref: TrainingDataRef, data: TrainingData) -> None:
-    _built.clear()
-    _built.update(ref=ref, data=data)
+LOADED_DATA = LastCopy()
+"""The last ``TrainingData`` this process built or loaded, with its ref."""
 
 
 def text_matrix(vocab: ItemVocab, embeddings: ItemEmbeddings) -> torch.Tensor:

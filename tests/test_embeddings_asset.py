@@ -32,8 +32,7 @@ from rec_pipelines.defs.ingestion.assets import (
     validated_feedback,
 )
 from rec_pipelines.defs.resources import LakeResource, TextEncoderResource
-from rec_pipelines.item_embeddings import ItemEmbeddingsRef
-from rec_pipelines.item_embeddings import _loaded as loaded_embeddings
+from rec_pipelines.item_embeddings import LOADED_EMBEDDINGS, ItemEmbeddingsRef
 from rec_pipelines.lake import StaleLakeTable
 from rec_pipelines.plots import (
     figure_to_md,
@@ -102,7 +101,7 @@ def lake(tmp_path: Path) -> LakeResource:
 
 def forget() -> None:
     """Drop this process's copy of the last item embeddings (as a step in another process)."""
-    loaded_embeddings.clear()
+    LOADED_EMBEDDINGS.clear()
 
 def test_item_embeddings_are_incremental_at_the_dagster_level(
     tmp_path: Path, lake: LakeResource, tiny_encoder_dir: Path, small_simulator

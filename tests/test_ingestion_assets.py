@@ -272,7 +272,7 @@ def test_one_batch_validated_again_from_the_ui_partition(dagster_env, small_simu
     ref = again.output_for_node("training_data")
     assert isinstance(ref, TrainingDataRef) and len(pickle.dumps(ref)) < 2_000
     built = ref.load()
-    training._built.clear()  # as in another process
+    training.LOADED_DATA.clear()  # as in another process
     loaded = ref.load()
     assert loaded is not built and loaded.sequences.user_ids == built.sequences.user_ids and loaded.batches == built.batches
     assert all(np.array_equal(a, b) for a, b in zip(loaded.split.train.items, built.split.train.items))

@@ -24,6 +24,24 @@ class StaleLakeTable(RuntimeError):
     asset again."""
 
 
+class LastCopy:
+    """This process's copy of what an asset built for the reference it handed over (one at a
+    time: a run's), so a step in the same process (the in-process executor) reads nothing
+    again. ``get`` gives it only for an equal reference (None otherwise)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def get(self, ref):
+        return self._value if self._ref is not None and self._ref == ref else None
+
+    def keep(self, ref, value) -> None:
+        self._ref, self._value = ref, value
+
+    def clear(self) -> None:
+        self._ref = self._value = None
+
+
 def read_parquets(paths: list[Path], columns: list[str] | None = None) -> pd.DataFrame:
     """Several Parquet files as one frame, in order, converted to pandas once."""
     return read_arrow(paths, columns).to_pandas()

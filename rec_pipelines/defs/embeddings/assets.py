@@ -161,7 +161,7 @@ def item_text_embeddings(
     event batches, and encodes only texts never embedded. Hands over an ``ItemEmbeddingsRef``
     (the table and the version stored), not a copy of the table."""
     from rec_models.text import DEFAULT_ITEM_TEMPLATE, as_matrix
-    from rec_pipelines.item_embeddings import ItemEmbeddings, remember, update_item_embeddings
+    from rec_pipelines.item_embeddings import LOADED_EMBEDDINGS, ItemEmbeddings, update_item_embeddings
     from rec_pipelines.plots import markdown_table
 
     template = _template(DEFAULT_ITEM_TEMPLATE, config.template, config.template_version)
@@ -179,7 +179,7 @@ def item_text_embeddings(
 
     vectors = as_matrix(embeddings)
     ref = ItemEmbeddingsRef(str(table_path), stats["table_version"], len(embeddings), vectors.shape[1] if len(vectors) else 0)
-    remember(ref, ItemEmbeddings(embeddings["item_id"].to_numpy(dtype=object), vectors))
+    LOADED_EMBEDDINGS.keep(ref, ItemEmbeddings(embeddings["item_id"].to_numpy(dtype=object), vectors))
     titles, categories = _item_labels(embeddings["item_id"], item_catalog)
     return dg.Output(
         ref,

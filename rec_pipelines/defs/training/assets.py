@@ -20,11 +20,11 @@ from rec_pipelines.item_embeddings import ItemEmbeddingsRef
 from rec_pipelines.lake import ValidatedEvents
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.training import (
+    LOADED_DATA,
     TrainedModel,
     TrainingDataRef,
     TrainingRequest,
     assemble_training_data,
-    remember,
     text_matrix,
     train_candidate,
 )
@@ -66,7 +66,7 @@ def training_data(
     bots = feedback_features.bot_users() | flagged if config.exclude_bots else set()
     data, stats = assemble_training_data(table, item_catalog, vocab_path, bots)
     ref = TrainingDataRef(str(table_path), table.version, str(vocab_path), tuple(sorted(bots)), tuple(table.batches))
-    remember(ref, data)
+    LOADED_DATA.keep(ref, data)
     return dg.Output(ref, metadata={**stats, **update, "bot_users_flagged_in_table": len(flagged),
                                     "table_path": dg.MetadataValue.path(str(table_path)),
                                     "table_version": table.version or "none"})
