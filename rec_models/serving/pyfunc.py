@@ -10,6 +10,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from rec_models.allocator import keep_freed_memory
 from rec_models.serving.recommender import Recommender, serving_pseudonym_key
 from rec_models.serving.requests import DEFAULT_K, InvalidRequest
 
@@ -21,6 +22,7 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
     (item_id, score, title, explanation, warnings)."""
 
     def load_context(self, context) -> None:
+        keep_freed_memory()  # a served model scores [batch, n_items] tensors: see rec_models.allocator
         self.recommender = Recommender(context.artifacts["bundle"], serving_pseudonym_key())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

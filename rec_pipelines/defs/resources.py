@@ -9,6 +9,7 @@ from typing import Optional
 
 import dagster as dg
 
+from rec_models.allocator import keep_freed_memory
 from rec_pipelines.lake import FeedbackStore, IngestLimits, StaleLakeTable
 from rec_pipelines.registry import ModelRegistry
 from rec_pipelines.settings import Settings
@@ -111,6 +112,7 @@ class ServingResource(dg.ConfigurableResource):
 def resources() -> dg.Definitions:
     settings = Settings.from_env()
     settings.apply_umask()  # any process that loads the code creates private files
+    keep_freed_memory()  # and reuses the memory of freed score tensors (see rec_models.allocator)
     return dg.Definitions(
         # One process per run: on a laptop, paying the torch/transformers import once per run
         # beats a process per step.
