@@ -213,3 +213,36 @@ def test_eval_batch_size_bounds_the_score_tensor_for_large_catalogs():
     targets = rng.integers(1, 2001, size=70)
     runs = [evaluate_ranking(fixed_score_fn(list(scores)), histories, targets, 2000, batch_size=b) for b in (None, 7)]
     assert runs[0] == runs[1]
+
+
+def test_top_k_and_ranks_match_a_masked_copy_with_repeated_history_items():
+    """``update`` finds the top k among the best k + |history| scores instead of masking a
+    copy: with histories that repeat items (and hold the target), ties and -inf scores, the
+    per-user NDCG, hits and the recommended items are those of masking a copy, and the
+    scores given are left as they were."""
+    rng = np.random.default_rng(11)
+    n_users, n_items, k = 400, 60, 10
+    scores = rng.normal(size=(n_users, n_items + 1)).astype(np.float32)
+    scores[:100] = rng.integers(0, 4, size=(100, n_items + 1))  # ties
+    scores[rng.random(scores.shape) < 0.05] = -np.inf
+    histories = [rng.integers(1, n_items + 1, size=rng.integers(0, 30)) for _ in range(n_users)]  # repeats
+    targets = rng.integers(1, n_items + 1, size=n_users)
+    given = torch.from_numpy(scores.copy())
+    metrics = RankingMetrics(n_items, k, keep_per_user=True)
+    metrics.update(given, histories, torch.from_numpy(targets))
+    assert torch.equal(given, torch.from_numpy(scores))
+    expected, recommended = [], set()
+    for row, history, target in zip(scores, histories, targets):
+        masked = row.copy()
+        masked[0] = -np.inf
+        masked[history] = -np.inf
+        rank = int((masked >= masked[target]).sum())
+        expected.append(1 / math.log2(rank + 1) if np.isfinite(masked[target]) and rank <= k else 0.0)
+        top = np.argsort(-masked, kind="stable")[:k]
+        if len(np.unique(masked[np.isfinite(masked)])) == np.isfinite(masked).sum():  # no ties: one top k
+            recommended |= set(top[np.isfinite(masked[top])].tolist())
+    np.testing.assert_allclose(metrics.per_user_ndcg(), expected)
+    assert metrics.compute()[f"hr@{k}"] == pytest.approx(np.count_nonzero(expected) / n_users)
+    found = set(np.flatnonzero(metrics._recommended.numpy()).tolist())
+    assert recommended and recommended <= found
+    assert 0 not in found
