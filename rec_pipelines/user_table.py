@@ -42,7 +42,7 @@ from rec_models.data import (
 from rec_models.data.schema import DEFAULT_EVENT_WEIGHTS, EVENT_TYPE_INDEX
 from rec_models.files import parquet_source
 from rec_models.models import event_features
-from rec_pipelines.lake import ValidatedEvents
+from rec_pipelines.lake import ValidatedEvents, write_now
 from rec_pipelines.lake.tables import write_arrow_atomic
 
 TABLE_FORMAT = 1
@@ -149,8 +149,9 @@ class UserTable:
                        "table_new_batches": len(new)}
 
     # -- the lake's copy ---------------------------------------------------------------------
-    def save(self, path) -> None:
-        self.version = uuid.uuid4().hex
+    def save(self, path, version: str | None = None) -> None:
+        """Store the table as a new ``version`` (given, or a random id)."""
+        self.version = version or uuid.uuid4().hex
         lengths = [len(a) for a in self.item_codes]
         codes = np.concatenate(self.item_codes) if lengths else np.zeros(0, np.int32)
         table = pa.table({
@@ -166,15 +167,17 @@ class UserTable:
     @classmethod
     def load(cls, path) -> UserTable | None:
         """The stored table, or None when there is none or it was built by other definitions."""
-        try:
-            table = pq.read_table(parquet_source(path))
+        try:  # item ids read as dictionary codes: no Python string per row (10M rows, 100k ids)
+            table = pq.read_table(parquet_source(path), read_dictionary=["item_ids.list.element"])
         except FileNotFoundError:
             return None
         meta = json.loads((table.schema.metadata or {}).get(b"recsys", b"{}"))
         if meta.get("format") != TABLE_FORMAT or meta.get("definition") != DEFINITION:
             return None
-        item_lists = table.column("item_ids").combine_chunks()
-        encoded = item_lists.flatten().dictionary_encode()  # no Python string per row: 10M rows, 100k ids
+        item_lists = table.column("item_ids").combine_chunks()  # (one dictionary for all chunks)
+        encoded = item_lists.flatten()
+        if not pa.types.is_dictionary(encoded.type):  # (a list field named otherwise)
+            encoded = encoded.dictionary_encode()
         return cls(np.array(table.column("user_id").to_pylist(), dtype=object),
                    split_lists(item_lists, encoded.indices.to_numpy().astype(np.int32, copy=False)),
                    encoded.dictionary.to_numpy(zero_copy_only=False).astype(object),
@@ -183,9 +186,11 @@ class UserTable:
                    meta.get("version"))
 
 
-def update_user_table(path, events: ValidatedEvents,
-                      flag_users: Callable[[pd.DataFrame], set[str]] | None = None) -> tuple[UserTable, dict, set[str]]:
-    """Bring the table at ``path`` up to ``events`` (built whole the first time) and store it.
+def update_user_table(path, events: ValidatedEvents, flag_users: Callable[[pd.DataFrame], set[str]] | None = None,
+                      write=write_now) -> tuple[UserTable, dict, set[str]]:
+    """Bring the table at ``path`` up to ``events`` (built whole the first time) and store it
+    (with ``write``: e.g. a ``BackgroundWrites``' ``submit``, so the caller's next work
+    overlaps the write; the returned table must not change until it is done).
     Also returns the users ``flag_users`` marks (e.g. the bot-like): it runs on every row of
     each user the update rebuilds, and the marks are stored with the table, so a micro-batch
     flags the users it touches without reading anyone else's history and later updates keep
@@ -196,7 +201,8 @@ def update_user_table(path, events: ValidatedEvents,
     else:
         table, stats = stored.updated(events, flag_users)
     if stats["table_update"] != "unchanged":
-        table.save(path)
+        table.version = uuid.uuid4().hex  # (known at once: the write may still be under way)
+        write(table.save, path, table.version)
     return table, stats, set(table.flagged or []) if flag_users is not None else set()
 
 

@@ -6,6 +6,7 @@ the next update a full rebuild; the table survives in the lake between runs."""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from rec_models.data import ItemVocab, collapse_repeats, interactions, leave_las
 from rec_models.evaluation import protocol_sequences
 from rec_models.files import write_json_atomic
 from rec_models.models import event_features
-from rec_pipelines.lake import FeedbackStore
+from rec_pipelines.lake import BackgroundWrites, FeedbackStore, write_now
 from rec_pipelines.training import assemble_training_data
 from rec_pipelines.user_table import TRAINING_COLUMNS, UserTable, update_user_table
 
@@ -78,13 +79,17 @@ def test_batch_by_batch_updates_equal_the_whole_history_build(tmp_path):
     table_path = tmp_path / "lake" / "tables" / "user_sequences.parquet"
     pseudonymize = store.pseudonymizer()
     excluded = set(pseudonymize(["user-03", "user-07"]))
+    versions = set()
     for batch in range(6):
         raw_users = land_batch(tmp_path / "landing", batch, rng)
         store.ingest("events")
         store.validate_pending()
         events = store.validated_events()
         seen = []
-        table, update, flagged = update_user_table(table_path, events, lambda rows: seen.append(rows) or {"x"})
+        with BackgroundWrites() as writes:  # odd batches: stored while the training data is built, as the asset does
+            table, update, flagged = update_user_table(table_path, events, lambda rows: seen.append(rows) or {"x"},
+                                                       writes.submit if batch % 2 else write_now)
+            got = assemble_training_data(table, catalog, tmp_path / "vocab.json", excluded)
         everything = events.read(TRAINING_COLUMNS)
         if batch == 0:
             assert update == {"table_update": "built"}
@@ -95,7 +100,6 @@ def test_batch_by_batch_updates_equal_the_whole_history_build(tmp_path):
             assert set(seen[0]["user_id"]) == set(pseudonymize(raw_users))
             assert len(seen[0]) == everything["user_id"].isin(set(pseudonymize(raw_users))).sum()
         assert flagged == {"x"}
-        got = assemble_training_data(table, catalog, tmp_path / "vocab.json", excluded)
         expected = reference_training_data(events.read(TRAINING_COLUMNS), catalog, tmp_path / "ref-vocab.json", excluded)
         data, stats = got
         assert_same((data.vocab, data.sequences, data.split, data.user_batches, stats), expected)
@@ -103,6 +107,8 @@ def test_batch_by_batch_updates_equal_the_whole_history_build(tmp_path):
         # what the lake keeps is the table itself
         stored = UserTable.load(table_path)
         assert stored.covered == list(events.batches) and list(stored.user_ids) == list(table.user_ids)
+        assert stored.version == table.version and table.version not in versions
+        versions.add(table.version)
         assert all(np.array_equal(stored.item_ids(i), table.item_ids(i)) for i in range(len(table.user_ids)))
 
     # nothing new: unchanged, nothing written
@@ -166,3 +172,17 @@ def test_a_whole_build_in_shares_of_users_equals_one_pass(tmp_path, monkeypatch)
 def training(table, catalog, vocab_path):
     data, stats = assemble_training_data(table, catalog, vocab_path, set())
     return data.vocab, data.sequences, data.split, data.user_batches, stats
+
+
+def test_background_writes_finish_before_the_block_ends_and_raise_their_failure(tmp_path):
+    release, done = threading.Event(), []
+    with BackgroundWrites() as writes:
+        writes.submit(lambda: (release.wait(30), done.append("written")))
+        assert done == []  # the caller goes on while the write runs
+        release.set()
+    assert done == ["written"]  # and the block ends when it is done
+    with pytest.raises(FileNotFoundError), BackgroundWrites() as writes:
+        writes.submit((tmp_path / "missing" / "table.parquet").write_bytes, b"x")
+    with pytest.raises(KeyError), BackgroundWrites() as writes:  # the block's own error wins
+        writes.submit((tmp_path / "missing" / "table.parquet").write_bytes, b"x")
+        raise KeyError("the caller's")

@@ -13,8 +13,8 @@ from rec_pipelines.lake.landing import (
 )
 from rec_pipelines.lake.parsing import IngestLimits
 from rec_pipelines.lake.store import FeedbackStore, LakeError, load_pseudonym_key
-from rec_pipelines.lake.tables import LastCopy, StaleLakeTable, ValidatedEvents
+from rec_pipelines.lake.tables import BackgroundWrites, LastCopy, StaleLakeTable, ValidatedEvents, write_now
 
 __all__ = ["KINDS", "FeedbackStore", "IngestLimits", "LakeError", "RefusedFile", "RemoteLandingZone", "file_sha256",
            "fingerprint", "is_ready", "is_supported", "load_pseudonym_key", "printable",
-           "LastCopy", "StaleLakeTable", "ValidatedEvents"]
+           "BackgroundWrites", "LastCopy", "StaleLakeTable", "ValidatedEvents", "write_now"]

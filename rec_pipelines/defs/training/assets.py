@@ -17,7 +17,7 @@ from rec_pipelines.defs.resources import (
     load_ref,
 )
 from rec_pipelines.item_embeddings import ItemEmbeddingsRef
-from rec_pipelines.lake import ValidatedEvents
+from rec_pipelines.lake import BackgroundWrites, ValidatedEvents
 from rec_pipelines.plots import figure_to_md
 from rec_pipelines.training import (
     LOADED_DATA,
@@ -61,10 +61,11 @@ def training_data(
     left out), not a copy of the history: the steps after it ``load()`` the data."""
     lake_root = lake.store().lake
     table_path, vocab_path = lake_root / "tables" / "user_sequences.parquet", lake_root / "item_vocab.json"
-    table, update, flagged = update_user_table(table_path, validated_feedback,
-                                               feedback_features.flag_bots if config.exclude_bots else None)
-    bots = feedback_features.bot_users() | flagged if config.exclude_bots else set()
-    data, stats = assemble_training_data(table, item_catalog, vocab_path, bots)
+    with BackgroundWrites() as writes:  # the table is stored while the sequences are built
+        table, update, flagged = update_user_table(
+            table_path, validated_feedback, feedback_features.flag_bots if config.exclude_bots else None, writes.submit)
+        bots = feedback_features.bot_users() | flagged if config.exclude_bots else set()
+        data, stats = assemble_training_data(table, item_catalog, vocab_path, bots)
     ref = TrainingDataRef(str(table_path), table.version, str(vocab_path), tuple(sorted(bots)), tuple(table.batches))
     LOADED_DATA.keep(ref, data)
     return dg.Output(ref, metadata={**stats, **update, "bot_users_flagged_in_table": len(flagged),
