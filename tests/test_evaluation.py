@@ -173,6 +173,20 @@ def test_paired_difference_of_per_user_ndcg():
     assert paired["se"] == pytest.approx(np.std([0, -1, 0], ddof=1) / np.sqrt(3))
 
 
+def masked_row(row: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """A copy of one user's scores with padding and history items at -inf."""
+    masked = row.copy()
+    masked[0] = -np.inf
+    masked[history] = -np.inf
+    return masked
+
+
+def brute_force_ndcg(masked: np.ndarray, target: int, k: int) -> float:
+    """NDCG@k of ``target`` by counting the items scoring at least its score (the tie rule)."""
+    rank = int((masked >= masked[target]).sum())
+    return 1 / math.log2(rank + 1) if np.isfinite(masked[target]) and rank <= k else 0.0
+
+
 def test_per_user_ndcg_matches_a_brute_force_ranking_with_ties_and_masks():
     """Integer scores (many ties: the pessimistic rule), masked histories, targets inside the
     history, -inf items and fewer scorable items than k: every user's NDCG@10 is what counting
@@ -186,13 +200,8 @@ def test_per_user_ndcg_matches_a_brute_force_ranking_with_ties_and_masks():
     targets = rng.integers(1, n_items + 1, size=n_users)
     metrics = RankingMetrics(n_items, k, keep_per_user=True)
     metrics.update(torch.from_numpy(scores), histories, torch.from_numpy(targets))
-    expected = []
-    for row, history, target in zip(scores, histories, targets):
-        masked = row.copy()
-        masked[0] = -np.inf
-        masked[history] = -np.inf
-        rank = int((masked >= masked[target]).sum())
-        expected.append(1 / math.log2(rank + 1) if np.isfinite(masked[target]) and rank <= k else 0.0)
+    expected = [brute_force_ndcg(masked_row(row, history), target, k)
+                for row, history, target in zip(scores, histories, targets)]
     np.testing.assert_allclose(metrics.per_user_ndcg(), expected)
     assert 0 < np.count_nonzero(expected) < n_users  # both hits and misses were exercised
 
@@ -216,16 +225,17 @@ def test_eval_batch_size_bounds_the_score_tensor_for_large_catalogs():
 
 
 def test_top_k_and_ranks_match_a_masked_copy_with_repeated_history_items():
-    """``update`` finds the top k among the best k + |history| scores instead of masking a
-    copy: with histories that repeat items (and hold the target), ties and -inf scores, the
-    per-user NDCG, hits and the recommended items are those of masking a copy, and the
-    scores given are left as they were."""
+    """With histories that repeat items, hold the target or are longer than the catalog, ties
+    and -inf scores, the per-user NDCG, hits and the recommended items are those of ranking a
+    masked copy of each row, and the scores given are left as they were."""
     rng = np.random.default_rng(11)
     n_users, n_items, k = 400, 60, 10
     scores = rng.normal(size=(n_users, n_items + 1)).astype(np.float32)
     scores[:100] = rng.integers(0, 4, size=(100, n_items + 1))  # ties
     scores[rng.random(scores.shape) < 0.05] = -np.inf
-    histories = [rng.integers(1, n_items + 1, size=rng.integers(0, 30)) for _ in range(n_users)]  # repeats
+    # repeats; the last 50 histories longer than the catalog (k + |history| > n_items)
+    histories = [rng.integers(1, n_items + 1, size=rng.integers(0, 30 if u < n_users - 50 else 120))
+                 for u in range(n_users)]
     targets = rng.integers(1, n_items + 1, size=n_users)
     given = torch.from_numpy(scores.copy())
     metrics = RankingMetrics(n_items, k, keep_per_user=True)
@@ -233,11 +243,8 @@ def test_top_k_and_ranks_match_a_masked_copy_with_repeated_history_items():
     assert torch.equal(given, torch.from_numpy(scores))
     expected, recommended = [], set()
     for row, history, target in zip(scores, histories, targets):
-        masked = row.copy()
-        masked[0] = -np.inf
-        masked[history] = -np.inf
-        rank = int((masked >= masked[target]).sum())
-        expected.append(1 / math.log2(rank + 1) if np.isfinite(masked[target]) and rank <= k else 0.0)
+        masked = masked_row(row, history)
+        expected.append(brute_force_ndcg(masked, target, k))
         top = np.argsort(-masked, kind="stable")[:k]
         if len(np.unique(masked[np.isfinite(masked)])) == np.isfinite(masked).sum():  # no ties: one top k
             recommended |= set(top[np.isfinite(masked[top])].tolist())
