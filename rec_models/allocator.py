@@ -8,7 +8,8 @@ of the fresh pages is a page fault: a clone of one such tensor took 12-14 ms ins
 here. ``keep_freed_memory`` serves blocks up to 32 MiB from the heap and keeps up to
 ``trim_bytes`` of freed heap before returning it. Measured on the scaling benchmark's 10M-event
 home (100k items), one asset run in process, two runs each: the micro-batch fine-tune
-24.2-25.0 -> 19.2-19.6 s, the promotion gate 14.7 -> 11.5-11.7 s, peak RSS within 150 MB.
+24.2-25.0 -> 19.2-19.6 s, the promotion gate scoring all 5,000 users 22.5 -> 20.1-20.3 s,
+peak RSS within 150 MB.
 
 It changes nothing elsewhere (macOS, musl) or when the process was started with glibc's own
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` variables: an
