@@ -281,6 +281,18 @@ def test_the_gate_evaluates_a_seeded_sample_and_tags_how(dagster_env, small_simu
                                    asset_selection=[dg.AssetKey("model_evaluation")])
     assert other.output_for_node("model_evaluation")["eval_user_ids"] != evaluation["eval_user_ids"]
 
+    # new feedback reaches training_data but no new candidate is trained: the gate refuses the
+    # older candidate (it would score items it never had) and says what to do
+    small_simulator.write_batch(settings.landing_zone, 1)
+    upstream = ["raw_feedback", "validated_feedback", "training_data"]
+    assert job.execute_in_process(instance=instance, run_config=config,
+                                  asset_selection=[dg.AssetKey(a) for a in upstream]).success
+    stale = job.execute_in_process(instance=instance, run_config=config, raise_on_error=False,
+                                   asset_selection=[dg.AssetKey("model_evaluation")])
+    assert not stale.success
+    failure = next(e for e in stale.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    assert "materialise candidate_model again" in failure.step_failure_data.error.message
+
 
 def test_training_validates_on_a_bounded_sample_of_users(tmp_path, single_thread):
     """``val_users`` bounds the users validation scores (epochs, blend weights): the sample is a

@@ -60,6 +60,9 @@ def model_evaluation(
         raise dg.Failure(f"step_users must be at least 1 and target_se_relative at least 0, "
                          f"got {config.step_users} and {config.target_se_relative}")
     data = load_ref(training_data)
+    if list(candidate_model.batches) != list(data.batches):  # (a model is judged on the data it was trained on)
+        raise dg.Failure(f"candidate_model was trained on {len(candidate_model.batches)} feedback batches, but "
+                         f"training_data now holds {len(data.batches)}: materialise candidate_model again")
     results, comparison = held_out_comparison(candidate_model, data, text_matrix(data.vocab, load_ref(item_text_embeddings)),
                                               mlflow.registry(), config.eval_users, config.eval_seed,
                                               config.target_se_relative, config.step_users, config.min_cold_users,
