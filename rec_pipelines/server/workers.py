@@ -22,7 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rec_models.allocator import keep_freed_memory
 from rec_models.files import as_location
 
 OPTIONS_ENV = "RECSYS_SERVE_OPTIONS"
@@ -43,7 +42,6 @@ def build_app(args: argparse.Namespace, settings, workers: int = 1, reload_token
     from rec_pipelines.server.models import Arms, ModelHolder
 
     torch.set_num_threads(args.threads)
-    keep_freed_memory()
     limits = ServerLimits.from_args(args)
     holder = ModelHolder(args.model_uri, settings.mlflow_tracking_uri)
     challenger = None
