@@ -143,6 +143,59 @@ def test_the_gate_stops_scoring_once_the_paired_error_is_small_enough(tmp_path, 
         evaluate_in_steps(models, histories, targets, cold, 0, target)
 
 
+def test_candidate_and_champion_with_one_content_model_compute_it_once_per_batch(tmp_path, single_thread, monkeypatch):
+    """The gate's candidate and champion blend in the same content model (same window, decay and
+    text table): each user batch's content scores are computed once and read by both, with the
+    very metrics of scoring them apart; a champion whose text differs keeps its own."""
+    from test_serving import make_bundle
+
+    from rec_models.models import share_content_scores
+    from rec_models.models.baselines import ContentRecommender
+    from rec_models.models.recommender import HybridRecommender, RecommenderConfig, train_recommender
+    from rec_pipelines.training import evaluate_in_steps
+
+    small = make_bundle(tmp_path / "bundle", max_epochs=1, val_users=0)
+    other, _ = train_recommender(small.split, small.text, RecommenderConfig.from_dict(
+        {**small.model.config.to_dict(), "seed": 1, "max_epochs": 2}))
+    other.content_window = small.model.content_window  # whatever validation chose for it
+    other._content = None
+    assert other.content() is not small.model.content() and other.same_content(small.model)
+    histories, targets = small.split.test_histories(), small.split.test_targets
+    cold = np.zeros(len(targets), dtype=bool)
+
+    calls = []
+    score = ContentRecommender.score
+    monkeypatch.setattr(ContentRecommender, "score", lambda self, *a, **k: calls.append(self) or score(self, *a, **k))
+    models = {"candidate": other, "champion": small.model}
+    shared, _ = evaluate_in_steps(models, histories, targets, cold, 25, 0.0)
+    steps = len(range(0, len(targets), 25))  # one batch per step at 100 items
+    assert len(calls) == steps
+    calls.clear()
+    with monkeypatch.context() as patch:  # the same scoring, each model on its own
+        patch.setattr("rec_pipelines.training.share_content_scores", lambda models: contextlib.nullcontext())
+        apart, _ = evaluate_in_steps(models, histories, targets, cold, 25, 0.0)
+    assert len(calls) == 2 * steps
+    for name in models:
+        assert np.array_equal(shared[name]["per_user_ndcg@10"], apart[name]["per_user_ndcg@10"])
+        assert shared[name]["coverage@10"] == apart[name]["coverage@10"]
+    with share_content_scores([other, small.model]):
+        assert torch.equal(other.score(histories.items[:7], histories.event_types[:7]),
+                           HybridRecommender.score(other, histories.items[:7], histories.event_types[:7]))
+        assert small.model._shared_content is other._shared_content is not None
+    assert small.model._shared_content is None is other._shared_content
+
+    changed = small.text.clone()
+    changed[1] = changed[2]
+    stale = HybridRecommender.load(small.path)
+    stale.grow(changed)
+    assert not stale.same_content(other)
+    with share_content_scores([other, stale]):
+        assert stale._shared_content is not other._shared_content
+    other.content_window += 1
+    other._content = None
+    assert not other.same_content(small.model)
+
+
 def test_no_early_stop_before_enough_users_differ():
     """The stop rule alone: an SE from one or two users whose NDCG differs is not trusted."""
     from rec_pipelines.training import MIN_DISCORDANT_USERS, early_stop

@@ -20,6 +20,7 @@ from rec_models.models.losses import LOSSES, sampled_softmax_loss
 from rec_models.models.recommender import (
     HybridRecommender,
     RecommenderConfig,
+    share_content_scores,
     train_recommender,
     user_sample,
 )
@@ -47,4 +48,4 @@ __all__ = ["DEFAULT_ALPHAS", "DEFAULT_EASE_LAMBDAS", "LOSSES", "RATING_FEATURE_O
            "build_training_windows", "TrainingWindows", "sampled_softmax_loss", "DEFAULT_EVENT_TYPE", "EASE", "ContentRecommender", "HybridRecommender", "HybridScorer", "MMRReranker",
            "RecommenderConfig", "SASRecBackbone", "SASRecConfig", "blend", "event_features", "left_pad",
            "load_backbone", "recommend", "save_backbone", "standardize_scores", "svd_item_factors", "train_recommender",
-           "train_sasrec", "training_counts", "tune_content", "tune_ease", "tune_hybrid", "user_sample"]
+           "share_content_scores", "train_sasrec", "training_counts", "tune_content", "tune_ease", "tune_hybrid", "user_sample"]

@@ -168,6 +168,7 @@ class HybridRecommender:
         self.item_counts = np.asarray(self.item_counts, dtype=np.int64)
         self._content: ContentRecommender | None = None
         self._normalized_text: torch.Tensor | None = None
+        self._shared_content: CachedScores | None = None  # see share_content_scores
 
     @property
     def unseen(self) -> torch.Tensor:
@@ -198,7 +199,7 @@ class HybridRecommender:
         content = self.content()
         if not self.config.blend or content is None:
             return own
-        second = standardize_scores(content.score(histories, event_types))
+        second = standardized_scores(self._shared_content or content.score, histories, event_types)
         if self.alpha == 0.0:
             return second
         return blend(standardize_scores(own), second, self.alpha, self.unseen)
@@ -228,6 +229,13 @@ class HybridRecommender:
             for backbone in self.backbones:
                 stack.enter_context(backbone.item_table_frozen())
             yield self
+
+    def same_content(self, other: HybridRecommender) -> bool:
+        """Whether ``other`` blends in the very same content model: window, decay and text table."""
+        mine, theirs = self.content(), other.content()
+        return (mine is not None and theirs is not None and self.config.blend and other.config.blend
+                and (mine.window, mine.decay) == (theirs.window, theirs.decay)
+                and (mine.embeddings is theirs.embeddings or torch.equal(mine.embeddings, theirs.embeddings)))
 
     def _with_ease(self, sequential: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
         if self.ease is None or self.ease_weight == 0.0:
@@ -377,6 +385,28 @@ def train_recommender(
     history["best_alpha"], history["best_ease_weight"] = model.alpha, model.ease_weight
     history["best_val_hybrid_ndcg@10"] = grid[(model.alpha, model.ease_weight)]
     return model, history
+
+
+@contextlib.contextmanager
+def share_content_scores(models: Sequence[HybridRecommender]) -> Iterator[None]:
+    """Within: models that blend in the same content model (``same_content``: the gate's
+    candidate, a fine-tune of the champion, and the champion grown to today's catalog) compute
+    its scores once per user batch, provided they score each batch in turn (its latest scores are
+    kept). At 100k items the content model is the costliest part of scoring: cosine similarity
+    over 384-dimensional text for every item, 3x the FLOPs of a SASRec network."""
+    try:
+        for index, model in enumerate(models):
+            first = next(m for m in models[: index + 1] if m is model or m.same_content(model))
+            if first is model:
+                content = model.content()
+                model._shared_content = None if content is None else CachedScores(content.score, standardized=True,
+                                                                                  latest_only=True)
+            else:
+                model._shared_content = first._shared_content
+        yield
+    finally:
+        for model in models:
+            model._shared_content = None
 
 
 def user_sample(split: LeaveLastOutSplit, users: int, seed: int) -> LeaveLastOutSplit:
