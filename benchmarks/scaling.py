@@ -1,14 +1,15 @@
 """How the feedback loop scales with the history (default 100k, 1M and 10M events).
 
     nice -n 19 .venv/bin/python benchmarks/scaling.py [--sizes 100k,1m,10m] [--cap-s 300] [--max-epochs N]
-        [--microbatches 2] [--stage-timeout-s 900] [--microbatch-timeout-s S] [--model '{"ease": false}']
+        [--microbatches 2] [--items N] [--stage-timeout-s 900] [--microbatch-timeout-s S] [--model '{"ease": false}']
         [--text-model PATH | --tiny-text] [--sensor-interval 5] [--max-rss-gb G] [--out FILE] [--keep]
         [--data DIR [--generate-only]]
 
 Per size, in a fresh temp home (nothing of yours is touched), four worker processes in turn:
 
 1. generate (not timed): a simulator history of ~SIZE events (SIZE / 40 users of 40 events on
-   average; 3k items up to 100k events, then log-linearly to 100k items at 10M) in JSON Lines
+   average; 3k items up to 100k events, then log-linearly to 100k items at 10M; ``--items N``: N at
+   every size, which tells the history's growth from the catalog's) in JSON Lines
    files of <= 500k events in the landing zone, made a chunk of users at a time (``events(0)``
    holds users x items matrices: same world, another random stream), and the micro-batches
    (200 users x 10 events + 25 new items each, whatever the size); with ``--data DIR`` they are
@@ -63,11 +64,12 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
-def world(size: int) -> dict:
+def world(size: int, items: int | None = None) -> dict:
     """Simulator sizes for about ``size`` events: 40 events per user, 3k items at 100k events
-    growing log-linearly to 100k items at 10M (3k below 100k)."""
+    growing log-linearly to 100k items at 10M (3k below 100k), or ``items`` at every size."""
     exponent = math.log(100_000 / 3_000) / math.log(100)
-    items = 3_000 if size <= 100_000 else round(3_000 * (size / 100_000) ** exponent)
+    if items is None:
+        items = 3_000 if size <= 100_000 else round(3_000 * (size / 100_000) ** exponent)
     return {"n_items": items, "n_users": max(50, round(size / 40)), "events_per_user": 40, **BATCH}
 
 
@@ -126,7 +128,7 @@ def generate(home: Path, spec: dict, stage, out: dict) -> None:
                 yield self._simulate(0, part, part.join_time, lengths[rows], window_end,
                                      np.random.default_rng([cfg.seed, 91, start]))
 
-    config = SimulatorConfig(**world(spec["size"]))
+    config = SimulatorConfig(**world(spec["size"], spec.get("items")))
     simulator = ScaledSimulator(config)
     landing, staging = home / "var" / "landing", home / "staging"
     write_bytes_atomic(landing / "catalog" / "catalog-00000.jsonl", _to_jsonl(simulator.catalog()).encode())
@@ -141,7 +143,7 @@ def generate(home: Path, spec: dict, stage, out: dict) -> None:
             frames, files = [], files + 1
     for batch in range(1, spec["microbatches"] + 1):
         simulator.write_batch(staging, batch)
-    out.update(events=events, files=files, **world(spec["size"]))
+    out.update(events=events, files=files, **world(spec["size"], spec.get("items")))
 
 
 def environment(home: Path, spec: dict):
@@ -314,9 +316,9 @@ def run_size(label: str, args: argparse.Namespace) -> dict:
     timeouts = {"generate": args.gen_timeout_s, "ingest": args.stage_timeout_s, "train": args.stage_timeout_s,
                 "microbatch": args.microbatch_timeout_s}
     (home / "spec.json").write_text(json.dumps({**vars(args), "size": size, "model": json.loads(args.model)}, default=str))
-    print(f"== {label}: {world(size)} in {home}", flush=True)
+    print(f"== {label}: {world(size, args.items)} in {home}", flush=True)
     row: dict = {"size": label, "stage_s": {}, "peak_rss_mb_by_stage": {}, "status": "ok", "peak_rss_mb": 0, "peak_pss_mb": 0}
-    cache = args.data / f"{label}-{args.microbatches}mb" if args.data else None
+    cache = args.data / f"{label}-{args.microbatches}mb{f'-{args.items}items' if args.items else ''}" if args.data else None
     for phase in ["generate"] if args.generate_only else PHASES:
         started = time.perf_counter()
         if phase == "generate" and cache and (cache / "result-generate.json").exists():
@@ -357,6 +359,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="100k,1m,10m", help="history sizes in events (k/m suffixes)")
     parser.add_argument("--cap-s", type=float, default=300, help="full retrain: max_time_s of each SASRec network")
     parser.add_argument("--max-epochs", type=int, default=0, help="full retrain: max_epochs (0: the model's default)")
+    parser.add_argument("--items", type=int, help="a catalog of this many items at every size (default: 3k growing "
+                        "to 100k at 10M): tells history growth from catalog growth")
     parser.add_argument("--microbatches", type=int, default=2, help="drops per size (the median is reported)")
     parser.add_argument("--stage-timeout-s", type=float, default=900, help="ingest, full retrain: per stage and size")
     parser.add_argument("--microbatch-timeout-s", type=float, help="one drop's limit (default: --stage-timeout-s)")
@@ -387,7 +391,7 @@ def main() -> int:
     result = {"sizes": [r["size"] for r in rows], **{name: [r.get(name) for r in rows] for name in names},
               "cap_s": args.cap_s, "max_epochs": args.max_epochs or None, "model_overrides": json.loads(args.model),
               "text_model": "tiny random encoder" if args.tiny_text else (args.text_model or "all-MiniLM-L6-v2 (default)"),
-              "sensor_interval_s": args.sensor_interval, "cpus": os.cpu_count(),
+              "sensor_interval_s": args.sensor_interval, "fixed_items": args.items, "cpus": os.cpu_count(),
               "microbatch_events": BATCH["batch_users"] * BATCH["batch_events_per_user"]}
     by_size = {parse_size(r["size"]): r for r in rows}
     small, large = by_size.get(100_000, {}), by_size.get(10_000_000, {})
