@@ -29,7 +29,7 @@ class CachedScores:
 
     ``standardized`` keeps the scores per-user standardised (``standardize_scores``), the form
     every blend reads them in: ``standardized_scores`` then returns them as they are instead of
-    standardising them again each epoch (at 100k items ~14 ms per batch of 83 users).
+    standardising them again each epoch (at 100k items ~14 ms per 83 users).
 
     ``latest_only`` keeps only the last batch's scores (one batch's memory, whatever
     ``max_bytes``): for models that score the same batch in turn (``share_content_scores``)."""
