@@ -255,3 +255,46 @@ def test_pseudonyms_and_scrubbing():
     assert scrub_text(None) is None
     many = pseudonymize(pd.Series(np.arange(50_000) % 5_000).astype("string"), KEY)
     assert many.nunique() == 5_000
+
+
+def test_the_persisted_key_index_reads_only_newer_batches_and_heals_when_stale(store, monkeypatch):
+    """``validate_pending`` catches duplicates of earlier batches from the sorted key index, reading
+    only the partitions of batches it does not cover; a batch rejected since, or a torn index,
+    makes it rebuild from the partitions, so no event is lost or counted twice."""
+    from rec_pipelines.lake.batches import KEY_INDEX
+
+    earlier = "duplicate of an event in an earlier batch"
+
+    def land(name, rows):
+        write_jsonl(store.landing_zone / "events" / name, rows)
+        store.ingest("events")
+        (account,) = store.validate_pending()
+        return account
+
+    read = []
+    original = type(store)._validated_keys
+    monkeypatch.setattr(type(store), "_validated_keys", lambda self, ids=None: read.append(ids) or original(self, ids))
+    first = land("b1.jsonl", ROWS)
+    index = store.lake / "validated" / KEY_INDEX
+    covering_first = index.read_bytes()
+    seven = {**ROWS[0], "item_id": "i7"}
+    second = land("b2.jsonl", [ROWS[0], seven])
+    assert second["reasons"] == {earlier: 1} and second["rows_valid"] == 1
+    assert read == [[]]  # the index covered b1: no partition read for it
+    index.write_bytes(covering_first)  # as if a crash came after b2's accounts, before its index
+    third = land("b3.jsonl", [seven, {**ROWS[1], "item_id": "i8"}])
+    assert read[-1] == [second["batch_id"]]  # only the batch the index does not cover
+    assert third["reasons"] == {earlier: 1} and third["rows_valid"] == 1
+
+    store.reject_batches([second["batch_id"]], "failed the suite")  # the index still holds its keys
+    fourth = land("b4.jsonl", [seven])
+    assert read[-1] == [first["batch_id"], third["batch_id"]]  # stale: rebuilt from every valid batch
+    assert fourth["rows_valid"] == 1 and fourth["reasons"] == {}  # no valid copy of it is left
+
+    index.write_bytes(b"torn")
+    fifth = land("b5.jsonl", [seven, {**ROWS[2], "item_id": "i9"}])
+    assert len(read[-1]) == 3 and fifth["reasons"] == {earlier: 1}
+    events = store.read_validated()
+    assert len(events) == len(ROWS) + 3 and events.duplicated(["user_id", "item_id", "event_type", "timestamp"]).sum() == 0
+    sixth = land("b6.jsonl", [{**ROWS[2], "item_id": "i9"}])  # the rebuilt index covers b5: nothing read
+    assert len(read) == 4 and sixth["reasons"] == {earlier: 1} and sixth["rows_valid"] == 0

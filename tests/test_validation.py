@@ -98,3 +98,21 @@ def test_large_tables_are_checked_on_a_seeded_sample():
     rows = pd.concat([events(item_id=f"i{k}") for k in range(50)], ignore_index=True)
     result = run_expectations(rows, max_rows=20)
     assert result.success and result.sampled and (result.rows_total, result.rows_checked) == (50, 20)
+
+
+def test_a_key_set_merges_its_recent_keys_into_one_sorted_distinct_array():
+    from rec_pipelines.lake.validation import KeySet
+
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 2**63, 50_000, dtype=np.uint64)
+    keys = KeySet(np.concatenate([first, first[:10]]))  # repeats are kept once
+    later = [np.concatenate([rng.integers(0, 2**63, 300, dtype=np.uint64), first[100:105]]) for _ in range(3)]
+    for part in later:
+        keys.add(part)
+    expected = np.unique(np.concatenate([first, *later]))
+    merged = keys.sorted_keys()
+    assert merged.dtype == np.uint64 and np.array_equal(merged, expected)
+    again = KeySet.from_sorted(merged)
+    probe = np.concatenate([expected[::97], rng.integers(0, 2**63, 1_000, dtype=np.uint64)])
+    assert np.array_equal(again.contains(probe), np.isin(probe, expected))
+    assert np.array_equal(keys.contains(probe), again.contains(probe))

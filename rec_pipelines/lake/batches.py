@@ -5,8 +5,10 @@ that works on batches already in the lake (docs/lake.md)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from rec_models.files import sync_all, write_json_atomic
+from rec_models.files import sync_all, write_bytes_atomic, write_json_atomic
 from rec_pipelines.lake.tables import (
     ValidatedEvents,
     read_parquets,
@@ -31,6 +33,13 @@ from rec_pipelines.lake.validation import (
 )
 
 GROUP_ROWS = 500_000  # records of event files converted, or batches validated, in one vectorised pass
+KEY_INDEX = "key-index.npz"
+"""In ``validated/``: the sorted event keys of every valid row, and the (``validated_at``,
+``rows_valid``) of each batch they come from. A cache that heals itself: ``validate_pending``
+trusts it only while every batch it covers is still valid with the same stamp (a batch
+revalidated or rejected since makes it rebuild from the partitions), and reads the partitions of
+the batches validated since. At 10M events it saves reading and sorting 10M keys per
+validation (2.1 s of a micro-batch)."""
 
 
 class ValidatedBatches:
@@ -70,7 +79,7 @@ class ValidatedBatches:
             todo = [e for e in ingested if self.account(e["batch_id"]) is None]  # a torn account too
             if not todo:
                 return []
-            seen = KeySet(self._validated_keys())
+            seen, stamps = self._seen_keys()
             accounts, group, rows = [], [], 0
             for entry in todo:  # in groups: one vectorised pass over many small batches
                 group.append(entry)
@@ -79,6 +88,8 @@ class ValidatedBatches:
                     accounts += self._validate_group(group, seen, now=now, min_timestamp=min_timestamp,
                                                      max_clock_skew_s=max_clock_skew_s, run_id=run_id)
                     group, rows = [], 0
+            stamps.update(_stamps(accounts))
+            self._write_key_index(seen.sorted_keys(), stamps)
             return accounts
 
     def revalidate(
@@ -164,6 +175,32 @@ class ValidatedBatches:
         sync_all(self.lake)
         return accounts
 
+    def _seen_keys(self) -> tuple[KeySet, dict[str, list]]:
+        """The keys of every valid row (from ``KEY_INDEX`` plus the batches it does not cover,
+        or from every partition when it is missing or stale) and each valid batch's stamp."""
+        stamps = _stamps(self.accounts())
+        index = self._read_key_index()
+        if index is not None and all(stamps.get(batch) == stamp for batch, stamp in index[1].items()):
+            seen = KeySet.from_sorted(index[0])
+            newer = [batch for batch in stamps if batch not in index[1]]
+            if newer:
+                seen.add(self._validated_keys(newer))
+            return seen, stamps
+        return KeySet(self._validated_keys(list(stamps))), stamps
+
+    def _read_key_index(self) -> tuple[np.ndarray, dict[str, list]] | None:
+        try:
+            with np.load(io.BytesIO((self.lake / "validated" / KEY_INDEX).read_bytes()), allow_pickle=False) as saved:
+                return saved["keys"], json.loads(saved["stamps"].tobytes().decode())
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing or torn: rebuilt from the partitions
+            return None
+
+    def _write_key_index(self, keys: np.ndarray, stamps: dict[str, list]) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=keys, stamps=np.frombuffer(json.dumps(stamps).encode(), dtype=np.uint8))
+        self._verify_lock()
+        write_bytes_atomic(self.lake / "validated" / KEY_INDEX, buffer.getvalue(), durable=False)
+
     def _validated_keys(self, batch_ids: list[str] | None = None) -> np.ndarray:
         """The event keys of the valid rows of ``batch_ids`` (default: every batch not rejected)."""
         if batch_ids is None:
@@ -205,3 +242,9 @@ class ValidatedBatches:
             write_parquet_atomic(rows.reset_index(drop=True), path, durable)
         elif path.exists():
             path.unlink()
+
+
+def _stamps(accounts: Iterable[dict]) -> dict[str, list]:
+    """Per valid (not rejected) batch: [validated_at, rows_valid], what ``KEY_INDEX`` checks."""
+    return {a["batch_id"]: [float(a.get("validated_at", 0.0)), int(a["rows_valid"])] for a in accounts
+            if not a.get("rejected")}

@@ -43,6 +43,30 @@ class KeySet:
         self._recent: list[np.ndarray] = []
         self._recent_size = 0
 
+    @classmethod
+    def from_sorted(cls, keys: np.ndarray) -> KeySet:
+        """A set of ``keys`` that are already sorted and distinct (``sorted_keys()``): no sort."""
+        keyset = cls()
+        keyset._sorted = np.asarray(keys, dtype=np.uint64)
+        return keyset
+
+    def sorted_keys(self) -> np.ndarray:
+        """Every key, sorted and distinct: the recent ones merged into the sorted array by
+        position, O(n), not a sort of all."""
+        if not self._recent_size:
+            return self._sorted
+        recent = unique_sorted(np.concatenate(self._recent))
+        recent = recent[~self.contains_sorted(recent)]
+        return np.insert(self._sorted, np.searchsorted(self._sorted, recent), recent)
+
+    def contains_sorted(self, keys: np.ndarray) -> np.ndarray:
+        """Membership of ``keys`` in the sorted part only."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        if not len(self._sorted):
+            return np.zeros(len(keys), dtype=bool)
+        at = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
+        return self._sorted[at] == keys
+
     def __len__(self) -> int:
         return len(self._sorted) + self._recent_size
 
@@ -55,10 +79,7 @@ class KeySet:
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, dtype=np.uint64)
-        found = np.zeros(len(keys), dtype=bool)
-        if len(self._sorted):
-            at = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
-            found = self._sorted[at] == keys
+        found = self.contains_sorted(keys)
         if self._recent_size:
             found |= np.isin(keys, np.concatenate(self._recent))
         return found
