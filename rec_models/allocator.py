@@ -1,8 +1,9 @@
 """Keep the memory of freed score tensors in the process instead of handing it back to the
 operating system after every batch (glibc ``malloc`` on Linux).
 
-Validation and evaluation allocate and free score tensors of up to 32 MiB per user batch
-(``eval_batch_size``; 32 MiB was [83, 100001] float32 at 100k items, 16 MiB now). With glibc's defaults such blocks
+Validation and evaluation allocate and free score tensors of up to 16 MiB per user batch
+(``eval_batch_size``: [41, 100001] float32 at 100k items; 32 MiB when the figures below were
+measured). With glibc's defaults such blocks
 are mapped and unmapped, or trimmed from the heap top, again and again, and every first touch
 of the fresh pages is a page fault: a clone of one such tensor took 12-14 ms instead of 2 ms
 here. ``keep_freed_memory`` serves blocks up to 32 MiB from the heap and keeps up to

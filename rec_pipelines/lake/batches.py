@@ -39,7 +39,7 @@ KEY_INDEX = "key-index.npz"
 trusts it only while every batch it covers is still valid with the same stamp (a batch
 revalidated or rejected since makes it rebuild from the partitions), and reads the partitions of
 the batches validated since. At 10M events it saves reading and sorting 10M keys per
-validation (2.1 s of a micro-batch)."""
+validation (``validate_pending`` of a micro-batch 1.1-1.4 -> 0.3-0.4 s)."""
 
 
 class ValidatedBatches:
